@@ -1,0 +1,229 @@
+"""The Engine: the one API the CLI, the window and scripts use.
+
+Promises:
+- every method is synchronous and must be called from one thread (the one
+  that loaded the model: MLX streams belong to their thread), except
+  `cancel`, `subscribe` and `events`, which are safe from any thread;
+- errors are `KVScopeError`s with a message for a person, also emitted as
+  `EngineError` events; after one, the engine and its sessions are usable;
+- results and snapshots hold no mx arrays.
+
+Cache surgery, compression and files live in their own modules and reach
+the sessions through `Engine.session(sid)`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from kvscope.engine import blas
+from kvscope.engine.blocks import DEFAULT_BLOCK_SIZE
+from kvscope.engine.errors import BusyError, InvalidRequestError, KVScopeError
+from kvscope.engine.events import (
+    EngineError,
+    Event,
+    EventBus,
+    SessionClosed,
+    SessionCreated,
+    SessionId,
+)
+from kvscope.engine.generation import SamplingParams
+from kvscope.engine.kv_cache import ScopeKVCache
+from kvscope.engine.model_loading import LoadedModel, load_model
+from kvscope.engine.prefix_store import PrefixStore
+from kvscope.engine.session import Session
+from kvscope.engine.snapshot import SessionSnapshot, take_snapshot
+from kvscope.engine.trace import write_trace
+from kvscope.engine.turns import TurnResult, run_turn
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = DEFAULT_BLOCK_SIZE
+    prefill_chunk: int = 512
+    prefix_budget_bytes: int = 1 << 30
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EngineConfig:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+class Engine:
+    """Sessions over one loaded model, with a shared prefix store and events."""
+
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.bus = EventBus()
+        self.lm: LoadedModel | None = None
+        self.store: PrefixStore | None = None
+        self._sessions: dict[SessionId, Session] = {}
+        self._cancel: dict[SessionId, threading.Event] = {}
+        self._ids = itertools.count(1)
+        self._pieces: dict[int, str] = {}
+
+    # ------------------------------------------------------------ model
+    def load(self, id_or_path: str | os.PathLike[str] | None = None) -> LoadedModel:
+        """Load a model (None = the bundled demo model); closes all sessions."""
+        lm = self._guard(None, lambda: load_model(id_or_path))
+        for sid in list(self._sessions):
+            self.close_session(sid)
+        self.lm = lm
+        self._pieces = {}
+        self.store = PrefixStore(
+            lm.fingerprint,
+            self.config.block_size,
+            self.config.prefix_budget_bytes,
+            self.bus.emit,
+            self.bus.now_ms,
+        )
+        return lm
+
+    @property
+    def model(self) -> LoadedModel:
+        if self.lm is None:
+            raise InvalidRequestError("no model loaded: call Engine.load() first")
+        return self.lm
+
+    def info(self) -> dict[str, Any]:
+        """Device, dtype, BLAS, model and memory, for `kvscope info` and the status bar."""
+        b = blas.info()
+        out: dict[str, Any] = {
+            "device": str(mx.default_device()),
+            "mlx": getattr(mx, "__version__", "?"),
+            "blas": b.name,
+            "blas_path": b.path,
+            "blas_note": b.reason,
+            "block_size": self.config.block_size,
+            "prefix_budget_bytes": self.config.prefix_budget_bytes,
+            "sessions": len(self._sessions),
+            "cache_bytes": sum(s.nbytes for s in self._sessions.values()),
+            "prefix_store_bytes": self.store.nbytes if self.store else 0,
+        }
+        if self.lm is not None:
+            lm = self.lm
+            out.update(
+                model=lm.name,
+                model_path=str(lm.path),
+                fingerprint=lm.fingerprint,
+                dtype=lm.dtype,
+                layers=lm.n_layers,
+                kv_heads=lm.n_kv_heads,
+                head_dim=lm.head_dim,
+                rope=lm.rope.as_dict() if lm.rope else None,
+                surgery_supported=lm.unsupported_reason is None,
+                unsupported_reason=lm.unsupported_reason,
+            )
+        return out
+
+    # ------------------------------------------------------------ sessions
+    def new_session(self, name: str | None = None, system: str | None = None) -> SessionId:
+        lm = self.model
+        sid = SessionId(f"s{next(self._ids)}")
+        s = Session(sid, name or sid, [ScopeKVCache() for _ in range(lm.n_layers)])
+        if system:
+            s.messages.append({"role": "system", "content": system})
+        self._sessions[sid] = s
+        self._cancel[sid] = threading.Event()
+        self.bus.emit(SessionCreated(self.bus.now_ms(), sid, s.name))
+        return sid
+
+    def session(self, sid: SessionId) -> Session:
+        try:
+            return self._sessions[sid]
+        except KeyError:
+            raise InvalidRequestError(f"no session {sid!r}") from None
+
+    def sessions(self) -> list[SessionId]:
+        return list(self._sessions)
+
+    def close_session(self, sid: SessionId) -> None:
+        self.session(sid)
+        del self._sessions[sid]
+        self._cancel.pop(sid, None)
+        if self.store is not None:
+            self.store.release(sid)
+        self.bus.emit(SessionClosed(self.bus.now_ms(), sid))
+
+    def rename_session(self, sid: SessionId, name: str) -> None:
+        self.session(sid).name = name
+
+    # ------------------------------------------------------------ chat
+    def chat(self, sid: SessionId, user_text: str, params: SamplingParams | None = None) -> TurnResult:
+        """One turn: prefill what is not cached, generate, keep the cache."""
+        s = self.session(sid)
+        if s.generating:
+            raise BusyError(f"session {s.name} is generating; wait or cancel it first")
+        flag = self._cancel[sid]
+        flag.clear()
+        s.generating = True
+        try:
+            assert self.store is not None
+            return self._guard(
+                sid,
+                lambda: run_turn(
+                    s,
+                    self.model,
+                    self.store,
+                    self.bus,
+                    user_text,
+                    params or SamplingParams(),  # type: ignore[arg-type]
+                    self.config.prefill_chunk,
+                    flag.is_set,
+                ),
+            )
+        finally:
+            s.generating = False
+
+    def cancel(self, sid: SessionId) -> None:
+        """Stop the session's generation at the next step (any thread)."""
+        flag = self._cancel.get(sid)
+        if flag is not None:
+            flag.set()
+
+    # ------------------------------------------------------------ views
+    def subscribe(self, fn: Callable[[Event], None]) -> Callable[[], None]:
+        return self.bus.subscribe(fn)
+
+    @property
+    def events(self) -> list[Event]:
+        return list(self.bus.history)
+
+    def snapshot(self, sid: SessionId) -> SessionSnapshot:
+        s = self.session(sid)
+        store = self.store
+        assert store is not None
+        tok = self.model.tokenizer
+        return take_snapshot(
+            s,
+            self.config.block_size,
+            store.root,
+            self._pieces,
+            lambda t: tok.decode([t]),
+            store.sessions_of,
+        )
+
+    def export_trace(self, path: str | os.PathLike[str]) -> Path:
+        """Write all events so far as Chrome Trace Event JSON."""
+        return self._guard(None, lambda: _write_trace_checked(self.events, path))
+
+    # ------------------------------------------------------------ internals
+    def _guard(self, sid: SessionId | None, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except KVScopeError as exc:
+            self.bus.emit(EngineError(self.bus.now_ms(), sid, type(exc).__name__, str(exc)))
+            raise
+
+
+def _write_trace_checked(events: list[Event], path: str | os.PathLike[str]) -> Path:
+    try:
+        return write_trace(events, path)
+    except OSError as exc:
+        raise InvalidRequestError(f"cannot write trace to {path}: {exc.strerror or exc}") from exc

@@ -1,0 +1,236 @@
+"""Load a model for kvscope: a local mlx-lm folder or a hub id through mlx-lm.
+
+Promises:
+- `load_model` returns a `LoadedModel` or raises `ModelLoadError` whose
+  message names the problem (missing config, no weights, unknown
+  architecture, hub unreachable) and what to do about it;
+- on the CPU the weights run in float32 (f16/bf16 matmuls do not use BLAS);
+- a fingerprint (sha256 over config + weights) identifies the model in
+  segment files and traces;
+- `describe_support` says whether the model's layers are plain attention
+  caches that kvscope's cache can stand in for.
+
+Knows nothing about sessions, caches or the window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from kvscope.engine.errors import ModelLoadError, UnsupportedModelError
+from mlx_lm.models.cache import KVCache
+
+_FULL_HASH_LIMIT = 512 * 1024 * 1024  # hash every byte below this, sample above
+_SAMPLE = 4 * 1024 * 1024
+
+
+def demo_model_path() -> Path:
+    """The bundled demo model folder (assets/models/kvscope-demo)."""
+    return Path(str(resources.files("kvscope.assets").joinpath("models/kvscope-demo")))
+
+
+@dataclass(frozen=True)
+class RopeInfo:
+    """What repositioning needs to know about the model's RoPE."""
+
+    kind: str  # class name of the rope module
+    dims: int  # rotated dims (< head_dim for partial rotary)
+    base: float | None
+    traditional: bool
+    scale: float | None
+    composable: bool  # True when R(p + d) == R(d) @ R(p) exactly
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "dims": self.dims,
+            "base": self.base,
+            "traditional": self.traditional,
+            "scale": self.scale,
+        }
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with what kvscope needs to know about it."""
+
+    model: nn.Module
+    tokenizer: Any  # mlx_lm TokenizerWrapper
+    config: dict[str, Any]
+    path: Path
+    name: str
+    fingerprint: str
+    dtype: str
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    rope: RopeInfo | None
+    unsupported_reason: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K + V bytes one token occupies across all layers."""
+        itemsize = 4 if self.dtype == "float32" else 2
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * itemsize
+
+    def require_supported(self, what: str) -> None:
+        """Raise `UnsupportedModelError` if kvscope's cache cannot stand in."""
+        if self.unsupported_reason:
+            raise UnsupportedModelError(f"{what} is not supported for this model: {self.unsupported_reason}")
+
+
+def _check_folder(path: Path) -> dict[str, Any]:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"{path} is not a model folder: config.json is missing")
+    try:
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{cfg_file} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ModelLoadError(f"{cfg_file} has no 'model_type': not an mlx-lm / Hugging Face config")
+    if not list(path.glob("*.safetensors")):
+        raise ModelLoadError(f"{path} has no *.safetensors weights")
+    return config
+
+
+def fingerprint_folder(path: Path) -> str:
+    """sha256 over config.json and the weight files (sampled for very large ones)."""
+    h = hashlib.sha256()
+    h.update((path / "config.json").read_bytes())
+    for wf in sorted(path.glob("*.safetensors")):
+        size = wf.stat().st_size
+        h.update(f"{wf.name}:{size}".encode())
+        with wf.open("rb") as fh:
+            if size <= _FULL_HASH_LIMIT:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            else:
+                for start in range(0, size, size // 64):
+                    fh.seek(start)
+                    h.update(fh.read(_SAMPLE))
+    return h.hexdigest()[:32]
+
+
+def _resolve(id_or_path: str) -> Path:
+    path = Path(os.path.expanduser(id_or_path))
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{path} is a file; give the model folder (with config.json and *.safetensors)")
+        return path
+    is_hub_id = id_or_path.count("/") == 1 and not id_or_path.startswith((".", "/", "~"))
+    if not is_hub_id:
+        raise ModelLoadError(f"no model folder at {path}, and {id_or_path!r} is not a hub id (owner/name)")
+    from mlx_lm.utils import _download  # the real hub path, through mlx-lm
+
+    try:
+        return Path(_download(id_or_path))
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many classes
+        raise ModelLoadError(
+            f"could not fetch {id_or_path!r} from the model hub ({type(exc).__name__}): "
+            "the hub is unreachable from this machine or the id does not exist. "
+            "Download the model elsewhere and pass its local folder, e.g. "
+            "`kvscope chat --model /path/to/model`, or run without --model for the bundled demo model."
+        ) from exc
+
+
+def _rope_info(model: nn.Module) -> RopeInfo | None:
+    layers = getattr(model, "layers", None)
+    attn = getattr(layers[0], "self_attn", None) if layers else None
+    rope = getattr(attn, "rope", None)
+    if rope is None:
+        return None
+    kind = type(rope).__name__
+    dims = int(getattr(rope, "dims", getattr(rope, "dim", 0)) or 0)
+    # nn.RoPE and Llama3RoPE rotate with fixed frequencies and no magnitude
+    # scaling, so rotating by d after p equals rotating by p + d.
+    composable = kind in ("RoPE", "Llama3RoPE")
+    return RopeInfo(
+        kind=kind,
+        dims=dims,
+        base=getattr(rope, "base", None),
+        traditional=bool(getattr(rope, "traditional", False)),
+        scale=getattr(rope, "scale", None),
+        composable=composable,
+    )
+
+
+def _unsupported_reason(model: nn.Module, rope: RopeInfo | None) -> str | None:
+    if hasattr(model, "make_cache"):
+        kinds = {type(c).__name__ for c in model.make_cache()}
+        if kinds != {"KVCache"}:
+            return f"its layers use {', '.join(sorted(kinds))} caches (sliding-window or non-attention layers)"
+    if rope is None:
+        return "its attention layers have no RoPE module kvscope recognises"
+    if not rope.composable:
+        return f"its RoPE ({rope.kind}) is not a pure rotation, so segments cannot be repositioned exactly"
+    return None
+
+
+def load_model(id_or_path: str | os.PathLike[str] | None = None) -> LoadedModel:
+    """Load a local mlx-lm model folder or a hub id.
+
+    Args:
+        id_or_path: folder path or `owner/name` hub id; None for the demo model.
+
+    Returns:
+        The loaded model with tokenizer, fingerprint and layout.
+
+    Raises:
+        ModelLoadError: with a message that names the problem.
+    """
+    from mlx_lm.utils import load as mlx_load
+
+    target = str(id_or_path) if id_or_path is not None else str(demo_model_path())
+    path = _resolve(target)
+    config = _check_folder(path)
+    try:
+        model, tokenizer = mlx_load(str(path))[:2]
+    except Exception as exc:  # noqa: BLE001 - mlx-lm raises ValueError/KeyError/OSError...
+        raise ModelLoadError(f"mlx-lm could not load {path}: {type(exc).__name__}: {exc}") from exc
+    dtype = "float32" if mx.default_device() == mx.cpu else _param_dtype(model)
+    if dtype == "float32":
+        model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+    rope = _rope_info(model)
+    n_layers = len(model.layers)
+    n_kv_heads, head_dim = _kv_layout(model)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        config=config,
+        path=path,
+        name=path.name if Path(target).exists() else target,
+        fingerprint=fingerprint_folder(path),
+        dtype=dtype,
+        n_layers=n_layers,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        rope=rope,
+        unsupported_reason=_unsupported_reason(model, rope),
+    )
+
+
+def _param_dtype(model: nn.Module) -> str:
+    from mlx.utils import tree_flatten
+
+    flat: Any = tree_flatten(model.parameters())
+    return str(flat[0][1].dtype).replace("mlx.core.", "") if flat else "float32"
+
+
+def _kv_layout(model: nn.Module) -> tuple[int, int]:
+    """(kv heads, head dim), read by running one token through layer 0's cache."""
+    caches = [KVCache() for _ in model.layers]
+    model(mx.array([[0]]), cache=caches)
+    k = caches[0].keys
+    assert k is not None
+    return int(k.shape[1]), int(k.shape[3])

@@ -1,0 +1,103 @@
+"""A session: one chat, its token ids and one kvscope cache per layer.
+
+Promises:
+- `tokens[i]` is the logical token i; each layer's cache rows point at
+  logical tokens (`row_token`), so layers may keep different rows;
+- `origin[i]` says where token i's rows came from (computed, shared prefix,
+  spliced, erratum) and `positions[i]` the RoPE position it sits at;
+- `token_state()` derives the per-layer state matrix the window draws
+  (masked / evicted come from the caches, never stored twice).
+
+Knows nothing about chat templates, generation or events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from kvscope.engine.blocks import TokenState
+from kvscope.engine.events import SessionId
+from kvscope.engine.kv_cache import ScopeKVCache
+
+
+@dataclass
+class TurnStats:
+    """Numbers a person compares between turns and sessions."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    prefilled_tokens: int
+    ttft_ms: float = 0.0
+    decode_tps: float = 0.0
+    n_generated: int = 0
+    finish_reason: str = ""
+    token_ms: list[float] = field(default_factory=list)
+    cache_bytes: int = 0
+
+
+@dataclass
+class Session:
+    id: SessionId
+    name: str
+    caches: list[ScopeKVCache]
+    messages: list[dict[str, str]] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    origin: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    transcript_text: str = ""  # the chat-template text the plain cache corresponds to
+    turns: list[TurnStats] = field(default_factory=list)
+    operations: list[dict[str, Any]] = field(default_factory=list)
+    generating: bool = False
+    edited: bool = False  # any surgery done: prefix-store sharing stops here
+    last_decision: Any = None
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.caches)
+
+    def append_tokens(self, ids: list[int], state: TokenState = TokenState.COMPUTED) -> None:
+        """Record tokens the caches are about to receive at the next positions."""
+        start = self.caches[0].offset if self.caches else len(self.positions)
+        self.tokens.extend(ids)
+        self.origin.extend([int(state)] * len(ids))
+        self.positions.extend(range(start, start + len(ids)))
+
+    def trim_to(self, n_tokens: int) -> None:
+        """Drop logical tokens >= n_tokens from the caches and the bookkeeping."""
+        for c in self.caches:  # a cache may lag the bookkeeping mid-prefill
+            c.trim(c.next_token - n_tokens)
+        del self.tokens[n_tokens:]
+        del self.origin[n_tokens:]
+        del self.positions[n_tokens:]
+
+    def plain_prefix_len(self) -> int:
+        """Tokens from the start whose rows are unedited in every layer."""
+        if self.edited:
+            return 0
+        n = self.n_tokens
+        for c in self.caches:
+            m = c.n_rows
+            ok = (c.row_token[:m] == np.arange(m)) & (c.row_position[:m] == np.arange(m)) & c.row_visible[:m]
+            bad = np.nonzero(~ok)[0]
+            n = min(n, int(bad[0]) if len(bad) else m)
+        return n
+
+    def token_state(self) -> np.ndarray:
+        """`[layers, tokens]` uint8 TokenState of every logical token in every layer."""
+        n = self.n_tokens
+        origin = np.asarray(self.origin, np.uint8)
+        out = np.broadcast_to(origin, (len(self.caches), n)).copy()
+        for i, c in enumerate(self.caches):
+            m = c.n_rows
+            present = np.zeros(n, bool)
+            present[c.row_token[:m]] = True
+            hidden = c.row_token[:m][~c.row_visible[:m]]
+            out[i, ~present] = TokenState.EVICTED
+            out[i, hidden] = TokenState.MASKED
+        return out

@@ -1,0 +1,222 @@
+"""One chat turn on a session: pick the new tokens, reuse what is cached,
+prefill the rest, decode, and report it all as events.
+
+Promises:
+- a new session whose prompt starts with stored full blocks copies their rows
+  in (`cached_tokens`) and prefills only the rest (`prefilled_tokens`);
+- a later turn of the same chat prefills only the tokens the template adds;
+- a cancelled or failed prefill leaves the session exactly as before the turn;
+- a cancelled decode keeps the answer so far (its tokens are in the cache).
+
+Knows nothing about threads or the window.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvscope.engine import chat
+from kvscope.engine.blocks import TokenState
+from kvscope.engine.errors import InvalidRequestError
+from kvscope.engine.events import (
+    EventBus,
+    GenerationFinished,
+    PrefillChunk,
+    TokenSampled,
+    TurnStarted,
+)
+from kvscope.engine.generation import SamplingParams, decode, prefill
+from kvscope.engine.model_loading import LoadedModel
+from kvscope.engine.prefix_store import PrefixStore
+from kvscope.engine.session import Session, TurnStats
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stats: TurnStats
+
+
+def plan_prompt(session: Session, lm: LoadedModel, messages: chat.Messages) -> tuple[list[int], int]:
+    """(tokens to add, tokens of the session to keep) for a turn on `messages`."""
+    tok = lm.tokenizer
+    if session.n_tokens == 0:
+        return chat.first_turn_ids(tok, messages), 0
+    delta = chat.delta_text(tok, session.transcript_text, messages)
+    if delta is not None:
+        return chat.encode(tok, delta), session.n_tokens
+    # The template re-rendered the past differently. An unedited cache keeps
+    # the longest common token prefix; an edited one keeps everything and
+    # appends the text that differs.
+    if not session.edited:
+        full = chat.first_turn_ids(tok, messages)
+        keep = min(chat.common_prefix_len(full, session.tokens), session.plain_prefix_len())
+        return full[keep:], keep
+    text = chat.render(tok, messages)
+    common = len(_common_text_prefix(text, session.transcript_text))
+    return chat.encode(tok, text[common:]), session.n_tokens
+
+
+def _common_text_prefix(a: str, b: str) -> str:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return a[:n]
+
+
+def _reuse_prefix(session: Session, store: PrefixStore, prompt: list[int]) -> int:
+    """Copy stored full blocks that prefix `prompt` into an empty session."""
+    blocks = store.match(prompt[:-1])  # the last token must be fed to get logits
+    if not blocks:
+        return 0
+    keys, values = store.load_rows(blocks, session.id)
+    n = sum(len(b.token_ids) for b in blocks)
+    for c, k, v in zip(session.caches, keys, values):
+        c.update_and_fetch(k, v)
+    session.append_tokens(prompt[:n], TokenState.SHARED)
+    return n
+
+
+def share_prefix(session: Session, store: PrefixStore, lm: LoadedModel) -> None:
+    """Offer the session's plain full blocks to the prefix store."""
+    n = session.plain_prefix_len()
+    n -= n % store.block_size
+    if n == 0:
+        return
+    keys = [c.keys for c in session.caches]
+    values = [c.values for c in session.caches]
+    store.insert(session.tokens[:n], keys, values, session.id)  # type: ignore[arg-type]
+
+
+def run_turn(
+    session: Session,
+    lm: LoadedModel,
+    store: PrefixStore,
+    bus: EventBus,
+    user_text: str,
+    params: SamplingParams,
+    chunk_size: int,
+    cancelled: Callable[[], bool],
+) -> TurnResult:
+    """Add a user message, generate the answer, keep the cache."""
+    if not user_text.strip():
+        raise InvalidRequestError("empty prompt: type a message first")
+    params.validate()
+    messages = session.messages + [{"role": "user", "content": user_text}]
+    new_tokens, keep = plan_prompt(session, lm, messages)
+    before = (session.n_tokens, session.transcript_text, len(session.messages))
+    t_start = time.perf_counter()
+    session.trim_to(keep)
+    cached = keep + (_reuse_prefix(session, store, new_tokens) if keep == 0 else 0)
+    to_prefill = new_tokens[cached - keep :]
+    if not to_prefill:  # everything was cached: feed the last token again
+        session.trim_to(session.n_tokens - 1)
+        cached -= 1
+        to_prefill = new_tokens[-1:]
+    stats = TurnStats(len(new_tokens) + keep, cached, len(to_prefill))
+    bus.emit(TurnStarted(bus.now_ms(), session.id, stats.prompt_tokens, cached, len(to_prefill)))
+
+    def on_chunk(start: int, n: int, dur_ms: float) -> None:
+        bus.emit(PrefillChunk(bus.now_ms(), session.id, start, n, len(to_prefill), dur_ms))
+
+    session.append_tokens(to_prefill[:-1])
+    try:
+        prefill(lm.model, session.caches, to_prefill[:-1], chunk_size, cancelled, on_chunk)
+    except BaseException:
+        _roll_back(session, store, *before)
+        raise
+    session.append_tokens(to_prefill[-1:])
+    session.messages = messages
+    session.transcript_text = chat.render(lm.tokenizer, messages)
+    return _generate(session, lm, store, bus, to_prefill[-1], params, stats, t_start, cancelled)
+
+
+def _roll_back(session: Session, store: PrefixStore, n_tokens: int, transcript: str, n_messages: int) -> None:
+    session.trim_to(n_tokens)
+    session.transcript_text = transcript
+    del session.messages[n_messages:]
+    if n_tokens == 0:
+        store.release(session.id)
+
+
+def _generate(
+    session: Session,
+    lm: LoadedModel,
+    store: PrefixStore,
+    bus: EventBus,
+    last_token: int,
+    params: SamplingParams,
+    stats: TurnStats,
+    t_start: float,
+    cancelled: Callable[[], bool],
+) -> TurnResult:
+    tok = lm.tokenizer
+    eos = set(getattr(tok, "eos_token_ids", None) or [tok.eos_token_id])
+    out_ids: list[int] = []
+    reason = "length"
+
+    def answer_text() -> str:
+        text = tok.decode([t for t in out_ids if t not in eos])
+        hits = [text.index(s) for s in params.stop if s and s in text]
+        return text[: min(hits)] if hits else text
+
+    def keep_going(token: int) -> bool:
+        nonlocal reason
+        out_ids.append(token)
+        if token in eos:
+            reason = "stop"
+            return False
+        if params.stop and any(s in tok.decode(out_ids[-64:]) for s in params.stop if s):
+            reason = "stop_string"
+            return False
+        if cancelled():
+            reason = "cancelled"
+            return False
+        return True
+
+    detok = tok.detokenizer  # streaming: keeps the spaces SentencePiece drops per token
+    detok.reset()
+    t_first = t_last = time.perf_counter()
+    for i, step in enumerate(decode(lm.model, session.caches, last_token, params, keep_going)):
+        t_last = time.perf_counter()
+        if i == 0:
+            t_first = t_last
+            stats.ttft_ms = (t_first - t_start) * 1000
+        stats.token_ms.append(step.step_ms if i else stats.ttft_ms)
+        piece = ""
+        if step.token_id not in eos:
+            detok.add_token(step.token_id)
+            piece = detok.last_segment
+        bus.emit(TokenSampled(bus.now_ms(), session.id, step.token_id, piece, i, stats.token_ms[-1]))
+    text = answer_text()
+    fed = out_ids[:-1]  # the last sampled token is not fed
+    session.append_tokens(fed)
+    session.transcript_text += tok.decode(fed) if fed else ""
+    session.messages = session.messages + [{"role": "assistant", "content": text}]
+    stats.n_generated = len(out_ids)
+    stats.finish_reason = reason
+    stats.decode_tps = (len(out_ids) - 1) / (t_last - t_first) if len(out_ids) > 1 and t_last > t_first else 0.0
+    stats.cache_bytes = session.nbytes
+    session.turns.append(stats)
+    share_prefix(session, store, lm)
+    bus.emit(
+        GenerationFinished(
+            bus.now_ms(),
+            session.id,
+            text,
+            len(out_ids),
+            reason,
+            stats.ttft_ms,
+            stats.decode_tps,
+            stats.cached_tokens,
+            stats.prefilled_tokens,
+            (time.perf_counter() - t_start) * 1000,
+        )
+    )
+    return TurnResult(text, out_ids, reason, stats)

@@ -1,0 +1,112 @@
+"""Tiny random mlx-lm models saved to disk with a tokenizer, for engine tests.
+
+Three architectures whose position handling differs: llama (GQA, rotate-half
+RoPE), qwen2 (q/k/v bias, large rope_theta), phi3 (fused qkv, partial rotary).
+The tokenizer is a word-level one built offline with `tokenizers`, with a
+ChatML template, so the whole `load_model` path runs as for a real model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+WORDS = (
+    "the a of to and in is it you that he was for on are with as I his they be at one have this from "
+    "or had by hot word but what some we can out other were all there when up use your how said an each "
+    "she which do their time if will way about many then them write would like so these her long make "
+    "thing see him two has look more day could go come did number sound no most people my over know "
+    "water than call first who may down side been now find code locker red blue green name is colour"
+).split()
+SPECIAL = ["<unk>", "<s>", "<|im_start|>", "<|im_end|>"]
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+ARCHS = {
+    "llama": dict(
+        model_type="llama",
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    ),
+    "qwen2": dict(
+        model_type="qwen2",
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+    ),
+    "phi3": dict(
+        model_type="phi3",
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        partial_rotary_factor=0.5,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def write_tokenizer(folder: Path) -> int:
+    """Word-level tokenizer with byte-free whitespace handling; returns vocab size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(SPECIAL)}
+    for w in sorted(set(WORDS)) + [str(d) for d in range(10)] + list(".,?!:\n"):
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Punctuation()]
+    )
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    from tokenizers import AddedToken
+
+    tk.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL])
+    tk.save(str(folder / "tokenizer.json"))
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "<|im_end|>",
+        "unk_token": "<unk>",
+        "chat_template": TEMPLATE,
+        "model_max_length": 4096,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return len(vocab)
+
+
+def make_tiny_model(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
+    """Build, save and return a tiny random `arch` model folder."""
+    from mlx_lm.utils import _get_classes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = write_tokenizer(folder)
+    config = dict(ARCHS[arch], vocab_size=vocab, eos_token_id=3, bos_token_id=1, pad_token_id=0)
+    model_cls, args_cls = _get_classes(config)
+    mx.random.seed(seed)
+    model = model_cls(args_cls.from_dict(config))
+    # Larger-than-default init so attention is not uniform and logits differ.
+    params = tree_flatten(model.parameters())
+    weights = {k: (v * 3.0 if v.ndim == 2 else v) for k, v in params}
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
