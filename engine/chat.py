@@ -53,9 +53,11 @@ def encode(tokenizer: Any, text: str, special: bool = False) -> list[int]:
     return [int(t) for t in tokenizer.encode(text, add_special_tokens=special)]
 
 
-def delta_text(tokenizer: Any, transcript_text: str, messages: Messages) -> str | None:
+def delta_text(
+    tokenizer: Any, transcript_text: str, messages: Messages, add_generation_prompt: bool = True
+) -> str | None:
     """Template text to append after `transcript_text`, or None if the template re-renders the past differently."""
-    full = render(tokenizer, messages)
+    full = render(tokenizer, messages, add_generation_prompt)
     if not full.startswith(transcript_text):
         return None
     return full[len(transcript_text) :]

@@ -25,11 +25,13 @@ from typing import Any
 import mlx.core as mx
 from kvscope.engine import blas
 from kvscope.engine.blocks import DEFAULT_BLOCK_SIZE
+from kvscope.engine.editing import EditingMixin
 from kvscope.engine.errors import BusyError, InvalidRequestError, KVScopeError
 from kvscope.engine.events import (
     EngineError,
     Event,
     EventBus,
+    SessionChanged,
     SessionClosed,
     SessionCreated,
     SessionId,
@@ -55,7 +57,7 @@ class EngineConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-class Engine:
+class Engine(EditingMixin):
     """Sessions over one loaded model, with a shared prefix store and events."""
 
     def __init__(self, config: EngineConfig | None = None) -> None:
@@ -153,6 +155,17 @@ class Engine:
 
     def rename_session(self, sid: SessionId, name: str) -> None:
         self.session(sid).name = name
+        self.bus.emit(SessionChanged(self.bus.now_ms(), sid, "renamed"))
+
+    def duplicate_session(self, sid: SessionId, name: str | None = None) -> SessionId:
+        """A new session with a copy of `sid`'s messages and cache."""
+        src = self.session(sid)
+        new = SessionId(f"s{next(self._ids)}")
+        s = src.clone(new, name or f"{src.name} (copy)")
+        self._sessions[new] = s
+        self._cancel[new] = threading.Event()
+        self.bus.emit(SessionCreated(self.bus.now_ms(), new, s.name))
+        return new
 
     # ------------------------------------------------------------ chat
     def chat(self, sid: SessionId, user_text: str, params: SamplingParams | None = None) -> TurnResult:
@@ -163,6 +176,7 @@ class Engine:
         flag = self._cancel[sid]
         flag.clear()
         s.generating = True
+        s.undo_stack.clear()  # edits are undoable until the next turn
         try:
             assert self.store is not None
             return self._guard(

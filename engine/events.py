@@ -145,3 +145,44 @@ class EventBus:
             subs = list(self._subs)
         for fn in subs:
             fn(event)
+
+
+@dataclass(frozen=True, slots=True)
+class RegionMasked(CacheChanged):
+    layers: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RegionUnmasked(CacheChanged):
+    layers: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentSpliced(CacheChanged):
+    source: str = ""  # session id or segment file
+    delta: int = 0  # positions moved by
+
+
+@dataclass(frozen=True, slots=True)
+class ErratumAppended(CacheChanged):
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SpanDeleted(CacheChanged):
+    shifted: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionApplied(CacheChanged):
+    policy: str = ""
+    kept_rows: tuple[int, ...] = ()  # per layer
+    evicted_rows: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SessionChanged(Event):
+    """Anything else about a session changed (renamed, duplicated, undone, restored)."""
+
+    session: SessionId
+    what: str

@@ -52,6 +52,26 @@ class Session:
     generating: bool = False
     edited: bool = False  # any surgery done: prefix-store sharing stops here
     last_decision: Any = None
+    undo_stack: list[tuple[str, Session]] = field(default_factory=list)
+
+    _STATE = ("messages", "tokens", "origin", "positions", "transcript_text", "edited", "last_decision")
+
+    def clone(self, sid: SessionId | None = None, name: str | None = None) -> Session:
+        """A deep copy of the cache and bookkeeping (no undo history, no turns)."""
+        other = Session(sid or self.id, name or self.name, [c.copy() for c in self.caches])
+        for attr in self._STATE:
+            v = getattr(self, attr)
+            setattr(
+                other, attr, [dict(m) for m in v] if attr == "messages" else (list(v) if isinstance(v, list) else v)
+            )
+        return other
+
+    def restore(self, saved: Session) -> None:
+        """Put back the cache and bookkeeping of a `clone`."""
+        self.caches = [c.copy() for c in saved.caches]
+        for attr in self._STATE:
+            v = getattr(saved, attr)
+            setattr(self, attr, [dict(m) for m in v] if attr == "messages" else (list(v) if isinstance(v, list) else v))
 
     @property
     def n_tokens(self) -> int:

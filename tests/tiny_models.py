@@ -2,7 +2,7 @@
 
 Three architectures whose position handling differs: llama (GQA, rotate-half
 RoPE), qwen2 (q/k/v bias, large rope_theta), phi3 (fused qkv, partial rotary).
-The tokenizer is a word-level one built offline with `tokenizers`, with a
+The tokenizer is a byte-level BPE trained offline with `tokenizers`, with a
 ChatML template, so the whole `load_model` path runs as for a real model.
 """
 
@@ -67,20 +67,20 @@ ARCHS = {
 
 
 def write_tokenizer(folder: Path) -> int:
-    """Word-level tokenizer with byte-free whitespace handling; returns vocab size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """A small byte-level BPE (as real chat models use), trained offline; returns vocab size.
 
-    vocab = {t: i for i, t in enumerate(SPECIAL)}
-    for w in sorted(set(WORDS)) + [str(d) for d in range(10)] + list(".,?!:\n"):
-        vocab.setdefault(w, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Punctuation()]
+    Byte-level BPE survives transformers' per-architecture tokenizer classes
+    (qwen2 swaps in Qwen2Tokenizer, which re-does the pre-tokenization).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE(unk_token=None))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    from tokenizers import AddedToken
-
-    tk.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL])
+    tk.train_from_iterator([" ".join(WORDS)] * 5 + [" ".join(str(i) for i in range(100))], trainer)
     tk.save(str(folder / "tokenizer.json"))
     cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -91,7 +91,7 @@ def write_tokenizer(folder: Path) -> int:
         "model_max_length": 4096,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
-    return len(vocab)
+    return int(tk.get_vocab_size())
 
 
 def make_tiny_model(folder: Path, arch: str = "llama", seed: int = 0) -> Path:

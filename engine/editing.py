@@ -1,0 +1,309 @@
+"""The editing half of the Engine API: mask, erratum, delete, splice, compact, undo.
+
+Promises, for every operation:
+- it is refused while the session generates (`BusyError`), and a failure
+  leaves the session exactly as it was (restored from a clone);
+- it returns a `FidelityReport` against a full recompute of the same visible
+  tokens (skip with `fidelity=False`), emits its event with that report in
+  `details`, and is appended to the session's operations log;
+- reversible operations can be undone until the next chat turn.
+
+Mixed into `Engine`; uses only its public pieces (`session`, `model`, `bus`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from kvscope.engine import chat
+from kvscope.engine.blocks import TokenState
+from kvscope.engine.errors import BusyError, InvalidRequestError
+from kvscope.engine.events import (
+    CacheChanged,
+    ErratumAppended,
+    EventBus,
+    RegionMasked,
+    RegionUnmasked,
+    SegmentSpliced,
+    SessionChanged,
+    SessionId,
+    SpanDeleted,
+)
+from kvscope.engine.fidelity import FidelityReport, measure
+from kvscope.engine.generation import SamplingParams, prefill
+from kvscope.engine.model_loading import LoadedModel
+from kvscope.engine.rope import check_compatible
+from kvscope.engine.session import Session
+from kvscope.engine.surgery import (
+    Segment,
+    compute_segment,
+    delete_span,
+    extract_segment,
+    insert_segment,
+    recompute_rows,
+    set_mask,
+)
+
+UNDO_DEPTH = 8
+SUMMARY_REQUEST = "Summarize the conversation so far in one or two sentences."
+
+
+class EditingMixin:
+    """Cache surgery methods of `Engine` (see the module docstring)."""
+
+    bus: EventBus
+    model: LoadedModel
+    session: Callable[[SessionId], Session]
+    _guard: Callable[..., Any]
+
+    # ------------------------------------------------------------ plumbing
+    def _edit(
+        self,
+        sid: SessionId,
+        label: str,
+        op: Callable[[Session], tuple[int, dict[str, Any]]],
+        event: Callable[[float, dict[str, Any]], CacheChanged],
+        fidelity: bool = True,
+        undoable: bool = True,
+    ) -> FidelityReport:
+        s = self.session(sid)
+        if s.generating:
+            raise BusyError(f"session {s.name} is generating: wait for the answer or press stop first")
+
+        def run() -> FidelityReport:
+            saved = s.clone()
+            t0 = time.perf_counter()
+            try:
+                rows, extra = op(s)
+            except BaseException:
+                s.restore(saved)
+                raise
+            elapsed = (time.perf_counter() - t0) * 1000
+            if undoable:
+                s.undo_stack = (s.undo_stack + [(label, saved)])[-UNDO_DEPTH:]
+            if fidelity:
+                report = measure(self.model, s, label, elapsed, rows, **extra)
+            else:
+                report = FidelityReport(label, float("nan"), float("nan"), float("nan"), 0, elapsed, 0.0, rows, extra)
+            s.operations.append({"op": label, **extra, "report": report.as_dict()})
+            self.bus.emit(event(self.bus.now_ms(), report.as_dict()))
+            return report
+
+        result: FidelityReport = self._guard(sid, run)
+        return result
+
+    def _append_message(self, s: Session, role: str, content: str, origin: TokenState) -> int:
+        """Append a chat message's template tokens to the cache without generating."""
+        if not content.strip():
+            raise InvalidRequestError(f"empty {role} text: nothing to append")
+        lm = self.model
+        messages = s.messages + [{"role": role, "content": content}]
+        delta = chat.delta_text(lm.tokenizer, s.transcript_text, messages, add_generation_prompt=False)
+        if delta is None:
+            delta = f"\n{content}\n"
+        ids = chat.encode(lm.tokenizer, delta) if s.n_tokens else chat.encode(lm.tokenizer, delta, special=True)
+        s.append_tokens(ids, origin)
+        prefill(lm.model, s.caches, ids, 512)
+        s.messages = messages
+        s.transcript_text = chat.render(lm.tokenizer, messages, add_generation_prompt=False)
+        return len(ids)
+
+    # ------------------------------------------------------------ operations
+    def append_message(self, sid: SessionId, role: str, content: str) -> int:
+        """Prefill a message (e.g. a long document) without generating. Returns its token count."""
+        s = self.session(sid)
+        if s.generating:
+            raise BusyError(f"session {s.name} is generating: wait for the answer or press stop first")
+        n: int = self._guard(sid, lambda: self._append_message(s, role, content, TokenState.COMPUTED))
+        s.undo_stack.clear()
+        return n
+
+    def mask(
+        self, sid: SessionId, lo: int, hi: int, layers: list[int] | None = None, fidelity: bool = True
+    ) -> FidelityReport:
+        """Hide tokens [lo, hi) from attention (reversible; positions unchanged)."""
+
+        def op(s: Session) -> tuple[int, dict[str, Any]]:
+            return set_mask(s, lo, hi, False, layers), {"lo": lo, "hi": hi, "layers": layers}
+
+        return self._edit(sid, "mask", op, lambda t, d: RegionMasked(t, sid, lo, hi, d, tuple(layers or ())), fidelity)
+
+    def unmask(
+        self, sid: SessionId, lo: int, hi: int, layers: list[int] | None = None, fidelity: bool = True
+    ) -> FidelityReport:
+        def op(s: Session) -> tuple[int, dict[str, Any]]:
+            return set_mask(s, lo, hi, True, layers), {"lo": lo, "hi": hi, "layers": layers}
+
+        return self._edit(
+            sid, "unmask", op, lambda t, d: RegionUnmasked(t, sid, lo, hi, d, tuple(layers or ())), fidelity
+        )
+
+    def erratum(self, sid: SessionId, text: str, fidelity: bool = True) -> FidelityReport:
+        """Append a correction (e.g. `[update] status -> open`); only its tokens are prefilled."""
+        box: dict[str, int] = {}
+
+        def op(s: Session) -> tuple[int, dict[str, Any]]:
+            box["lo"] = s.n_tokens
+            n = self._append_message(s, "user", text, TokenState.ERRATUM)
+            return n, {"text": text, "prefilled_tokens": n}
+
+        return self._edit(
+            sid,
+            "erratum",
+            op,
+            lambda t, d: ErratumAppended(t, sid, box["lo"], box["lo"] + d["rows_changed"], d, text),
+            fidelity,
+        )
+
+    def delete_span(
+        self, sid: SessionId, lo: int, hi: int, shift: bool = True, fidelity: bool = True
+    ) -> FidelityReport:
+        """Remove tokens [lo, hi) for real; `shift` closes the position gap."""
+
+        def op(s: Session) -> tuple[int, dict[str, Any]]:
+            check_compatible(self.model, "deleting a span")
+            closed = delete_span(self.model, s, lo, hi, shift)
+            return hi - lo, {"lo": lo, "hi": hi, "shift": shift, "positions_closed": closed}
+
+        return self._edit(sid, "delete", op, lambda t, d: SpanDeleted(t, sid, lo, hi, d, shift), fidelity)
+
+    def replace_span(self, sid: SessionId, lo: int, hi: int, text: str, fidelity: bool = True) -> FidelityReport:
+        """Overwrite tokens [lo, hi) with `text`, recomputing only the new rows (later rows stay stale)."""
+
+        def op(s: Session) -> tuple[int, dict[str, Any]]:
+            check_compatible(self.model, "replacing a span")
+            ids = chat.encode(self.model.tokenizer, text)
+            if not ids:
+                raise InvalidRequestError("replacement text is empty")
+            delete_span(self.model, s, lo, hi, shift=True)
+            seg = compute_segment(self.model, s, lo, ids)
+            insert_segment(self.model, s, seg, lo, TokenState.COMPUTED)
+            return len(ids), {"lo": lo, "hi": hi, "text": text, "new_tokens": len(ids)}
+
+        return self._edit(sid, "replace", op, lambda t, d: SpanDeleted(t, sid, lo, hi, d, True), fidelity)
+
+    def splice_segment(
+        self,
+        dst: SessionId,
+        seg: Segment,
+        at: int | None = None,
+        seam_repair: int = 0,
+        reposition: bool = True,
+        fidelity: bool = True,
+    ) -> FidelityReport:
+        """Insert a segment's rows at logical index `at` (None = end), keys re-rotated to their new positions."""
+        box: dict[str, int] = {}
+
+        def op(s: Session) -> tuple[int, dict[str, Any]]:
+            check_compatible(self.model, "splicing")
+            where = s.n_tokens if at is None else at
+            box["lo"] = where
+            moved = seg if reposition else _unrotated(seg, s, where)
+            delta = insert_segment(self.model, s, moved, where)
+            repaired = 0
+            if seam_repair > 0:
+                repaired += recompute_rows(self.model, s, where, seam_repair)
+                if where + seg.n_tokens < s.n_tokens:
+                    repaired += recompute_rows(self.model, s, where + seg.n_tokens, seam_repair)
+            return seg.n_tokens, {
+                "at": where,
+                "delta": delta,
+                "seam_repair": seam_repair,
+                "repaired_tokens": repaired,
+                "source": seg.source,
+                "reposition": reposition,
+            }
+
+        return self._edit(
+            dst,
+            "splice",
+            op,
+            lambda t, d: SegmentSpliced(
+                t, dst, box["lo"], box["lo"] + seg.n_tokens, d, seg.source, int(d["extra"]["delta"])
+            ),
+            fidelity,
+        )
+
+    def splice(
+        self,
+        dst: SessionId,
+        src: SessionId,
+        lo: int,
+        hi: int,
+        at: int | None = None,
+        seam_repair: int = 0,
+        fidelity: bool = True,
+    ) -> FidelityReport:
+        """Copy tokens [lo, hi) of session `src` into `dst` at `at` (None = end)."""
+        s = self.session(src)
+        seg = self._guard(src, lambda: extract_segment(s, lo, hi, self.model.tokenizer.decode(s.tokens[lo:hi])))
+        return self.splice_segment(dst, seg, at, seam_repair, fidelity=fidelity)
+
+    def undo(self, sid: SessionId) -> str:
+        """Undo the last reversible edit (until the next chat turn). Returns its name."""
+        s = self.session(sid)
+        if s.generating:
+            raise BusyError(f"session {s.name} is generating")
+        if not s.undo_stack:
+            raise InvalidRequestError(f"nothing to undo in session {s.name}")
+        label, saved = s.undo_stack.pop()
+        s.restore(saved)
+        s.operations.append({"op": "undo", "undone": label})
+        self.bus.emit(SessionChanged(self.bus.now_ms(), sid, f"undo {label}"))
+        return label
+
+    # ------------------------------------------------------------ compaction
+    def compact(
+        self, sid: SessionId, lo: int, hi: int, summary: str | None = None, fidelity: bool = True
+    ) -> FidelityReport:
+        """Summarise tokens [lo, hi), append the summary, mask the span, continue."""
+        text = summary if summary is not None else self.summarize(sid)
+        box: dict[str, int] = {}
+
+        def op(s: Session) -> tuple[int, dict[str, Any]]:
+            box["n"] = self._append_message(s, "user", f"[summary] {text}", TokenState.COMPUTED)
+            rows = set_mask(s, lo, hi, False)
+            return rows, {"lo": lo, "hi": hi, "summary": text, "summary_tokens": box["n"]}
+
+        return self._edit(sid, "compact", op, lambda t, d: RegionMasked(t, sid, lo, hi, d), fidelity)
+
+    def summarize(self, sid: SessionId, max_tokens: int = 64) -> str:
+        """Ask the model for a summary on a throw-away copy of the session."""
+        from kvscope.engine.prefix_store import PrefixStore
+        from kvscope.engine.turns import run_turn
+
+        s = self.session(sid)
+        fork = s.clone(SessionId(f"{sid}-summary"))
+        scratch = PrefixStore("scratch", 16, 0, lambda e: None, lambda: 0.0)
+        res = run_turn(
+            fork,
+            self.model,
+            scratch,
+            EventBus(),
+            SUMMARY_REQUEST,
+            SamplingParams(max_tokens=max_tokens),
+            512,
+            lambda: False,
+        )
+        return res.text.strip() or "(no summary)"
+
+    def restart(self, sid: SessionId, summary: str, name: str | None = None) -> SessionId:
+        """A fresh session on the system prompt + `summary` (the alternative to compaction)."""
+        s = self.session(sid)
+        system = next((m["content"] for m in s.messages if m["role"] == "system"), None)
+        new = self.new_session(name or f"{s.name} (restart)", system)  # type: ignore[attr-defined]
+        t = self.session(new)
+        self._guard(new, lambda: self._append_message(t, "user", f"[summary] {summary}", TokenState.COMPUTED))
+        return new  # type: ignore[no-any-return]
+
+
+def _unrotated(seg: Segment, s: Session, at: int) -> Segment:
+    """Negative control: book the rows at their new positions but keep the old key rotation."""
+    base = s.positions[at] if at < s.n_tokens else s.caches[0].offset
+    positions = np.arange(base, base + seg.extent, dtype=np.int64)[seg.positions - seg.positions[0]]
+    return Segment(
+        seg.token_ids, positions, seg.keys, seg.values, seg.visible, seg.text, f"{seg.source} (not repositioned)"
+    )
