@@ -13,8 +13,10 @@ Mixed into `Engine`; uses only its public pieces (`session`, `model`, `bus`).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +38,7 @@ from kvscope.engine.fidelity import FidelityReport, measure
 from kvscope.engine.generation import SamplingParams, prefill
 from kvscope.engine.model_loading import LoadedModel
 from kvscope.engine.rope import check_compatible
+from kvscope.engine.segment_file import read_mlx_prompt_cache, read_segment, write_segment
 from kvscope.engine.session import Session
 from kvscope.engine.surgery import (
     Segment,
@@ -240,6 +243,29 @@ class EditingMixin:
         """Copy tokens [lo, hi) of session `src` into `dst` at `at` (None = end)."""
         s = self.session(src)
         seg = self._guard(src, lambda: extract_segment(s, lo, hi, self.model.tokenizer.decode(s.tokens[lo:hi])))
+        return self.splice_segment(dst, seg, at, seam_repair, fidelity=fidelity)
+
+    def save_segment(self, sid: SessionId, lo: int, hi: int, path: str | os.PathLike[str]) -> Path:
+        """Write tokens [lo, hi) of a session as a segment file."""
+        s = self.session(sid)
+
+        def run() -> Path:
+            seg = extract_segment(s, lo, hi, self.model.tokenizer.decode(s.tokens[lo:hi]))
+            return write_segment(self.model, seg, path)
+
+        result: Path = self._guard(sid, run)
+        return result
+
+    def splice_file(
+        self, dst: SessionId, path: str | os.PathLike[str], at: int | None = None, seam_repair: int = 0,
+        prompt: str | None = None, fidelity: bool = True,
+    ) -> FidelityReport:
+        """Splice a segment file (or, with `prompt`, an mlx-lm prompt cache) into `dst`."""
+        self.session(dst)
+        if prompt is not None:
+            seg = self._guard(dst, lambda: read_mlx_prompt_cache(path, self.model, prompt))
+        else:
+            seg = self._guard(dst, lambda: read_segment(path, self.model))
         return self.splice_segment(dst, seg, at, seam_repair, fidelity=fidelity)
 
     def undo(self, sid: SessionId) -> str:

@@ -28,6 +28,7 @@ import numpy as np
 from kvscope.engine.blocks import TokenState
 from kvscope.engine.errors import InvalidRequestError
 from kvscope.engine.generation import forward
+from kvscope.engine.kv_cache import ScopeKVCache
 from kvscope.engine.model_loading import LoadedModel
 from kvscope.engine.rope import reposition_keys
 from kvscope.engine.session import Session
@@ -98,17 +99,16 @@ def extract_segment(s: Session, lo: int, hi: int, text: str = "") -> Segment:
     return Segment(list(s.tokens[lo:hi]), np.asarray(s.positions[lo:hi], np.int64), keys, values, visible, text, s.id)
 
 
-def _first_row_at_or_after(c: object, token: int) -> int:
-    row_token = c.row_token[: c.n_rows]  # type: ignore[attr-defined]
-    return int(np.searchsorted(row_token, token, side="left"))
+def _first_row_at_or_after(c: ScopeKVCache, token: int) -> int:
+    return int(np.searchsorted(c.row_token[: c.n_rows], token, side="left"))
 
 
-def _shift_rows(lm: LoadedModel, c: object, r0: int, d_tokens: int, d_pos: int) -> None:
+def _shift_rows(lm: LoadedModel, c: ScopeKVCache, r0: int, d_tokens: int, d_pos: int) -> None:
     """Move storage rows r0.. by d_tokens logical indices and d_pos positions."""
-    from kvscope.engine.kv_cache import ScopeKVCache
-
-    assert isinstance(c, ScopeKVCache) and c.keys is not None
     n = c.n_rows
+    if r0 >= n:
+        return
+    assert c.keys is not None
     c.row_token[r0:n] += d_tokens
     if d_pos and r0 < n:
         c.keys[..., r0:n, :] = reposition_keys(lm, c.keys[..., r0:n, :], d_pos)
