@@ -14,6 +14,7 @@ import hashlib
 from enum import IntEnum
 
 import numpy as np
+
 from kvscope.engine.events import BlockHash
 
 DEFAULT_BLOCK_SIZE = 16

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from kvscope.engine import chat
 from kvscope.engine.blocks import TokenState
 from kvscope.engine.errors import BusyError, InvalidRequestError
@@ -257,8 +258,13 @@ class EditingMixin:
         return result
 
     def splice_file(
-        self, dst: SessionId, path: str | os.PathLike[str], at: int | None = None, seam_repair: int = 0,
-        prompt: str | None = None, fidelity: bool = True,
+        self,
+        dst: SessionId,
+        path: str | os.PathLike[str],
+        at: int | None = None,
+        seam_repair: int = 0,
+        prompt: str | None = None,
+        fidelity: bool = True,
     ) -> FidelityReport:
         """Splice a segment file (or, with `prompt`, an mlx-lm prompt cache) into `dst`."""
         self.session(dst)

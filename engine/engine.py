@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+
 from kvscope.engine import blas
 from kvscope.engine.blocks import DEFAULT_BLOCK_SIZE
 from kvscope.engine.editing import EditingMixin

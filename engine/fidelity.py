@@ -17,6 +17,7 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
+
 from kvscope.engine import chat
 from kvscope.engine.generation import forward, prefill
 from kvscope.engine.kv_cache import ScopeKVCache

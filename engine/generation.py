@@ -22,9 +22,10 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.sample_utils import make_sampler
+
 from kvscope.engine.errors import CancelledError
 from kvscope.engine.kv_cache import ScopeKVCache
-from mlx_lm.sample_utils import make_sampler
 
 
 @dataclass(frozen=True)

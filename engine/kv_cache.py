@@ -27,8 +27,9 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from kvscope.engine.tensor_ops import take_rows
 from mlx_lm.models.cache import create_attention_mask
+
+from kvscope.engine.tensor_ops import take_rows
 
 _I64 = np.int64
 

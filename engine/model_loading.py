@@ -25,8 +25,9 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from kvscope.engine.errors import ModelLoadError, UnsupportedModelError
 from mlx_lm.models.cache import KVCache
+
+from kvscope.engine.errors import ModelLoadError, UnsupportedModelError
 
 _FULL_HASH_LIMIT = 512 * 1024 * 1024  # hash every byte below this, sample above
 _SAMPLE = 4 * 1024 * 1024

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+
 from kvscope.engine.blocks import chain_hashes
 from kvscope.engine.events import (
     AllBlocksCleared,

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import mlx.core as mx
+
 from kvscope.engine.errors import UnsupportedModelError
 from kvscope.engine.model_loading import LoadedModel
 

@@ -35,11 +35,27 @@ from kvscope.engine.surgery import Segment
 FORMAT = "kvscope-segment"
 VERSION = 1
 MAX_HEADER = 64 * 1024 * 1024
-_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "I32": np.dtype("<i4"), "I64": np.dtype("<i8")}
+_DTYPES = {
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+    "I32": np.dtype("<i4"),
+    "I64": np.dtype("<i8"),
+}
 _MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "format": str, "version": int, "model_fingerprint": str, "model_name": str, "n_layers": int,
-    "n_kv_heads": int, "head_dim": int, "dtype": str, "rope": dict, "positions": list,
-    "token_ids": list, "text": str, "tensors_sha256": str,
+    "format": str,
+    "version": int,
+    "model_fingerprint": str,
+    "model_name": str,
+    "n_layers": int,
+    "n_kv_heads": int,
+    "head_dim": int,
+    "dtype": str,
+    "rope": dict,
+    "positions": list,
+    "token_ids": list,
+    "text": str,
+    "tensors_sha256": str,
 }
 
 
@@ -52,11 +68,21 @@ def _tensor_hash(arrays: list[np.ndarray]) -> str:
 
 def manifest_for(lm: LoadedModel, seg: Segment, sha: str) -> dict[str, Any]:
     return {
-        "format": FORMAT, "version": VERSION, "model_fingerprint": lm.fingerprint, "model_name": lm.name,
-        "n_layers": lm.n_layers, "n_kv_heads": lm.n_kv_heads, "head_dim": lm.head_dim, "dtype": lm.dtype,
-        "rope": lm.rope.as_dict() if lm.rope else {}, "positions": [int(p) for p in seg.positions],
-        "token_ids": [int(t) for t in seg.token_ids], "text": seg.text, "tensors_sha256": sha,
-        "visible": [[bool(x) for x in v] for v in seg.visible], "source": seg.source,
+        "format": FORMAT,
+        "version": VERSION,
+        "model_fingerprint": lm.fingerprint,
+        "model_name": lm.name,
+        "n_layers": lm.n_layers,
+        "n_kv_heads": lm.n_kv_heads,
+        "head_dim": lm.head_dim,
+        "dtype": lm.dtype,
+        "rope": lm.rope.as_dict() if lm.rope else {},
+        "positions": [int(p) for p in seg.positions],
+        "token_ids": [int(t) for t in seg.token_ids],
+        "text": seg.text,
+        "tensors_sha256": sha,
+        "visible": [[bool(x) for x in v] for v in seg.visible],
+        "source": seg.source,
     }
 
 
@@ -106,7 +132,9 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray
         raise SegmentFileError(f"{p.name} is truncated: {len(raw)} bytes, not even a header length")
     (n,) = struct.unpack("<Q", raw[:8])
     if n > MAX_HEADER or n > len(raw) - 8:
-        raise SegmentFileError(f"{p.name}: header length {n} exceeds the file ({len(raw)} bytes): truncated or not safetensors")
+        raise SegmentFileError(
+            f"{p.name}: header length {n} exceeds the file ({len(raw)} bytes): truncated or not safetensors"
+        )
     try:
         header = json.loads(raw[8 : 8 + n].decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -130,13 +158,17 @@ def _tensor(fname: str, name: str, info: Any, data: memoryview) -> np.ndarray:
         raise SegmentFileError(f"{fname}: tensor {name!r} has unsupported dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d < 1 << 31 for d in shape):
         raise SegmentFileError(f"{fname}: tensor {name!r} has an invalid shape {shape!r}")
-    if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs) and 0 <= offs[0] <= offs[1]):
+    if not (
+        isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs) and 0 <= offs[0] <= offs[1]
+    ):
         raise SegmentFileError(f"{fname}: tensor {name!r} has invalid data offsets {offs!r}")
     if offs[1] > len(data):
         raise SegmentFileError(f"{fname} is truncated: tensor {name!r} ends at byte {offs[1]}, data has {len(data)}")
     want = math.prod(shape) * _DTYPES[dtype].itemsize
     if offs[1] - offs[0] != want:
-        raise SegmentFileError(f"{fname}: tensor {name!r} has {offs[1] - offs[0]} bytes, shape {shape} {dtype} needs {want}")
+        raise SegmentFileError(
+            f"{fname}: tensor {name!r} has {offs[1] - offs[0]} bytes, shape {shape} {dtype} needs {want}"
+        )
     arr = np.frombuffer(data[offs[0] : offs[1]], _DTYPES[dtype]).reshape(shape)
     if dtype == "BF16":
         arr = (arr.astype(np.uint32) << 16).view(np.float32)
@@ -158,7 +190,9 @@ def _manifest(fname: str, meta: dict[str, str]) -> dict[str, Any]:
     if man["format"] != FORMAT:
         raise SegmentFileError(f"{fname}: format is {man['format']!r}, expected {FORMAT!r}")
     if man["version"] != VERSION:
-        raise SegmentFileError(f"{fname}: format version {man['version']} is not supported (this kvscope reads {VERSION})")
+        raise SegmentFileError(
+            f"{fname}: format version {man['version']} is not supported (this kvscope reads {VERSION})"
+        )
     return man
 
 
@@ -171,7 +205,9 @@ def inspect_segment(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _verified(fname: str, arrays: dict[str, np.ndarray], meta: dict[str, str]) -> dict[str, Any]:
     if "0.kvscope" not in meta:
         if meta.get("1.0") == "KVCache":
-            raise SegmentFileError(f"{fname} is an mlx-lm prompt cache, not a kvscope segment: import it with its prompt text")
+            raise SegmentFileError(
+                f"{fname} is an mlx-lm prompt cache, not a kvscope segment: import it with its prompt text"
+            )
         raise SegmentFileError(f"{fname} has no kvscope manifest: not a kvscope segment file")
     man = _manifest(fname, meta)
     _check_arrays(fname, man, arrays)
@@ -191,7 +227,9 @@ def _check_arrays(fname: str, man: dict[str, Any], arrays: dict[str, np.ndarray]
     expected = {f"{i}.{j}" for i in range(n_layers) for j in range(3)}
     if set(arrays) != expected:
         extra, missing = sorted(set(arrays) - expected), sorted(expected - set(arrays))
-        raise SegmentFileError(f"{fname}: tensors do not match {n_layers} layers (missing {missing[:4]}, unexpected {extra[:4]})")
+        raise SegmentFileError(
+            f"{fname}: tensors do not match {n_layers} layers (missing {missing[:4]}, unexpected {extra[:4]})"
+        )
     ordered = []
     for i in range(n_layers):
         length = arrays[f"{i}.2"]
@@ -200,7 +238,9 @@ def _check_arrays(fname: str, man: dict[str, Any], arrays: dict[str, np.ndarray]
         for j in (0, 1):
             a = arrays[f"{i}.{j}"]
             if list(a.shape) != shape or a.dtype != np.float32:
-                raise SegmentFileError(f"{fname}: tensor {i}.{j} is {list(a.shape)} {a.dtype}, manifest says {shape} float32")
+                raise SegmentFileError(
+                    f"{fname}: tensor {i}.{j} is {list(a.shape)} {a.dtype}, manifest says {shape} float32"
+                )
             ordered.append(a)
     if _tensor_hash(ordered) != man["tensors_sha256"]:
         raise SegmentFileError(f"{fname}: tensor checksum mismatch: the file was modified or corrupted")
@@ -229,7 +269,11 @@ def read_segment(path: str | os.PathLike[str], lm: LoadedModel) -> Segment:
     n_layers = man["n_layers"]
     visible = man.get("visible")
     n = len(man["token_ids"])
-    if not (isinstance(visible, list) and len(visible) == n_layers and all(isinstance(v, list) and len(v) == n for v in visible)):
+    if not (
+        isinstance(visible, list)
+        and len(visible) == n_layers
+        and all(isinstance(v, list) and len(v) == n for v in visible)
+    ):
         visible = [[True] * n] * n_layers
     return Segment(
         token_ids=list(man["token_ids"]),
@@ -253,26 +297,34 @@ def read_mlx_prompt_cache(path: str | os.PathLike[str], lm: LoadedModel, prompt:
     fname = Path(path).name
     classes = [meta.get(f"1.{i}") for i in range(lm.n_layers)]
     if any(c != "KVCache" for c in classes) or f"1.{lm.n_layers}" in meta:
-        raise SegmentFileError(f"{fname}: not an mlx-lm KVCache prompt cache with {lm.n_layers} layers (classes {classes[:4]}...)")
+        raise SegmentFileError(
+            f"{fname}: not an mlx-lm KVCache prompt cache with {lm.n_layers} layers (classes {classes[:4]}...)"
+        )
     offsets = {int(arrays[f"{i}.2"]) for i in range(lm.n_layers) if f"{i}.2" in arrays}
     if len(offsets) != 1:
         raise SegmentFileError(f"{fname}: layers disagree on the cached length ({sorted(offsets)})")
     n = offsets.pop()
     tok = lm.tokenizer
     if getattr(tok, "has_chat_template", False):
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=False, continue_final_message=True)
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=False, continue_final_message=True
+        )
     else:
         ids = tok.encode(prompt)
     ids = [int(t) for t in (ids["input_ids"] if isinstance(ids, dict) else ids)]
     if len(ids) != n:
-        raise SegmentFileError(f"{fname} caches {n} tokens but the given prompt has {len(ids)}: pass the exact prompt it was made from")
+        raise SegmentFileError(
+            f"{fname} caches {n} tokens but the given prompt has {len(ids)}: pass the exact prompt it was made from"
+        )
     keys, values = [], []
     for i in range(lm.n_layers):
         k, v = arrays.get(f"{i}.0"), arrays.get(f"{i}.1")
         for name, a in ((f"{i}.0", k), (f"{i}.1", v)):
             if a is None or a.ndim != 4 or a.shape[1] != lm.n_kv_heads or a.shape[3] != lm.head_dim or a.shape[2] < n:
                 got = None if a is None else list(a.shape)
-                raise SegmentFileError(f"{fname}: tensor {name} is {got}, expected [1, {lm.n_kv_heads}, >={n}, {lm.head_dim}]")
+                raise SegmentFileError(
+                    f"{fname}: tensor {name} is {got}, expected [1, {lm.n_kv_heads}, >={n}, {lm.head_dim}]"
+                )
         keys.append(mx.array(k[..., :n, :]))  # type: ignore[index]
         values.append(mx.array(v[..., :n, :]))  # type: ignore[index]
     return Segment(ids, np.arange(n, dtype=np.int64), keys, values, [np.ones(n, bool)] * lm.n_layers, prompt, str(path))

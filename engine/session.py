@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from kvscope.engine.blocks import TokenState
 from kvscope.engine.events import SessionId
 from kvscope.engine.kv_cache import ScopeKVCache

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
 from kvscope.engine.blocks import block_states, chain_hashes
 from kvscope.engine.events import BlockHash, SessionId
 from kvscope.engine.session import Session, TurnStats

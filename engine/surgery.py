@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
+
 from kvscope.engine.blocks import TokenState
 from kvscope.engine.errors import InvalidRequestError
 from kvscope.engine.generation import forward

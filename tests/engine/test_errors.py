@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from kvscope.engine import (
     CancelledError,
     Engine,

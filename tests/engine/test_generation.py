@@ -7,12 +7,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
+
 from kvscope.engine import Engine, SamplingParams
 from kvscope.engine.chat import common_prefix_len, first_turn_ids
 from kvscope.engine.generation import forward
 from kvscope.engine.kv_cache import ScopeKVCache
-from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import make_prompt_cache
 
 # float32 logits of the same sequence computed in different chunkings
 # differ by summation order only.

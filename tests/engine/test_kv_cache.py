@@ -6,10 +6,11 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.models.cache import KVCache
+
 from kvscope.engine.generation import forward
 from kvscope.engine.kv_cache import ScopeKVCache
 from kvscope.engine.model_loading import load_model
-from mlx_lm.models.cache import KVCache
 
 ATOL = 1e-4  # float32, different summation order only
 

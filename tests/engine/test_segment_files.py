@@ -28,9 +28,13 @@ def eng(llama_dir: Path) -> Engine:
 def _session_bytes(eng: Engine, sid: str) -> tuple:
     s = eng.session(sid)  # type: ignore[arg-type]
     return (
-        list(s.tokens), list(s.positions), list(s.origin), [m["content"] for m in s.messages],
+        list(s.tokens),
+        list(s.positions),
+        list(s.origin),
+        [m["content"] for m in s.messages],
         [np.array(c.state[0]).tobytes() + np.array(c.state[1]).tobytes() for c in s.caches],
-        [c.row_visible[: c.n_rows].tobytes() for c in s.caches], [c.offset for c in s.caches],
+        [c.row_visible[: c.n_rows].tobytes() for c in s.caches],
+        [c.offset for c in s.caches],
     )
 
 
@@ -68,8 +72,9 @@ def test_mlx_lm_opens_a_kvscope_segment(eng: Engine, tmp_path: Path) -> None:
 def test_mlx_lm_prompt_cache_imports_as_segment(eng: Engine, tmp_path: Path) -> None:
     lm = eng.model
     prompt = "the code for locker 7 is 4 8 2 1"
-    ids = lm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=False,
-                                           continue_final_message=True)
+    ids = lm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=False, continue_final_message=True
+    )
     cache = make_prompt_cache(lm.model)
     for _ in generate_step(mx.array(ids), lm.model, max_tokens=0, prompt_cache=cache):
         pass
@@ -91,15 +96,18 @@ def test_mlx_lm_prompt_cache_imports_as_segment(eng: Engine, tmp_path: Path) -> 
 def _corruptions(good: bytes) -> dict[str, tuple[bytes, str]]:
     (n,) = struct.unpack("<Q", good[:8])
     header = json.loads(good[8 : 8 + n])
+
     def with_header(h: dict) -> bytes:
         body = json.dumps(h).encode()
         body += b" " * (-len(body) % 8)
         return struct.pack("<Q", len(body)) + body + good[8 + n :]
+
     tampered = bytearray(good)
     tampered[8 + n + (len(good) - 8 - n) // 2] ^= 0x55  # inside the K/V data
     bad_length = json.loads(json.dumps(header))
     bad_length["0.2"]["dtype"] = "F32"  # same bytes, read as another number
     man = json.loads(header["__metadata__"]["0.kvscope"])
+
     def with_manifest(**changes: object) -> bytes:
         h = json.loads(json.dumps(header))
         m = dict(man, **changes)
@@ -107,6 +115,7 @@ def _corruptions(good: bytes) -> dict[str, tuple[bytes, str]]:
             del m[k]
         h["__metadata__"]["0.kvscope"] = json.dumps(m)
         return with_header(h)
+
     bad_shape = json.loads(json.dumps(header))
     bad_shape["0.0"]["shape"] = [1, 99, 1, 1]
     return {
