@@ -197,8 +197,13 @@ class EditingMixin:
         seam_repair: int = 0,
         reposition: bool = True,
         fidelity: bool = True,
+        message: dict[str, str] | None = None,
     ) -> FidelityReport:
-        """Insert a segment's rows at logical index `at` (None = end), keys re-rotated to their new positions."""
+        """Insert a segment's rows at logical index `at` (None = end), keys re-rotated to their new positions.
+
+        `message`: when the segment is one whole chat message spliced at the
+        end, record it in the chat so later turns follow the template.
+        """
         box: dict[str, int] = {}
 
         def op(s: Session) -> tuple[int, dict[str, Any]]:
@@ -207,6 +212,9 @@ class EditingMixin:
             box["lo"] = where
             moved = seg if reposition else _unrotated(seg, s, where)
             delta = insert_segment(self.model, s, moved, where)
+            if message is not None and at is None:
+                s.messages = s.messages + [dict(message)]
+                s.transcript_text = chat.render(self.model.tokenizer, s.messages, add_generation_prompt=False)
             repaired = 0
             if seam_repair > 0:
                 repaired += recompute_rows(self.model, s, where, seam_repair)
@@ -240,11 +248,13 @@ class EditingMixin:
         at: int | None = None,
         seam_repair: int = 0,
         fidelity: bool = True,
+        reposition: bool = True,
+        message: dict[str, str] | None = None,
     ) -> FidelityReport:
         """Copy tokens [lo, hi) of session `src` into `dst` at `at` (None = end)."""
         s = self.session(src)
         seg = self._guard(src, lambda: extract_segment(s, lo, hi, self.model.tokenizer.decode(s.tokens[lo:hi])))
-        return self.splice_segment(dst, seg, at, seam_repair, fidelity=fidelity)
+        return self.splice_segment(dst, seg, at, seam_repair, reposition, fidelity, message)
 
     def save_segment(self, sid: SessionId, lo: int, hi: int, path: str | os.PathLike[str]) -> Path:
         """Write tokens [lo, hi) of a session as a segment file."""

@@ -157,7 +157,8 @@ def _generate(
     cancelled: Callable[[], bool],
 ) -> TurnResult:
     tok = lm.tokenizer
-    eos = set(getattr(tok, "eos_token_ids", None) or [tok.eos_token_id])
+    # An empty eos set is allowed (benchmarks that need a fixed token count).
+    eos = set(tok.eos_token_ids) if hasattr(tok, "eos_token_ids") else {tok.eos_token_id}
     out_ids: list[int] = []
     reason = "length"
 

@@ -94,13 +94,14 @@ def write_tokenizer(folder: Path) -> int:
     return int(tk.get_vocab_size())
 
 
-def make_tiny_model(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
-    """Build, save and return a tiny random `arch` model folder."""
+def make_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, **overrides: object) -> Path:
+    """Build, save and return a tiny random `arch` model folder (`overrides` change the config)."""
     from mlx_lm.utils import _get_classes
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = write_tokenizer(folder)
     config = dict(ARCHS[arch], vocab_size=vocab, eos_token_id=3, bos_token_id=1, pad_token_id=0)
+    config.update(overrides)
     model_cls, args_cls = _get_classes(config)
     mx.random.seed(seed)
     model = model_cls(args_cls.from_dict(config))
