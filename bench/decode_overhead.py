@@ -30,10 +30,10 @@ def main() -> None:
     for r in range(args.rounds + 1):
         res = eng.chat(eng.new_session(), prompt, SamplingParams(max_tokens=args.tokens))
         last = None
-        for last in stream_generate(
+        for step in stream_generate(
             lm.model, lm.tokenizer, mx.array(ids), max_tokens=args.tokens, sampler=make_sampler(0.0)
         ):
-            pass
+            last = step
         if r == 0:
             continue  # warm-up
         assert last is not None and res.stats.n_generated == last.generation_tokens == args.tokens

@@ -35,7 +35,7 @@ from kvscope.engine.surgery import Segment
 FORMAT = "kvscope-segment"
 VERSION = 1
 MAX_HEADER = 64 * 1024 * 1024
-_DTYPES = {
+_DTYPES: dict[str, np.dtype[Any]] = {
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),
     "BF16": np.dtype("<u2"),
