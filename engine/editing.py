@@ -62,6 +62,8 @@ class EditingMixin:
     model: LoadedModel
     session: Callable[[SessionId], Session]
     _guard: Callable[..., Any]
+    persist: Callable[[SessionId], None]
+    ensure_budget: Callable[[int, str], None]
 
     # ------------------------------------------------------------ plumbing
     def _edit(
@@ -93,6 +95,7 @@ class EditingMixin:
             else:
                 report = FidelityReport(label, float("nan"), float("nan"), float("nan"), 0, elapsed, 0.0, rows, extra)
             s.operations.append({"op": label, **extra, "report": report.as_dict()})
+            self.persist(sid)
             self.bus.emit(event(self.bus.now_ms(), report.as_dict()))
             return report
 
@@ -121,8 +124,10 @@ class EditingMixin:
         s = self.session(sid)
         if s.generating:
             raise BusyError(f"session {s.name} is generating: wait for the answer or press stop first")
+        self._guard(sid, lambda: self.ensure_budget(len(content) // 2 + 16, "appending this message"))
         n: int = self._guard(sid, lambda: self._append_message(s, role, content, TokenState.COMPUTED))
         s.undo_stack.clear()
+        self.persist(sid)
         return n
 
     def mask(
@@ -208,6 +213,7 @@ class EditingMixin:
 
         def op(s: Session) -> tuple[int, dict[str, Any]]:
             check_compatible(self.model, "splicing")
+            self.ensure_budget(seg.n_tokens, "this splice")
             where = s.n_tokens if at is None else at
             box["lo"] = where
             moved = seg if reposition else _unrotated(seg, s, where)
@@ -294,6 +300,7 @@ class EditingMixin:
         label, saved = s.undo_stack.pop()
         s.restore(saved)
         s.operations.append({"op": "undo", "undone": label})
+        self.persist(sid)
         self.bus.emit(SessionChanged(self.bus.now_ms(), sid, f"undo {label}"))
         return label
 

@@ -27,7 +27,7 @@ import mlx.core as mx
 from kvscope.engine import blas
 from kvscope.engine.blocks import DEFAULT_BLOCK_SIZE
 from kvscope.engine.editing import EditingMixin
-from kvscope.engine.errors import BusyError, InvalidRequestError, KVScopeError
+from kvscope.engine.errors import BusyError, InvalidRequestError, KVScopeError, MemoryBudgetError
 from kvscope.engine.events import (
     EngineError,
     Event,
@@ -39,7 +39,9 @@ from kvscope.engine.events import (
 )
 from kvscope.engine.generation import SamplingParams
 from kvscope.engine.kv_cache import ScopeKVCache
+from kvscope.engine.lifecycle import LifecycleMixin, physical_memory_bytes
 from kvscope.engine.model_loading import LoadedModel, load_model
+from kvscope.engine.persistence import SessionStore
 from kvscope.engine.prefix_store import PrefixStore
 from kvscope.engine.session import Session
 from kvscope.engine.snapshot import SessionSnapshot, take_snapshot
@@ -52,13 +54,16 @@ class EngineConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     prefill_chunk: int = 512
     prefix_budget_bytes: int = 1 << 30
+    memory_budget_bytes: int | None = None  # None: half of physical memory
+    persist: bool = False  # save sessions after every turn / edit and reopen them
+    data_dir: str | None = None  # None: KVSCOPE_HOME or the platform's user data folder
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EngineConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-class Engine(EditingMixin):
+class Engine(EditingMixin, LifecycleMixin):
     """Sessions over one loaded model, with a shared prefix store and events."""
 
     def __init__(self, config: EngineConfig | None = None) -> None:
@@ -70,13 +75,17 @@ class Engine(EditingMixin):
         self._cancel: dict[SessionId, threading.Event] = {}
         self._ids = itertools.count(1)
         self._pieces: dict[int, str] = {}
+        cfg = self.config
+        self.memory_budget_bytes = cfg.memory_budget_bytes or physical_memory_bytes() // 2
+        self.persistence = SessionStore(Path(cfg.data_dir) if cfg.data_dir else None) if cfg.persist else None
+        self.load_errors: list[str] = []
 
     # ------------------------------------------------------------ model
     def load(self, id_or_path: str | os.PathLike[str] | None = None) -> LoadedModel:
-        """Load a model (None = the bundled demo model); closes all sessions."""
+        """Load a model (None = the bundled demo model); its saved sessions reopen."""
         lm = self._guard(None, lambda: load_model(id_or_path))
         for sid in list(self._sessions):
-            self.close_session(sid)
+            self._drop(sid)
         self.lm = lm
         self._pieces = {}
         self.store = PrefixStore(
@@ -86,6 +95,7 @@ class Engine(EditingMixin):
             self.bus.emit,
             self.bus.now_ms,
         )
+        self.restore_sessions()
         return lm
 
     @property
@@ -105,8 +115,10 @@ class Engine(EditingMixin):
             "blas_note": b.reason,
             "block_size": self.config.block_size,
             "prefix_budget_bytes": self.config.prefix_budget_bytes,
+            "memory_budget_bytes": self.memory_budget_bytes,
+            "data_dir": str(self.persistence.root.parent) if self.persistence else None,
             "sessions": len(self._sessions),
-            "cache_bytes": sum(s.nbytes for s in self._sessions.values()),
+            "cache_bytes": self.cache_bytes(),
             "prefix_store_bytes": self.store.nbytes if self.store else 0,
         }
         if self.lm is not None:
@@ -132,10 +144,23 @@ class Engine(EditingMixin):
         s = Session(sid, name or sid, [ScopeKVCache() for _ in range(lm.n_layers)])
         if system:
             s.messages.append({"role": "system", "content": system})
-        self._sessions[sid] = s
-        self._cancel[sid] = threading.Event()
-        self.bus.emit(SessionCreated(self.bus.now_ms(), sid, s.name))
+        self._register(s)
+        self.persist(sid)
         return sid
+
+    def _register(self, s: Session) -> None:
+        """Make `s` one of the engine's sessions (new, duplicated, restored or imported)."""
+        self._sessions[s.id] = s
+        self._cancel[s.id] = threading.Event()
+        n = s.id[1:].split("-")[0]
+        if n.isdigit() and int(n) >= self._next_id_hint():
+            self._ids = itertools.count(int(n) + 1)
+        self.bus.emit(SessionCreated(self.bus.now_ms(), s.id, s.name))
+
+    def _next_id_hint(self) -> int:
+        probe = next(self._ids)
+        self._ids = itertools.count(probe)
+        return probe
 
     def session(self, sid: SessionId) -> Session:
         try:
@@ -147,6 +172,11 @@ class Engine(EditingMixin):
         return list(self._sessions)
 
     def close_session(self, sid: SessionId) -> None:
+        """Close a session and delete its saved copy (export it first to keep it)."""
+        self._drop(sid)
+        self.forget_saved(sid)
+
+    def _drop(self, sid: SessionId) -> None:
         self.session(sid)
         del self._sessions[sid]
         self._cancel.pop(sid, None)
@@ -156,6 +186,7 @@ class Engine(EditingMixin):
 
     def rename_session(self, sid: SessionId, name: str) -> None:
         self.session(sid).name = name
+        self.persist(sid)
         self.bus.emit(SessionChanged(self.bus.now_ms(), sid, "renamed"))
 
     def duplicate_session(self, sid: SessionId, name: str | None = None) -> SessionId:
@@ -163,38 +194,33 @@ class Engine(EditingMixin):
         src = self.session(sid)
         new = SessionId(f"s{next(self._ids)}")
         s = src.clone(new, name or f"{src.name} (copy)")
-        self._sessions[new] = s
-        self._cancel[new] = threading.Event()
-        self.bus.emit(SessionCreated(self.bus.now_ms(), new, s.name))
+        self._register(s)
+        self.persist(new)
         return new
 
     # ------------------------------------------------------------ chat
     def chat(self, sid: SessionId, user_text: str, params: SamplingParams | None = None) -> TurnResult:
-        """One turn: prefill what is not cached, generate, keep the cache."""
+        """One turn: prefill what is not cached, generate, keep the cache (and save it)."""
         s = self.session(sid)
         if s.generating:
             raise BusyError(f"session {s.name} is generating; wait or cancel it first")
+        p = params or SamplingParams()
+        store = self.store
+        assert store is not None
+        self._guard(sid, lambda: self.ensure_budget(len(user_text) // 2 + 32 + p.max_tokens, "this turn"))
         flag = self._cancel[sid]
         flag.clear()
         s.generating = True
-        s.undo_stack.clear()  # edits are undoable until the next turn
         try:
-            assert self.store is not None
-            return self._guard(
+            result: TurnResult = self._guard(
                 sid,
-                lambda: run_turn(
-                    s,
-                    self.model,
-                    self.store,
-                    self.bus,
-                    user_text,
-                    params or SamplingParams(),  # type: ignore[arg-type]
-                    self.config.prefill_chunk,
-                    flag.is_set,
-                ),
+                lambda: run_turn(s, self.model, store, self.bus, user_text, p, self.config.prefill_chunk, flag.is_set),
             )
         finally:
             s.generating = False
+        s.undo_stack.clear()  # edits are undoable until the next turn
+        self.persist(sid)
+        return result
 
     def cancel(self, sid: SessionId) -> None:
         """Stop the session's generation at the next step (any thread)."""
@@ -235,6 +261,16 @@ class Engine(EditingMixin):
         except KVScopeError as exc:
             self.bus.emit(EngineError(self.bus.now_ms(), sid, type(exc).__name__, str(exc)))
             raise
+        except (MemoryError, RuntimeError) as exc:
+            if (
+                not isinstance(exc, MemoryError)
+                and "alloc" not in str(exc).lower()
+                and "memory" not in str(exc).lower()
+            ):
+                raise
+            err = MemoryBudgetError(f"out of memory ({exc}): close or compress a session, or lower --memory-budget")
+            self.bus.emit(EngineError(self.bus.now_ms(), sid, type(err).__name__, str(err)))
+            raise err from exc
 
 
 def _write_trace_checked(events: list[Event], path: str | os.PathLike[str]) -> Path:

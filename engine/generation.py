@@ -114,8 +114,9 @@ def decode(
 
     `last_prompt_token` is fed first (it is the one prompt token prefill left
     out, so its logits pick the first answer token). After each yielded step
-    the next forward pass is already queued unless `keep_going(token_id)` is
-    False or the budget is spent; every queued token is fed before return.
+    the next forward pass is already queued unless the budget is spent or
+    `keep_going(token_id)` (asked only while the budget lasts) is False;
+    every queued token is fed before return.
     """
     sampler = make_token_sampler(params)
 
@@ -129,7 +130,7 @@ def decode(
     t_prev = time.perf_counter()
     for n in range(params.max_tokens):
         token = int(y.item())  # type: ignore[arg-type]
-        go_on = keep_going(token) and n + 1 < params.max_tokens
+        go_on = n + 1 < params.max_tokens and keep_going(token)
         if go_on:
             next_y, next_logprobs = step(y)
             mx.async_eval(next_y, next_logprobs)

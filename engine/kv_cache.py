@@ -133,7 +133,7 @@ class ScopeKVCache:
     @property
     def nbytes(self) -> int:
         """Bytes of the stored rows (masked rows included: they are kept)."""
-        if self.keys is None or self.values is None:
+        if self.keys is None or self.values is None or self.keys.shape[2] == 0:
             return 0
         per_row = (self.keys.nbytes // self.keys.shape[2]) + (self.values.nbytes // self.values.shape[2])
         return per_row * self.n_rows

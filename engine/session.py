@@ -116,9 +116,10 @@ class Session:
         out = np.broadcast_to(origin, (len(self.caches), n)).copy()
         for i, c in enumerate(self.caches):
             m = c.n_rows
+            known = c.row_token[:m] < n  # rows fed a moment before the bookkeeping catches up
             present = np.zeros(n, bool)
-            present[c.row_token[:m]] = True
-            hidden = c.row_token[:m][~c.row_visible[:m]]
+            present[c.row_token[:m][known]] = True
+            hidden = c.row_token[:m][known & ~c.row_visible[:m]]
             out[i, ~present] = TokenState.EVICTED
             out[i, hidden] = TokenState.MASKED
         return out

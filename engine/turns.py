@@ -168,23 +168,25 @@ def _generate(
         return text[: min(hits)] if hits else text
 
     def keep_going(token: int) -> bool:
+        """Called only while the budget allows feeding `token`; True = feed it."""
         nonlocal reason
-        out_ids.append(token)
         if token in eos:
             reason = "stop"
             return False
-        if params.stop and any(s in tok.decode(out_ids[-64:]) for s in params.stop if s):
+        if params.stop and any(s in tok.decode((out_ids + [token])[-64:]) for s in params.stop if s):
             reason = "stop_string"
             return False
         if cancelled():
             reason = "cancelled"
             return False
+        session.append_tokens([token])  # decode feeds it next: keep the bookkeeping in step
         return True
 
     detok = tok.detokenizer  # streaming: keeps the spaces SentencePiece drops per token
     detok.reset()
     t_first = t_last = time.perf_counter()
     for i, step in enumerate(decode(lm.model, session.caches, last_token, params, keep_going)):
+        out_ids.append(step.token_id)
         t_last = time.perf_counter()
         if i == 0:
             t_first = t_last
@@ -195,9 +197,10 @@ def _generate(
             detok.add_token(step.token_id)
             piece = detok.last_segment
         bus.emit(TokenSampled(bus.now_ms(), session.id, step.token_id, piece, i, stats.token_ms[-1]))
+    if reason == "length" and out_ids[-1] in eos:
+        reason = "stop"  # the budget ran out on the end-of-turn token itself
     text = answer_text()
-    fed = out_ids[:-1]  # the last sampled token is not fed
-    session.append_tokens(fed)
+    fed = out_ids[:-1]  # the last sampled token is not fed (already recorded above)
     session.transcript_text += tok.decode(fed) if fed else ""
     session.messages = session.messages + [{"role": "assistant", "content": text}]
     stats.n_generated = len(out_ids)
