@@ -77,9 +77,9 @@ def _reuse_prefix(session: Session, store: PrefixStore, prompt: list[int]) -> in
         return 0
     keys, values = store.load_rows(blocks, session.id)
     n = sum(len(b.token_ids) for b in blocks)
+    session.append_tokens(prompt[:n], TokenState.SHARED)  # before the caches move their offset
     for c, k, v in zip(session.caches, keys, values):
         c.update_and_fetch(k, v)
-    session.append_tokens(prompt[:n], TokenState.SHARED)
     return n
 
 

@@ -55,6 +55,7 @@ def test_prefix_hit_logits_match_full_recompute(arch_dir: Path) -> None:
     assert shared >= 32
     assert res.stats.cached_tokens == shared - shared % 16
     assert res.stats.prefilled_tokens == res.stats.prompt_tokens - res.stats.cached_tokens
+    assert eng.session(b).positions == list(range(eng.session(b).n_tokens))  # shared rows keep their positions
     # The hit session's next-token logits vs a fresh full prefill of the same ids.
     s = eng.session(b)
     ids = s.tokens[: res.stats.prompt_tokens]
