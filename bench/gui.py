@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
-    import kvscope.engine  # noqa: F401
     from PySide6.QtWidgets import QApplication
+
+    import kvscope.engine  # noqa: F401
 
     app = QApplication.instance() or QApplication(sys.argv[:1])
     bm = bench_block_map(app)

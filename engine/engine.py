@@ -117,6 +117,7 @@ class Engine(EditingMixin, LifecycleMixin):
             "prefix_budget_bytes": self.config.prefix_budget_bytes,
             "memory_budget_bytes": self.memory_budget_bytes,
             "data_dir": str(self.persistence.root.parent) if self.persistence else None,
+            "load_errors": list(self.load_errors),
             "sessions": len(self._sessions),
             "cache_bytes": self.cache_bytes(),
             "prefix_store_bytes": self.store.nbytes if self.store else 0,

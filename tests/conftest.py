@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# Saved sessions of test runs never land in the person's own data folder.
+os.environ["KVSCOPE_HOME"] = os.path.join(__import__("tempfile").mkdtemp(prefix="kvscope-test-home-"))
 sys.path.insert(0, str(Path(__file__).parent))
 
 import kvscope.engine  # noqa: E402,F401  - preloads BLAS before mlx

@@ -1,0 +1,242 @@
+"""The window: drive the widgets and check the engine; drive the engine and
+check the widgets. Tiny random model, offscreen."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import WAIT_MS, chat, engine_call, settle
+from PySide6.QtCore import QPoint, QPointF, Qt
+from PySide6.QtGui import QDropEvent
+from PySide6.QtWidgets import QApplication
+
+from kvscope.engine.blocks import TokenState
+
+
+def strip_point(strip, i: int) -> QPoint:
+    """Centre of token i's box in the token strip."""
+    row, col = divmod(i, strip.block_size)
+    xs = strip._row_edges(row)
+    return QPoint((xs[col] + xs[col + 1]) // 2, row * strip.row_h + strip.row_h // 2)
+
+
+def drag_select(qtbot, strip, lo: int, hi: int) -> None:
+    qtbot.mousePress(strip, Qt.MouseButton.LeftButton, pos=strip_point(strip, lo))
+    qtbot.mouseMove(strip, strip_point(strip, hi - 1))
+    qtbot.mouseRelease(strip, Qt.MouseButton.LeftButton, pos=strip_point(strip, hi - 1))
+
+
+def send_drop(target, mime, pos: QPoint) -> None:
+    from PySide6.QtGui import QDragEnterEvent, QDragMoveEvent
+
+    actions = Qt.DropAction.CopyAction
+    for cls in (QDragEnterEvent, QDragMoveEvent):
+        QApplication.sendEvent(
+            target, cls(pos, actions, mime, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier)
+        )
+    QApplication.sendEvent(
+        target, QDropEvent(QPointF(pos), actions, mime, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier)
+    )
+
+
+def test_chat_streams_into_the_view_and_engine(qtbot, window):
+    view = window.active_view()
+    view.max_tokens.setValue(20)
+    qtbot.keyClicks(view.prompt, "the red code is blue")
+    qtbot.keyClick(view.prompt, Qt.Key.Key_Return)
+    qtbot.waitUntil(lambda: not view.generating, timeout=WAIT_MS)
+    settle(qtbot, window)
+    snap = engine_call(window, lambda e: e.snapshot(view.sid))
+    assert snap.messages[-2] == ("user", "the red code is blue")
+    assert len(view.strip.texts) == snap.n_tokens
+    assert view.block_map.image.image.shape == (snap.n_blocks, snap.n_layers)
+    assert "assistant:" in view.chat.toPlainText()
+    assert window.latency.table.rowCount() == 1
+
+
+def test_select_span_and_mask_then_undo(qtbot, window):
+    view = window.active_view()
+    chat(qtbot, window, view, "the red code is blue and the locker is green")
+    drag_select(qtbot, view.strip, 3, 9)
+    assert view.selection() == (3, 9)
+    region = view.block_map.selection.getRegion()
+    assert region == pytest.approx((3 / 16, 9 / 16))
+    view.setFocus()
+    qtbot.keyClick(view.strip, Qt.Key.Key_M)  # the "Mask span" shortcut
+    settle(qtbot, window)
+    state = engine_call(window, lambda e: e.snapshot(view.sid)).token_state
+    assert (state[:, 3:9] == TokenState.MASKED).all()
+    assert (state[:, :3] != TokenState.MASKED).all()
+    assert (view.strip.states[3:9] == TokenState.MASKED).all()
+    report = view.actions_.last_report
+    assert report is not None and {"cosine", "kl", "top1_agree"} <= report.keys()
+    qtbot.keyClick(view.strip, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)
+    settle(qtbot, window)
+    state = engine_call(window, lambda e: e.snapshot(view.sid)).token_state
+    assert not (state == TokenState.MASKED).any()
+    assert not (view.strip.states == TokenState.MASKED).any()
+
+
+def test_engine_edit_shows_in_the_widgets(qtbot, window):
+    view = window.active_view()
+    chat(qtbot, window, view, "the red code is blue")
+    engine_call(window, lambda e: e.mask(view.sid, 0, 4))
+    settle(qtbot, window)
+    assert (view.strip.states[:4] == TokenState.MASKED).all()
+    image = view.block_map.image.image  # [blocks, layers]
+    assert image.shape[0] >= 1
+
+
+def test_drag_span_between_sessions_splices(qtbot, window):
+    a = window.active_view()
+    chat(qtbot, window, a, "the locker code is 4 8 1 5")
+    window.new_session("b")
+    qtbot.waitUntil(lambda: len(window.views) == 2 and window.active_view() is not a, timeout=WAIT_MS)
+    b = window.active_view()
+    chat(qtbot, window, b, "what is the colour of the door")
+    n_before = engine_call(window, lambda e: e.snapshot(b.sid)).n_tokens
+    drag_select(qtbot, a.strip, 4, 12)
+    mime = a.strip.segment_mime()
+    assert json.loads(bytes(mime.data("application/x-kvscope-segment")).decode()) == {
+        "session": a.sid,
+        "lo": 4,
+        "hi": 12,
+    }
+    # Drop below the last row of b's strip: append at the end.
+    send_drop(b.strip, mime, QPoint(80, b.strip.n_rows * b.strip.row_h + 2))
+    settle(qtbot, window)
+    snap = engine_call(window, lambda e: e.snapshot(b.sid))
+    assert snap.n_tokens == n_before + 8
+    assert (snap.token_state[:, n_before:] == TokenState.SPLICED).all()
+    assert (b.strip.states[n_before:] == TokenState.SPLICED).all()
+    assert b.actions_.last_report is not None and "cosine" in b.actions_.last_report
+
+
+def test_drop_on_block_map_between_blocks(qtbot, window):
+    a = window.active_view()
+    chat(qtbot, window, a, "the locker code is 4 8 1 5 and the red door is blue", max_tokens=30)
+    window.new_session("b")
+    qtbot.waitUntil(lambda: len(window.views) == 2 and window.active_view() is not a, timeout=WAIT_MS)
+    b = window.active_view()
+    chat(qtbot, window, b, "the colour of the water", max_tokens=30)
+    a.select(2, 6)
+    vb = b.block_map.getViewBox()
+    pos = b.block_map.mapFromScene(vb.mapViewToScene(QPointF(1.0, 0.5)))  # boundary between blocks 0 and 1
+    send_drop(b.block_map.viewport(), a.strip.segment_mime(), pos)
+    settle(qtbot, window)
+    snap = engine_call(window, lambda e: e.snapshot(b.sid))
+    assert (snap.token_state[:, 16:20] == TokenState.SPLICED).all()
+
+
+def test_save_segment_and_drop_file(qtbot, window, tmp_path):
+    from PySide6.QtCore import QMimeData, QUrl
+
+    a = window.active_view()
+    chat(qtbot, window, a, "the locker code is 4 8 1 5")
+    a.select(2, 7)
+    path = tmp_path / "seg.safetensors"
+    a.actions_.save(path)
+    settle(qtbot, window)
+    assert path.exists(), window.last_error
+    n_before = engine_call(window, lambda e: e.snapshot(a.sid)).n_tokens
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(path))])
+    send_drop(a.strip, mime, QPoint(80, a.strip.n_rows * a.strip.row_h + 2))
+    settle(qtbot, window)
+    snap = engine_call(window, lambda e: e.snapshot(a.sid))
+    assert snap.n_tokens == n_before + 5, window.last_error
+
+
+def test_apply_policy_from_decision_panel(qtbot, window):
+    """Uses Engine.compress (or compression.compress_session until it lands)."""
+    view = window.active_view()
+    chat(qtbot, window, view, "the red code is blue and the locker is green and the water is hot", max_tokens=40)
+    panel = window.decisions
+    panel.policy.setCurrentIndex(max(panel.policy.findText("random"), 0))
+    panel.ratio.setValue(0.5)
+    qtbot.mouseClick(panel.apply_btn, Qt.MouseButton.LeftButton)
+    settle(qtbot, window)
+    assert window.last_error is None, window.last_error
+    snap = engine_call(window, lambda e: e.snapshot(view.sid))
+    assert (snap.token_state == TokenState.EVICTED).any()
+    assert view.sid in panel.decisions
+    assert panel.decisions[view.sid].policy in panel.summary.text()
+    assert (view.strip.states == TokenState.EVICTED).any()
+
+
+def test_export_trace(qtbot, window, tmp_path):
+    view = window.active_view()
+    chat(qtbot, window, view, "the red code")
+    path = tmp_path / "trace.json"
+    window.export_trace(path)
+    settle(qtbot, window)
+    trace = json.loads(path.read_text())
+    assert trace["traceEvents"]
+    assert any(e.get("ph") == "X" and "dur" in e for e in trace["traceEvents"])
+
+
+def test_session_list_new_duplicate_rename_close(qtbot, window):
+    panel = window.sessions
+    first = window.active
+    chat(qtbot, window, window.active_view(), "the red code")
+    qtbot.mouseClick(panel.new_btn, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: len(window.views) == 2, timeout=WAIT_MS)
+    panel.select(first)
+    qtbot.mouseClick(panel.dup_btn, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: len(window.views) == 3, timeout=WAIT_MS)
+    settle(qtbot, window)
+    sids = engine_call(window, lambda e: e.sessions())
+    assert sorted(sids) == sorted(window.views)
+    dup = window.active
+    a, d = (engine_call(window, lambda e, s=s: e.snapshot(s)) for s in (first, dup))
+    assert np.array_equal(a.token_ids, d.token_ids)
+    item = panel._item(dup)
+    item.setText("renamed")  # what an in-place edit of the list item does
+    settle(qtbot, window)
+    assert engine_call(window, lambda e: e.session(dup).name) == "renamed"
+    panel.select(dup)
+    qtbot.mouseClick(panel.close_btn, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: dup not in window.views, timeout=WAIT_MS)
+    assert dup not in engine_call(window, lambda e: e.sessions())
+
+
+def test_two_sessions_side_by_side(qtbot, window):
+    window.new_session("second")
+    qtbot.waitUntil(lambda: len(window.views) == 2, timeout=WAIT_MS)
+    settle(qtbot, window)
+    views = list(window.views.values())
+    assert all(v.isVisible() and v.width() > 200 for v in views)
+    assert views[0].geometry().right() < views[1].geometry().left()
+
+
+def test_hover_describes_a_block(qtbot, window):
+    view = window.active_view()
+    chat(qtbot, window, view, "the locker code is 4 8 1 5", max_tokens=30)
+    text = view.describe_block(1, 0)
+    assert "block 0" in text and "layer 1" in text and "tokens [0, 16)" in text
+    assert "hash" in text and "KiB" in text and "shared by" in text and "score" in text
+
+
+def test_load_failure_is_shown_and_window_stays_usable(qtbot, window, llama_dir, tmp_path):
+    window.load_model(str(tmp_path / "no-such-model"))
+    qtbot.waitUntil(lambda: window.bridge.in_flight() == 0, timeout=WAIT_MS)
+    assert "no-such-model" in (window.last_error or "") or "No model loaded" in window.status.currentMessage()
+    window.load_model(str(llama_dir))
+    qtbot.waitUntil(lambda: window.active_view() is not None, timeout=WAIT_MS)
+    chat(qtbot, window, window.active_view(), "the red code")
+    assert window.active_view().strip.texts
+
+
+def test_stop_button_cancels_generation(qtbot, window):
+    view = window.active_view()
+    view.max_tokens.setValue(5000)
+    view.send("the red code is blue")
+    qtbot.waitUntil(lambda: len(view.live_texts) > 5, timeout=WAIT_MS)
+    qtbot.mouseClick(view.stop_btn, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: not view.generating, timeout=WAIT_MS)
+    settle(qtbot, window)
+    turns = engine_call(window, lambda e: e.snapshot(view.sid)).turns
+    assert turns[-1].finish_reason == "cancelled"
+    assert turns[-1].n_generated < 5000

@@ -1,0 +1,157 @@
+"""BlockMap: the layers x blocks picture of one session's cache.
+
+Promises:
+- one pyqtgraph `ImageItem` with a fixed LUT (one colour per TokenState) and
+  fixed levels, so a redraw is a single `setImage` of a uint8 view — no
+  per-frame autolevels, no colour mixing of states;
+- x is the block index, y the layer (layer 0 on top); mouse wheel zooms, drag
+  pans; the view follows the growing cache until the user zooms;
+- hovering emits `hovered(layer, block)` (-1, -1 when leaving); a click emits
+  `block_clicked(block, extend)`;
+- drops (segments from another session, `.safetensors` files) are handed to
+  `dropped(mime, block_boundary)`; the map never decides what a drop means.
+
+Knows nothing about the engine; it draws arrays it is given.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import QMimeData, QPointF, Qt, Signal
+from PySide6.QtWidgets import QToolTip, QWidget
+
+from kvscope.engine.blocks import N_STATES
+from kvscope.ui.palette import state_lut
+
+MIME_SEGMENT = "application/x-kvscope-segment"
+
+
+class BlockMap(pg.PlotWidget):
+    hovered = Signal(int, int)  # layer, block
+    block_clicked = Signal(int, bool)  # block, shift held
+    dropped = Signal(QMimeData, int)  # mime, block boundary the drop points at
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setBackground((24, 24, 28))
+        self.image = pg.ImageItem(axisOrder="col-major")
+        self.image.setLookupTable(state_lut())
+        self.image.setLevels((0, N_STATES))
+        self.addItem(self.image)
+        vb = self.getViewBox()
+        vb.invertY(True)
+        vb.setMouseEnabled(x=True, y=True)
+        vb.setLimits(xMin=-1, yMin=-0.5, minXRange=4, minYRange=1)
+        self.setLabel("bottom", "block")
+        self.setLabel("left", "layer")
+        self.hideButtons()
+        self.selection = pg.LinearRegionItem(movable=False, brush=(255, 255, 255, 40), pen=pg.mkPen("w", width=1))
+        self.selection.setZValue(10)
+        self.selection.hide()
+        self.addItem(self.selection)
+        self.drop_line = pg.InfiniteLine(angle=90, pen=pg.mkPen((255, 220, 0), width=2))
+        self.drop_line.hide()
+        self.addItem(self.drop_line)
+        self._shape = (0, 0)
+        self._hover = (-1, -1)
+        self.hover_text = ""
+        self.scene().sigMouseMoved.connect(self._on_mouse_moved)
+        self.scene().sigMouseClicked.connect(self._on_mouse_clicked)
+        self.setAcceptDrops(True)
+        self.setMinimumHeight(120)
+
+    # ------------------------------------------------------------ drawing
+    def set_states(self, block_state: np.ndarray) -> None:
+        """Draw `[layers, blocks]` uint8 TokenStates."""
+        n_layers, n_blocks = block_state.shape
+        if n_blocks == 0:
+            self.image.clear()
+            self._shape = (n_layers, 0)
+            return
+        self.image.setImage(block_state.T, autoLevels=False, levels=(0, N_STATES))
+        if (n_layers, n_blocks) != self._shape:
+            self._shape = (n_layers, n_blocks)
+            self.getViewBox().setLimits(xMax=max(n_blocks + 1, 8), yMax=n_layers + 0.5)
+
+    def set_selection(self, block_lo: float | None, block_hi: float | None) -> None:
+        """Highlight blocks [lo, hi) (fractional: token spans inside a block)."""
+        if block_lo is None or block_hi is None or block_hi <= block_lo:
+            self.selection.hide()
+            return
+        self.selection.setRegion((block_lo, block_hi))
+        self.selection.show()
+
+    def show_hover_text(self, text: str) -> None:
+        self.hover_text = text
+        if text and self.underMouse():
+            QToolTip.showText(self.cursor().pos(), text, self)
+        elif not text:
+            QToolTip.hideText()
+
+    # ------------------------------------------------------------ mouse
+    def cell_at(self, scene_pos: QPointF) -> tuple[int, int]:
+        """(layer, block) under a scene position, or (-1, -1) outside the image."""
+        p = self.getViewBox().mapSceneToView(scene_pos)
+        layer, block = int(np.floor(p.y())), int(np.floor(p.x()))
+        n_layers, n_blocks = self._shape
+        if 0 <= layer < n_layers and 0 <= block < n_blocks:
+            return layer, block
+        return -1, -1
+
+    def _on_mouse_moved(self, scene_pos: QPointF) -> None:
+        cell = self.cell_at(scene_pos)
+        if cell != self._hover:
+            self._hover = cell
+            self.hovered.emit(*cell)
+
+    def _on_mouse_clicked(self, ev: object) -> None:
+        if ev.button() != Qt.MouseButton.LeftButton:  # type: ignore[attr-defined]
+            return
+        layer, block = self.cell_at(ev.scenePos())  # type: ignore[attr-defined]
+        if block >= 0:
+            shift = bool(ev.modifiers() & Qt.KeyboardModifier.ShiftModifier)  # type: ignore[attr-defined]
+            self.block_clicked.emit(block, shift)
+
+    def leaveEvent(self, ev: object) -> None:  # noqa: N802 - Qt override
+        self._hover = (-1, -1)
+        self.hovered.emit(-1, -1)
+        super().leaveEvent(ev)
+
+    # ------------------------------------------------------------ drops
+    def _boundary_at(self, pos: object) -> int:
+        scene = self.mapToScene(pos.toPoint())  # type: ignore[attr-defined]
+        x = self.getViewBox().mapSceneToView(scene).x()
+        return int(np.clip(round(x), 0, self._shape[1]))
+
+    def dragEnterEvent(self, ev: object) -> None:  # noqa: N802
+        if _accepts(ev.mimeData()):  # type: ignore[attr-defined]
+            ev.acceptProposedAction()  # type: ignore[attr-defined]
+        else:
+            ev.ignore()  # type: ignore[attr-defined]
+
+    def dragMoveEvent(self, ev: object) -> None:  # noqa: N802
+        if not _accepts(ev.mimeData()):  # type: ignore[attr-defined]
+            ev.ignore()  # type: ignore[attr-defined]
+            return
+        self.drop_line.setValue(self._boundary_at(ev.position()))  # type: ignore[attr-defined]
+        self.drop_line.show()
+        ev.acceptProposedAction()  # type: ignore[attr-defined]
+
+    def dragLeaveEvent(self, ev: object) -> None:  # noqa: N802
+        self.drop_line.hide()
+
+    def dropEvent(self, ev: object) -> None:  # noqa: N802
+        self.drop_line.hide()
+        mime = ev.mimeData()  # type: ignore[attr-defined]
+        if not _accepts(mime):
+            ev.ignore()  # type: ignore[attr-defined]
+            return
+        self.dropped.emit(mime, self._boundary_at(ev.position()))  # type: ignore[attr-defined]
+        ev.acceptProposedAction()  # type: ignore[attr-defined]
+
+
+def _accepts(mime: QMimeData) -> bool:
+    if mime.hasFormat(MIME_SEGMENT):
+        return True
+    return mime.hasUrls() and any(u.toLocalFile().endswith(".safetensors") for u in mime.urls())

@@ -1,0 +1,208 @@
+"""SpanActions: what a person can do to a selected span of one session.
+
+Each action is a `QAction` with a shortcut (also in the strip's context
+menu) that asks for its parameters in a dialog, then calls a method taking
+them as arguments (`mask()`, `compact(summary)`, `compress(policy, ...)`) —
+tests and scripts call those methods directly. Every call goes through the
+bridge; its fidelity report is shown in a non-modal `ReportDialog` and kept
+in `last_report`; errors are shown, never swallowed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PySide6.QtCore import QMimeData, QObject, QPoint, Signal
+from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtWidgets import QFileDialog, QInputDialog, QMenu
+
+from kvscope.engine.engine import Engine
+from kvscope.ui.block_map import MIME_SEGMENT
+from kvscope.ui.dialogs import CompactDialog, CompressDialog, ReportDialog, report_dict
+
+if TYPE_CHECKING:
+    from kvscope.ui.session_view import SessionView
+
+SHORTCUTS = {
+    "mask": "M",
+    "unmask": "Shift+M",
+    "compact": "C",
+    "erratum": "E",
+    "delete": "Delete",
+    "compress": "P",
+    "save": "Ctrl+Shift+S",
+    "undo": "Ctrl+Z",
+}
+
+
+class SpanActions(QObject):
+    report_ready = Signal(str, object)  # operation, report dict
+    failed = Signal(str, str)  # operation, message
+
+    def __init__(self, view: SessionView) -> None:
+        super().__init__(view)
+        self.view = view
+        self.last_report: dict[str, Any] | None = None
+        self.last_error: str | None = None
+        self._dialog: ReportDialog | None = None
+        self.actions: dict[str, QAction] = {}
+        labels = {
+            "mask": ("Mask span", self.mask),
+            "unmask": ("Unmask span", self.unmask),
+            "compact": ("Compact with summary…", self._ask_compact),
+            "erratum": ("Append erratum…", self._ask_erratum),
+            "delete": ("Delete span", self.delete),
+            "compress": ("Compress with policy…", self._ask_compress),
+            "save": ("Save span as segment…", self._ask_save),
+            "undo": ("Undo", self.undo),
+        }
+        for key, (label, slot) in labels.items():
+            # The key is only shown here: the window's Edit actions own the keys
+            # and route them to the active session (focus may be anywhere in it).
+            shown = QKeySequence(SHORTCUTS[key]).toString(QKeySequence.SequenceFormat.NativeText)
+            act = QAction(f"{label}\t{shown}", view)
+            act.triggered.connect(lambda _=False, s=slot: s())
+            self.actions[key] = act
+
+    def trigger(self, key: str) -> None:
+        """Run the action `key` (a key of SHORTCUTS) as if chosen from the menu."""
+        self.actions[key].trigger()
+
+    # ------------------------------------------------------------ menu
+    def show_menu(self, global_pos: QPoint) -> None:
+        menu = self.build_menu()
+        menu.exec(global_pos)
+
+    def build_menu(self) -> QMenu:
+        menu = QMenu(self.view)
+        lo, hi = self.view.selection()
+        has_span = hi > lo
+        for key in ("mask", "unmask", "compact", "delete", "compress", "save"):
+            self.actions[key].setEnabled(has_span or key == "compress")
+            menu.addAction(self.actions[key])
+        menu.addSeparator()
+        menu.addAction(self.actions["erratum"])
+        menu.addAction(self.actions["undo"])
+        return menu
+
+    # ------------------------------------------------------------ operations
+    def run(self, op: str, fn: Callable[[Engine], Any], on_done: Callable[[Any], None] | None = None) -> int:
+        """Run one engine operation for this session and show its report."""
+        self.view.activated.emit(self.view.sid)
+
+        def done(result: Any) -> None:
+            self.last_report = report_dict(result)
+            self.last_error = None
+            self.report_ready.emit(op, self.last_report)
+            self._show_report(op, self.last_report)
+            self.view.bridge.want_snapshot(self.view.sid)
+            if on_done is not None:
+                on_done(result)
+
+        def failed(exc: BaseException) -> None:
+            self.last_error = str(exc)
+            self.failed.emit(op, str(exc))
+            self.view.bridge.want_snapshot(self.view.sid)
+
+        return self.view.bridge.call(fn, done, failed)
+
+    def _span(self) -> tuple[int, int] | None:
+        lo, hi = self.view.selection()
+        return (lo, hi) if hi > lo else None
+
+    def mask(self) -> int | None:
+        sid, span = self.view.sid, self._span()
+        return span and self.run("mask", lambda e: e.mask(sid, *span))
+
+    def unmask(self) -> int | None:
+        sid, span = self.view.sid, self._span()
+        return span and self.run("unmask", lambda e: e.unmask(sid, *span))
+
+    def compact(self, summary: str | None) -> int | None:
+        sid, span = self.view.sid, self._span()
+        return span and self.run("compact", lambda e: e.compact(sid, *span, summary=summary))
+
+    def erratum(self, text: str) -> int:
+        sid = self.view.sid
+        return self.run("erratum", lambda e: e.erratum(sid, text))
+
+    def delete(self, shift: bool = True) -> int | None:
+        sid, span = self.view.sid, self._span()
+        return span and self.run("delete", lambda e: e.delete_span(sid, *span, shift=shift))
+
+    def compress(self, policy: str, keep_ratio: float | None = None, budget_tokens: int | None = None) -> int:
+        sid = self.view.sid
+        return self.run(
+            "compress", lambda e: _compress(e)(sid, policy, keep_ratio=keep_ratio, budget_tokens=budget_tokens)
+        )
+
+    def save(self, path: str | Path) -> int | None:
+        sid, span = self.view.sid, self._span()
+        return span and self.run("save", lambda e: {"path": str(e.save_segment(sid, *span, Path(path)))})
+
+    def undo(self) -> int:
+        sid = self.view.sid
+        return self.run("undo", lambda e: {"undone": e.undo(sid)})
+
+    def splice(self, src: str, lo: int, hi: int, at: int | None, seam_repair: int = 0) -> int:
+        dst = self.view.sid
+        return self.run("splice", lambda e: e.splice(dst, src, lo, hi, at=at, seam_repair=seam_repair))
+
+    def splice_file(self, path: str | Path, at: int | None, seam_repair: int = 0) -> int:
+        dst = self.view.sid
+        return self.run("splice", lambda e: e.splice_file(dst, Path(path), at=at, seam_repair=seam_repair))
+
+    # ------------------------------------------------------------ drops
+    def handle_drop(self, mime: QMimeData, at: int) -> int | None:
+        """A segment or file dropped at token `at` (end of the cache = append)."""
+        n = len(self.view.strip.texts)
+        where = None if at >= n else at
+        if mime.hasFormat(MIME_SEGMENT):
+            seg = json.loads(bytes(mime.data(MIME_SEGMENT)).decode())
+            return self.splice(seg["session"], int(seg["lo"]), int(seg["hi"]), where)
+        for url in mime.urls():
+            if url.toLocalFile().endswith(".safetensors"):
+                return self.splice_file(url.toLocalFile(), where)
+        return None
+
+    # ------------------------------------------------------------ dialogs
+    def _ask_compact(self) -> None:
+        dlg = CompactDialog(self.view)
+        if dlg.exec():
+            self.compact(dlg.summary())
+
+    def _ask_erratum(self) -> None:
+        text, ok = QInputDialog.getText(self.view, "Erratum", "Correction (e.g. [update] field -> new value):")
+        if ok and text.strip():
+            self.erratum(text)
+
+    def _ask_compress(self) -> None:
+        dlg = CompressDialog(self.view)
+        if dlg.exec():
+            self.compress(dlg.policy(), dlg.keep_ratio(), dlg.budget_tokens())
+
+    def _ask_save(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(
+            self.view, "Save segment", "segment.safetensors", "Segments (*.safetensors)"
+        )
+        if path:
+            self.save(path)
+
+    def _show_report(self, op: str, report: dict[str, Any]) -> None:
+        if self._dialog is None:
+            self._dialog = ReportDialog(self.view)
+        self._dialog.show_report(f"{op} · {self.view.sid}", report)
+
+
+def _compress(eng: Engine) -> Callable[..., Any]:
+    """`Engine.compress`, or the compression module's public function until it lands."""
+    if hasattr(eng, "compress"):
+        return eng.compress  # type: ignore[no-any-return]
+    from functools import partial
+
+    from kvscope.engine.compression import compress_session
+
+    return partial(compress_session, eng)

@@ -1,0 +1,274 @@
+"""TokenStrip: the text of the cache, one row per block, coloured by state.
+
+    b0  | <|im_start|> system ⏎ You are ...        (row = block 0: tokens 0..15)
+    b1  | ... masked tokens drawn grey, evicted red, spliced orchid ...
+
+Promises:
+- row i shows exactly block i, so the strip lines up with the block map's
+  x axis (block index) and its selection maps 1:1 to block spans;
+- press and drag selects a token span `[lo, hi)` (`selection_changed`);
+  dragging from inside the selection starts a Qt drag carrying
+  `application/x-kvscope-segment` JSON `{session, lo, hi}`;
+- drops (segments, `.safetensors` files) emit `dropped(mime, at_token)`,
+  `at` snapped to the block boundary nearest the cursor;
+- paints only the visible rows, so a 100k-token cache scrolls smoothly.
+
+Knows nothing about the engine.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PySide6.QtCore import QMimeData, QPoint, QRect, Qt, Signal
+from PySide6.QtGui import QColor, QDrag, QFont, QFontMetrics, QMouseEvent, QPainter, QPaintEvent
+from PySide6.QtWidgets import QApplication, QToolTip, QWidget
+
+from kvscope.ui.block_map import MIME_SEGMENT, _accepts
+from kvscope.ui.palette import state_colour, state_name
+
+LABEL_W = 52
+PAD = 3
+
+
+def display_text(piece: str) -> str:
+    """How a token piece is drawn: newlines and empty pieces made visible."""
+    shown = piece.replace("\n", "⏎").replace("\t", "⇥")
+    return shown if shown.strip() else (shown.replace(" ", "·") or "∅")
+
+
+class TokenStrip(QWidget):
+    selection_changed = Signal(int, int)  # lo, hi (hi == lo: cleared)
+    dropped = Signal(QMimeData, int)  # mime, token index to insert at
+    menu_requested = Signal(QPoint)  # global position
+    token_hovered = Signal(int)
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        font = QFont("DejaVu Sans Mono")
+        font.setStyleHint(QFont.StyleHint.Monospace)
+        font.setPointSize(9)
+        self.setFont(font)
+        self._fm = QFontMetrics(font)
+        self.row_h = self._fm.height() + 2 * PAD
+        self.session = ""
+        self.block_size = 16
+        self.texts: tuple[str, ...] = ()
+        self.states = np.zeros(0, np.uint8)
+        self.positions = np.zeros(0, np.int64)
+        self.selection = (0, 0)
+        self._anchor: int | None = None
+        self._press_pos: QPoint | None = None
+        self._press_in_selection = False
+        self._edges: dict[int, list[int]] = {}
+        self._drop_row: int | None = None
+        self.setMouseTracking(True)
+        self.setAcceptDrops(True)
+        self.setFocusPolicy(Qt.FocusPolicy.ClickFocus)
+
+    # ------------------------------------------------------------ data
+    def set_tokens(self, texts: tuple[str, ...], states: np.ndarray, positions: np.ndarray, block_size: int) -> None:
+        """Show tokens with one TokenState each (already reduced over layers)."""
+        first = self._first_changed(texts, states, block_size)
+        if first is None:
+            return
+        self.texts, self.states, self.positions, self.block_size = texts, states, positions, block_size
+        row0 = first // block_size
+        for row in [r for r in self._edges if r >= row0]:
+            del self._edges[row]
+        lo, hi = self.selection
+        self.selection = (min(lo, len(texts)), min(hi, len(texts)))
+        if self.minimumHeight() != max(self.n_rows, 1) * self.row_h:
+            self.setMinimumHeight(max(self.n_rows, 1) * self.row_h)
+            self.updateGeometry()
+        # Only rows from the first changed token down are repainted: while a
+        # turn streams, that is the last row or two.
+        self.update(QRect(0, row0 * self.row_h, self.width(), self.height() - row0 * self.row_h))
+
+    def _first_changed(self, texts: tuple[str, ...], states: np.ndarray, block_size: int) -> int | None:
+        """First token index that differs from what is drawn (None: nothing)."""
+        if block_size != self.block_size:
+            return 0
+        n = min(len(texts), len(self.texts))
+        if texts[:n] != self.texts[:n]:
+            return next(i for i in range(n) if texts[i] != self.texts[i])
+        diff = np.nonzero(states[:n] != self.states[:n])[0]
+        if len(diff):
+            return int(diff[0])
+        return n if len(texts) != len(self.texts) else None
+
+    @property
+    def n_rows(self) -> int:
+        return -(-len(self.texts) // self.block_size) if self.texts else 0
+
+    def set_selection(self, lo: int, hi: int, notify: bool = True) -> None:
+        lo, hi = max(0, min(lo, hi)), min(len(self.texts), max(lo, hi))
+        if (lo, hi) == self.selection:
+            return
+        self.selection = (lo, hi)
+        self.update()
+        if notify:
+            self.selection_changed.emit(lo, hi)
+
+    def row_rect(self, row: int) -> QRect:
+        return QRect(0, row * self.row_h, self.width(), self.row_h)
+
+    # ------------------------------------------------------------ geometry
+    def _row_edges(self, row: int) -> list[int]:
+        """x of the left edge of each token of a row, plus the right edge."""
+        if row not in self._edges:
+            xs = [LABEL_W]
+            lo = row * self.block_size
+            for t in self.texts[lo : lo + self.block_size]:
+                xs.append(xs[-1] + self._fm.horizontalAdvance(display_text(t)) + 2 * PAD)
+            self._edges[row] = xs
+        return self._edges[row]
+
+    def token_at(self, pos: QPoint, clamp: bool = True) -> int:
+        """Logical token index under `pos` (-1 if outside and not clamping)."""
+        if not self.texts:
+            return -1
+        row = pos.y() // self.row_h
+        if not 0 <= row < self.n_rows:
+            return (0 if row < 0 else len(self.texts) - 1) if clamp else -1
+        xs = self._row_edges(row)
+        col = int(np.searchsorted(xs, pos.x(), side="right")) - 1
+        if not 0 <= col < len(xs) - 1:
+            if not clamp:
+                return -1
+            col = 0 if col < 0 else len(xs) - 2
+        return row * self.block_size + col
+
+    def boundary_at(self, pos: QPoint) -> int:
+        """Block boundary (token index) nearest `pos`: top half of a row -> its start."""
+        row = int(round(pos.y() / self.row_h))
+        return int(np.clip(row * self.block_size, 0, len(self.texts)))
+
+    # ------------------------------------------------------------ painting
+    def paintEvent(self, ev: QPaintEvent) -> None:  # noqa: N802
+        p = QPainter(self)
+        p.fillRect(ev.rect(), QColor(30, 30, 34))
+        first = max(0, ev.rect().top() // self.row_h)
+        last = min(self.n_rows, ev.rect().bottom() // self.row_h + 1)
+        lo, hi = self.selection
+        for row in range(first, last):
+            self._paint_row(p, row, lo, hi)
+        if self._drop_row is not None:
+            p.setPen(QColor(255, 220, 0))
+            y = self._drop_row * self.row_h
+            p.drawLine(0, y, self.width(), y)
+            p.drawLine(0, y + 1, self.width(), y + 1)
+        p.end()
+
+    def _paint_row(self, p: QPainter, row: int, sel_lo: int, sel_hi: int) -> None:
+        y, h = row * self.row_h, self.row_h
+        p.setPen(QColor(140, 140, 150))
+        p.drawText(QRect(4, y, LABEL_W - 8, h), Qt.AlignmentFlag.AlignVCenter, f"b{row}")
+        xs = self._row_edges(row)
+        base = row * self.block_size
+        for j in range(len(xs) - 1):
+            i = base + j
+            box = QRect(xs[j], y + 1, xs[j + 1] - xs[j] - 1, h - 2)
+            selected = sel_lo <= i < sel_hi
+            p.fillRect(box, state_colour(int(self.states[i]), 255 if selected else 120))
+            if selected:
+                p.setPen(QColor(255, 255, 255))
+                p.drawRect(box.adjusted(0, 0, -1, -1))
+            p.setPen(QColor(255, 255, 255) if selected else QColor(225, 225, 230))
+            p.drawText(box, Qt.AlignmentFlag.AlignCenter, display_text(self.texts[i]))
+        p.setPen(QColor(60, 60, 68))
+        p.drawLine(0, y + h - 1, self.width(), y + h - 1)
+
+    # ------------------------------------------------------------ mouse
+    def mousePressEvent(self, ev: QMouseEvent) -> None:  # noqa: N802
+        if ev.button() != Qt.MouseButton.LeftButton or not self.texts:
+            return super().mousePressEvent(ev)
+        i = self.token_at(ev.position().toPoint())
+        lo, hi = self.selection
+        self._press_pos = ev.position().toPoint()
+        self._press_in_selection = lo <= i < hi and not ev.modifiers() & Qt.KeyboardModifier.ShiftModifier
+        if ev.modifiers() & Qt.KeyboardModifier.ShiftModifier and hi > lo:
+            self._anchor = lo
+            self.set_selection(lo, i + 1)
+        elif not self._press_in_selection:
+            self._anchor = i
+            self.set_selection(i, i + 1, notify=False)
+
+    def mouseMoveEvent(self, ev: QMouseEvent) -> None:  # noqa: N802
+        pos = ev.position().toPoint()
+        if not ev.buttons() & Qt.MouseButton.LeftButton:
+            self.token_hovered.emit(self.token_at(pos, clamp=False))
+            return
+        if self._press_in_selection and self._press_pos is not None:
+            if (pos - self._press_pos).manhattanLength() >= QApplication.startDragDistance():
+                self._press_in_selection = False
+                self.start_drag()
+            return
+        if self._anchor is not None:
+            i = self.token_at(pos)
+            self.set_selection(min(self._anchor, i), max(self._anchor, i) + 1, notify=False)
+
+    def mouseReleaseEvent(self, ev: QMouseEvent) -> None:  # noqa: N802
+        if self._press_in_selection:  # a click inside the selection selects that token
+            i = self.token_at(ev.position().toPoint())
+            self.set_selection(i, i + 1, notify=False)
+        self._anchor, self._press_pos, self._press_in_selection = None, None, False
+        self.selection_changed.emit(*self.selection)
+
+    def contextMenuEvent(self, ev: object) -> None:  # noqa: N802
+        self.menu_requested.emit(ev.globalPos())
+
+    def event(self, ev: object) -> bool:
+        if ev.type() == ev.Type.ToolTip:
+            i = self.token_at(ev.pos(), clamp=False)
+            if i >= 0:
+                QToolTip.showText(ev.globalPos(), self.describe(i), self)
+            else:
+                QToolTip.hideText()
+            return True
+        return super().event(ev)
+
+    def describe(self, i: int) -> str:
+        return (
+            f"token {i} (block {i // self.block_size})  {self.texts[i]!r}\n"
+            f"position {int(self.positions[i]) if i < len(self.positions) else '?'}  "
+            f"state {state_name(int(self.states[i]))}"
+        )
+
+    # ------------------------------------------------------------ drag and drop
+    def segment_mime(self) -> QMimeData:
+        lo, hi = self.selection
+        mime = QMimeData()
+        mime.setData(MIME_SEGMENT, json.dumps({"session": self.session, "lo": lo, "hi": hi}).encode())
+        mime.setText("".join(self.texts[lo:hi]))
+        return mime
+
+    def start_drag(self) -> None:
+        if self.selection[1] <= self.selection[0]:
+            return
+        drag = QDrag(self)
+        drag.setMimeData(self.segment_mime())
+        drag.exec(Qt.DropAction.CopyAction)
+
+    def dragEnterEvent(self, ev: object) -> None:  # noqa: N802
+        ev.acceptProposedAction() if _accepts(ev.mimeData()) else ev.ignore()
+
+    def dragMoveEvent(self, ev: object) -> None:  # noqa: N802
+        if not _accepts(ev.mimeData()):
+            return ev.ignore()
+        self._drop_row = self.boundary_at(ev.position().toPoint()) // self.block_size
+        self.update()
+        ev.acceptProposedAction()
+
+    def dragLeaveEvent(self, ev: object) -> None:  # noqa: N802
+        self._drop_row = None
+        self.update()
+
+    def dropEvent(self, ev: object) -> None:  # noqa: N802
+        self._drop_row = None
+        self.update()
+        if not _accepts(ev.mimeData()):
+            return ev.ignore()
+        self.dropped.emit(ev.mimeData(), self.boundary_at(ev.position().toPoint()))
+        ev.acceptProposedAction()
