@@ -154,7 +154,7 @@ def _tensor(fname: str, name: str, info: Any, data: memoryview) -> np.ndarray:
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise SegmentFileError(f"{fname}: tensor {name!r} entry must have exactly dtype, shape, data_offsets")
     dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise SegmentFileError(f"{fname}: tensor {name!r} has unsupported dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d < 1 << 31 for d in shape):
         raise SegmentFileError(f"{fname}: tensor {name!r} has an invalid shape {shape!r}")

@@ -1,0 +1,200 @@
+"""Fuzzing the segment and session loaders: every bad file is a clear error, nothing changes.
+
+Counts: each `@settings(max_examples=...)` below; docs/reliability.md adds them up.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvscope.engine import Engine
+from kvscope.engine.errors import SegmentFileError
+from kvscope.engine.persistence import SessionStore, load_session_folder
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, tiny_model_dirs: dict[str, Path]):  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("fuzz")
+    eng = Engine()
+    eng.load(tiny_model_dirs["llama"])
+    src = eng.new_session()
+    eng.append_message(src, "user", "the code for locker 7 is 4 8 2 1")
+    seg = eng.save_segment(src, 1, 9, root / "good.safetensors")
+    target = eng.new_session()
+    eng.append_message(target, "user", "you are a code locker")
+    store = SessionStore(root / "home")
+    folder = store.save(eng.session(src), eng.model.fingerprint, eng.model.name)
+    return eng, target, seg.read_bytes(), folder, root
+
+
+def _state(eng: Engine, sid: str) -> tuple:
+    s = eng.session(sid)  # type: ignore[arg-type]
+    return (
+        list(s.tokens),
+        list(s.positions),
+        [np.array(c.state[0]).tobytes() for c in s.caches],
+        [c.row_visible[: c.n_rows].tobytes() for c in s.caches],
+    )
+
+
+def _try_splice(setup, data: bytes) -> None:  # type: ignore[no-untyped-def]
+    eng, target, _, _, root = setup
+    f = root / "case.safetensors"
+    f.write_bytes(data)
+    before = _state(eng, target)
+    try:
+        eng.splice_file(target, f, fidelity=False)
+    except SegmentFileError as exc:
+        assert str(exc) and "case.safetensors" in str(exc) or "cannot read" in str(exc)
+        assert _state(eng, target) == before
+    else:  # a harmless change (e.g. header padding): the splice is real; take it back
+        eng.undo(target)
+        assert _state(eng, target) == before
+
+
+def _header(good: bytes) -> tuple[dict, bytes]:
+    (n,) = struct.unpack("<Q", good[:8])
+    return json.loads(good[8 : 8 + n]), good[8 + n :]
+
+
+def _pack(header: dict, data: bytes) -> bytes:
+    body = json.dumps(header).encode()
+    return struct.pack("<Q", len(body)) + body + data
+
+
+@FUZZ
+@given(cut=st.integers(0, 10_000))
+def test_truncated_segments(setup, cut: int) -> None:  # type: ignore[no-untyped-def]
+    good = setup[2]
+    _try_splice(setup, good[: cut % len(good)])
+
+
+@FUZZ
+@given(flips=st.lists(st.tuples(st.integers(0, 10**9), st.integers(0, 7)), min_size=1, max_size=8))
+def test_bit_flipped_segments(setup, flips: list[tuple[int, int]]) -> None:  # type: ignore[no-untyped-def]
+    data = bytearray(setup[2])
+    for pos, bit in flips:
+        data[pos % len(data)] ^= 1 << bit
+    _try_splice(setup, bytes(data))
+
+
+@FUZZ
+@given(key=st.integers(0, 50), field=st.sampled_from(["dtype", "shape", "data_offsets", None]), value=JSONISH)
+def test_mangled_tensor_headers(setup, key: int, field: str | None, value: object) -> None:  # type: ignore[no-untyped-def]
+    header, data = _header(setup[2])
+    names = sorted(k for k in header if k != "__metadata__")
+    name = names[key % len(names)]
+    if field is None:
+        header[name] = value
+    else:
+        header[name][field] = value
+    _try_splice(setup, _pack(header, data))
+
+
+@FUZZ
+@given(
+    key=st.sampled_from(
+        [
+            "format",
+            "version",
+            "model_fingerprint",
+            "n_layers",
+            "n_kv_heads",
+            "head_dim",
+            "dtype",
+            "rope",
+            "positions",
+            "token_ids",
+            "text",
+            "tensors_sha256",
+            "visible",
+            "extra_field",
+        ]
+    ),
+    value=JSONISH,
+    delete=st.booleans(),
+)
+def test_mangled_manifests(setup, key: str, value: object, delete: bool) -> None:  # type: ignore[no-untyped-def]
+    header, data = _header(setup[2])
+    man = json.loads(header["__metadata__"]["0.kvscope"])
+    if delete:
+        man.pop(key, None)
+    else:
+        man[key] = value
+    header["__metadata__"]["0.kvscope"] = json.dumps(man)
+    _try_splice(setup, _pack(header, data))
+
+
+@FUZZ
+@given(junk=st.binary(min_size=1, max_size=64), length=st.integers(0, 2**63))
+def test_garbage_headers(setup, junk: bytes, length: int) -> None:  # type: ignore[no-untyped-def]
+    good = setup[2]
+    _try_splice(setup, struct.pack("<Q", length) + junk + good[8:])
+    _try_splice(setup, struct.pack("<Q", len(junk)) + junk + good[8:])  # non-UTF-8 / non-JSON header
+
+
+@FUZZ
+@given(
+    key=st.sampled_from(
+        [
+            "tokens",
+            "positions",
+            "origin",
+            "layers",
+            "messages",
+            "cache_file",
+            "turns",
+            "name",
+            "model_fingerprint",
+            "version",
+            "transcript_text",
+            "edited",
+            "extra",
+        ]
+    ),
+    value=JSONISH,
+    delete=st.booleans(),
+    cut=st.integers(0, 10**6),
+    flip=st.integers(0, 10**9),
+)
+def test_mangled_session_files(
+    setup, tmp_path_factory, key: str, value: object, delete: bool, cut: int, flip: int
+) -> None:  # type: ignore[no-untyped-def]
+    eng, _, _, folder, root = setup
+    case = root / "session-case"
+    shutil.rmtree(case, ignore_errors=True)
+    shutil.copytree(folder, case)
+    doc = json.loads((case / "session.json").read_text())
+    if delete:
+        doc.pop(key, None)
+    else:
+        doc[key] = value
+    (case / "session.json").write_text(json.dumps(doc))
+    cache = next(case.glob("cache-*.safetensors"))
+    raw = bytearray(cache.read_bytes())
+    if flip % 3 == 0:
+        raw[flip % len(raw)] ^= 0x10
+    elif flip % 3 == 1:
+        raw = raw[: cut % len(raw)]
+    cache.write_bytes(bytes(raw))
+    try:
+        s = load_session_folder(case, eng.model.fingerprint)
+    except SegmentFileError as exc:
+        assert str(exc).startswith("session ")
+    else:
+        assert len(s.tokens) == len(s.positions)
