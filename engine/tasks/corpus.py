@@ -1,0 +1,95 @@
+"""The training stream for the demo model: multi-question chats over notes.
+
+Promises: `training_chat(seed, ...)` is a pure function of its arguments and
+never asks about a held-out key (`text.is_heldout_key`), so evaluation
+episodes from `episodes.make_episodes` stay held out. `tokenizer_corpus`
+yields raw text (no tokenizer needed) to train the BPE vocabulary on.
+
+A training chat is: system, optional small talk, the notes (filler, facts,
+maybe a record and `[update]` lines), "Noted.", then 1-6 questions, maybe
+an `[update]` turn between them. Answers are the short strings the
+evaluation expects ("4821", "teal", "no").
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from kvscope.engine.tasks import text, vocab
+from kvscope.engine.tasks.notes import ChatTokenizer, chat_messages, layout_notes
+
+TRAIN_STREAM = "train"
+
+
+@dataclass(frozen=True)
+class TrainingChat:
+    """Messages plus the indices of assistant messages that are graded answers."""
+
+    messages: list[dict[str, str]]
+    answer_indices: tuple[int, ...]
+
+
+def _questions(
+    rng: random.Random, facts: list[text.Fact], record: text.Record | None, updates: dict[str, str]
+) -> list[tuple[str, str]]:
+    pool: list[tuple[str, str]] = [(f.question, f.statement) for f in facts if not text.is_heldout_key(f.key)]
+    if record is not None:
+        values = dict(record.decisive) | updates
+        for field, value in values.items():
+            pool.append((rng.choice(vocab.DECISION_QUESTIONS[field]), text.decision_reply(field, value)))
+    rng.shuffle(pool)
+    unique = list(dict.fromkeys(pool))
+    return unique[: rng.randint(1, 6)]
+
+
+def training_chat(seed: int, tokenizer: ChatTokenizer, context_tokens: int) -> TrainingChat:
+    """One training chat whose notes take about `context_tokens` tokens."""
+    rng = random.Random(f"{TRAIN_STREAM}:{seed}")
+    n_facts = rng.randint(2, 4 + context_tokens // 128)
+    facts: list[text.Fact] = []
+    for _ in range(n_facts):
+        facts.append(text.make_fact(rng, None, frozenset(f.key for f in facts)))
+    record = text.make_record(rng) if rng.random() < 0.6 else None
+    anchored: list[tuple[str, float]] = []
+    inline: dict[str, str] = {}
+    if record is not None:
+        depth = rng.random() * 0.9
+        anchored.append((record.text, depth))
+        if rng.random() < 0.3:
+            field, value = rng.choice(record.decisive)
+            inline[field] = text.other_value(rng, field, value) if rng.random() < 0.8 else value
+            anchored.append((text.erratum_line(field, inline[field]), depth + rng.random() * (1 - depth)))
+    notes, _ = layout_notes(rng, tokenizer, context_tokens, anchored, [f.statement for f in facts])
+    turns: list[tuple[str, str]] = []
+    questions = _questions(rng, facts, record, inline)
+    late: dict[str, str] = {}
+    if record is not None and rng.random() < 0.25:
+        field, value = rng.choice(record.decisive)
+        late[field] = text.other_value(rng, field, (dict(record.decisive) | inline)[field])
+        turns += [("user", text.erratum_line(field, late[field])), ("assistant", vocab.NOTED)]
+        questions = _questions(rng, facts, record, inline | late)
+    for q, a in questions:
+        turns += [("user", q), ("assistant", a)]
+    messages = chat_messages(notes, turns)
+    if rng.random() < 0.1:
+        hello, reply = rng.choice(vocab.GREETINGS)
+        messages[1:1] = [{"role": "user", "content": hello}, {"role": "assistant", "content": reply}]
+    answers = tuple(i for i, m in enumerate(messages) if m["role"] == "assistant" and m["content"] != vocab.NOTED)
+    return TrainingChat(messages, answers)
+
+
+def tokenizer_corpus(n_chats: int, seed: int = 0) -> Iterator[str]:
+    """Raw chat-like text covering every word the generators use."""
+    rng = random.Random(f"tokenizer:{seed}")
+    for _ in range(n_chats):
+        facts = [text.make_fact(rng) for _ in range(6)]
+        record = text.make_record(rng)
+        lines = [text.filler_line(rng) for _ in range(8)] + [f.statement for f in facts]
+        lines += [record.text, text.erratum_line("status", "open")]
+        lines += [f.question + " " + f.answer for f in facts]
+        lines += [q for qs in vocab.DECISION_QUESTIONS.values() for q in qs] + ["yes", "no"]
+        lines += [g for pair in vocab.GREETINGS for g in pair] + [vocab.SYSTEM_PROMPT, vocab.NOTED]
+        rng.shuffle(lines)
+        yield "\n".join(lines)

@@ -1,0 +1,108 @@
+"""Episode generation and grading: deterministic, held out, located, gradeable."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from transformers import AutoTokenizer
+
+from kvscope.engine.tasks import (
+    Cell,
+    RunResult,
+    answer_tokens,
+    demo_model_path,
+    erratum,
+    format_table,
+    make_episodes,
+    prompt_tokens,
+    score,
+    with_erratum,
+)
+from kvscope.engine.tasks.corpus import training_chat
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(str(demo_model_path()))
+
+
+def test_same_seed_same_episodes_other_seed_other_episodes(tok) -> None:
+    a = make_episodes("recall", 5, 512, 0.5, seed=3, tokenizer=tok)
+    b = make_episodes("recall", 5, 512, 0.5, seed=3, tokenizer=tok)
+    c = make_episodes("recall", 5, 512, 0.5, seed=4, tokenizer=tok)
+    assert a == b
+    assert [e.messages for e in a] != [e.messages for e in c]
+
+
+def test_recall_questions_never_appear_in_the_training_stream(tok) -> None:
+    asked_in_training = {
+        m["content"] for seed in range(400) for m in training_chat(seed, tok, 256).messages if m["role"] == "user"
+    }
+    held_out = {e.messages[-1]["content"] for e in make_episodes("recall", 150, 256, 0.5, 0, tok)}
+    assert len(held_out) > 50
+    assert not held_out & asked_in_training
+
+
+@pytest.mark.parametrize("kind", ["recall", "decision"])
+@pytest.mark.parametrize("context", [512, 2048])
+def test_prompt_length_and_fact_location(tok, kind: str, context: int) -> None:
+    for ep in make_episodes(kind, 4, context, 0.5, 1, tok):
+        tokens = prompt_tokens(tok, ep)
+        assert len(tokens) == ep.n_prompt_tokens
+        assert 0.9 * context <= len(tokens) <= context + 8
+        notes = ep.messages[1]["content"]
+        assert notes[ep.fact_chars[0] : ep.fact_chars[1]] == ep.fact
+        start, end = ep.fact_tokens
+        assert tok.decode(tokens[start:end]).strip() == ep.fact
+        if kind == "recall":
+            assert ep.answer == ep.fact
+        else:
+            assert re.fullmatch(rf"The {ep.field} is {ep.value}, so (yes|no)\.", ep.answer)
+
+
+def test_depth_moves_the_fact_through_the_context(tok) -> None:
+    def mean_position(depth: float) -> float:
+        eps = make_episodes("recall", 6, 1024, depth, 2, tok)
+        return sum(e.fact_tokens[0] / e.n_prompt_tokens for e in eps) / len(eps)
+
+    early, middle, late = mean_position(0.1), mean_position(0.5), mean_position(0.9)
+    assert early < 0.25 < middle < 0.75 < late
+
+
+def test_erratum_flips_the_decision(tok) -> None:
+    ep = make_episodes("decision", 1, 512, 0.3, 5, tok)[0]
+    line, answer = erratum(ep)
+    assert re.fullmatch(rf"\[update\] {ep.field} -> [a-z]+", line)
+    assert answer != ep.answer
+    fixed = with_erratum(ep, tok)
+    assert fixed.answer == answer
+    assert fixed.messages[-3]["content"] == line
+    assert fixed.messages[-1] == ep.messages[-1]
+    assert fixed.n_prompt_tokens > ep.n_prompt_tokens
+    with pytest.raises(ValueError):
+        erratum(make_episodes("recall", 1, 256, 0.5, 0, tok)[0])
+
+
+def test_bad_arguments_are_rejected(tok) -> None:
+    with pytest.raises(ValueError):
+        make_episodes("summarise", 1, 512, 0.5, 0, tok)
+    with pytest.raises(ValueError):
+        make_episodes("recall", 1, 512, 1.5, 0, tok)
+
+
+def test_grading_rewards_the_answer_and_only_the_answer(tok) -> None:
+    eps = make_episodes("recall", 4, 256, 0.5, 0, tok)
+
+    def oracle(prompt: list[int], answer: list[int]) -> RunResult:
+        return RunResult(list(answer), -0.5)
+
+    def off_by_one(prompt: list[int], answer: list[int]) -> RunResult:
+        return RunResult(tok.encode("1" + tok.decode(answer[:-1])) + answer[-1:], -9.0)
+
+    good, bad = score(eps, oracle, tok), score(eps, off_by_one, tok)
+    assert (good.accuracy, good.n, good.mean_answer_logprob) == (1.0, 4, -0.5)
+    assert bad.accuracy == 0.0
+    assert answer_tokens(tok, "4821")[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+    table = format_table([Cell("recall", 256, 0.5, good), Cell("recall", 256, 0.5, bad)])
+    assert "100.0%" in table and "0.0%" in table and "-9.000" in table
