@@ -41,6 +41,17 @@ def _args(ev: Event) -> dict[str, Any]:
     return out
 
 
+def _complete_span(ev: Event) -> tuple[str, str, float] | None:
+    """(name, category, duration ms) for events drawn as complete (X) slices."""
+    if isinstance(ev, PrefillChunk):
+        return "prefill", "prefill", ev.dur_ms
+    if isinstance(ev, TokenSampled):
+        return ("ttft" if ev.index == 0 else "decode"), "decode", ev.step_ms
+    if isinstance(ev, GenerationFinished):
+        return "turn", "turn", ev.dur_ms
+    return None
+
+
 def trace_events(events: list[Event]) -> list[dict[str, Any]]:
     """Convert engine events to Chrome trace events."""
     tids: dict[str, int] = {}
@@ -72,43 +83,18 @@ def trace_events(events: list[Event]) -> list[dict[str, Any]]:
             continue
         tid = tid_of(session)
         ts = ev.t_ms * 1000.0
-        if isinstance(ev, PrefillChunk):
-            out.append(
-                {
-                    "ph": "X",
-                    "pid": _PID,
-                    "tid": tid,
-                    "name": "prefill",
-                    "cat": "prefill",
-                    "ts": ts - ev.dur_ms * 1000.0,
-                    "dur": ev.dur_ms * 1000.0,
-                    "args": _args(ev),
-                }
-            )
-        elif isinstance(ev, TokenSampled):
-            name = "ttft" if ev.index == 0 else "decode"
+        span = _complete_span(ev)
+        if span is not None:  # an X event ends at the event's timestamp
+            name, cat, dur_ms = span
             out.append(
                 {
                     "ph": "X",
                     "pid": _PID,
                     "tid": tid,
                     "name": name,
-                    "cat": "decode",
-                    "ts": ts - ev.step_ms * 1000.0,
-                    "dur": ev.step_ms * 1000.0,
-                    "args": _args(ev),
-                }
-            )
-        elif isinstance(ev, GenerationFinished):
-            out.append(
-                {
-                    "ph": "X",
-                    "pid": _PID,
-                    "tid": tid,
-                    "name": "turn",
-                    "cat": "turn",
-                    "ts": ts - ev.dur_ms * 1000.0,
-                    "dur": ev.dur_ms * 1000.0,
+                    "cat": cat,
+                    "ts": ts - dur_ms * 1000.0,
+                    "dur": dur_ms * 1000.0,
                     "args": _args(ev),
                 }
             )
