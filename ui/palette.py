@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 from PySide6.QtGui import QColor
+from PySide6.QtWidgets import QHBoxLayout, QLabel, QWidget
 
 from kvscope.engine.blocks import N_STATES, TokenState
 
@@ -33,3 +34,22 @@ def state_colour(state: int, alpha: int = 255) -> QColor:
 
 def state_name(state: int) -> str:
     return TokenState(state).name.lower()
+
+
+def state_legend() -> QWidget:
+    """A compact row of coloured swatches naming each state (EMPTY left out)."""
+    box = QWidget()
+    row = QHBoxLayout(box)
+    row.setContentsMargins(0, 0, 0, 0)
+    row.setSpacing(6)
+    for state in TokenState:
+        if state == TokenState.EMPTY:
+            continue
+        swatch = QLabel()
+        swatch.setFixedSize(10, 10)
+        swatch.setStyleSheet(f"background: {state_colour(state).name()}; border: 1px solid #222;")
+        row.addWidget(swatch)
+        label = QLabel(state_name(state))
+        label.setStyleSheet("color: #888; font-size: 9pt;")
+        row.addWidget(label)
+    return box

@@ -45,7 +45,7 @@ from kvscope.engine.generation import SamplingParams
 from kvscope.engine.snapshot import SessionSnapshot
 from kvscope.ui.block_map import BlockMap
 from kvscope.ui.bridge import EngineBridge
-from kvscope.ui.palette import state_name
+from kvscope.ui.palette import state_legend, state_name
 from kvscope.ui.span_actions import SpanActions
 from kvscope.ui.token_strip import TokenStrip
 
@@ -118,6 +118,7 @@ class SessionView(QFrame):
         ml.setContentsMargins(0, 0, 0, 0)
         ml.addWidget(self.block_map, 1)
         ml.addWidget(self.hover_label)
+        ml.addWidget(state_legend())
         self.splitter = QSplitter(Qt.Orientation.Vertical)
         for w in (chat_box, map_box, self.strip_scroll):
             self.splitter.addWidget(w)
