@@ -112,3 +112,25 @@ def test_cancel_during_decode_keeps_partial_answer(llama_dir: Path) -> None:
     assert len(res.token_ids) <= 5  # stops within one decode step
     s = eng.session(sid)
     assert s.caches[0].n_rows == s.n_tokens
+
+
+def test_hub_id_loads_from_the_local_hub_cache(
+    tmp_path: Path, llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real hub path (mlx-lm -> huggingface_hub) resolves an id from a local cache offline."""
+    import shutil
+
+    snap = tmp_path / "hub" / "models--kvscope--tiny-llama" / "snapshots" / "0123abc"
+    shutil.copytree(llama_dir, snap)
+    (tmp_path / "hub" / "models--kvscope--tiny-llama" / "refs").mkdir()
+    (tmp_path / "hub" / "models--kvscope--tiny-llama" / "refs" / "main").write_text("0123abc")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    eng = Engine()
+    lm = eng.load("kvscope/tiny-llama")
+    assert lm.name == "kvscope/tiny-llama" and lm.path == snap
+    assert eng.chat(eng.new_session(), "the code ?", SamplingParams(max_tokens=2)).token_ids
