@@ -103,6 +103,7 @@ class MainWindow(QMainWindow):
         _act(self, file, "Export trace…", self._ask_export_trace)
         _act(self, file, "Export session…", self._ask_export_session)
         _act(self, file, "Import segment…", self._ask_import_segment)
+        _act(self, file, "Import session…", self._ask_import_session)
         file.addSeparator()
         _act(self, file, "Quit", self.close, QKeySequence.StandardKey.Quit)
         sess = self.menuBar().addMenu("&Session")
@@ -273,7 +274,7 @@ class MainWindow(QMainWindow):
         if self.active is None:
             return
         path, _ = QFileDialog.getSaveFileName(
-            self, "Export session", f"{self.active}.safetensors", "Session (*.safetensors)"
+            self, "Export session", f"{self.active}.kvsession", "kvscope session (*.kvsession)"
         )
         if path:
             self.export_session(self.active, path)
@@ -285,6 +286,17 @@ class MainWindow(QMainWindow):
         path, _ = QFileDialog.getOpenFileName(self, "Import segment", "", "Segments (*.safetensors)")
         if path:
             view.actions_.splice_file(path, None)
+
+    def import_session(self, path: str | Path) -> int:
+        return self.bridge.call(
+            lambda eng: eng.import_session(Path(path)),
+            lambda sid: self.status.showMessage(f"session {sid} opened from {path}", 10_000),
+        )
+
+    def _ask_import_session(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Import session", "", "kvscope session (*.kvsession)")
+        if path:
+            self.import_session(path)
 
     def closeEvent(self, ev: QCloseEvent) -> None:  # noqa: N802
         self.redraw_timer.stop()

@@ -240,3 +240,18 @@ def test_stop_button_cancels_generation(qtbot, window):
     turns = engine_call(window, lambda e: e.snapshot(view.sid)).turns
     assert turns[-1].finish_reason == "cancelled"
     assert turns[-1].n_generated < 5000
+
+
+def test_export_and_import_session(qtbot, window, tmp_path):
+    view = window.active_view()
+    chat(qtbot, window, view, "the red code")
+    first = window.active
+    path = tmp_path / "chat.kvsession"
+    window.export_session(first, path)
+    qtbot.waitUntil(path.exists, timeout=WAIT_MS)
+    window.import_session(path)
+    qtbot.waitUntil(lambda: len(window.views) == 2, timeout=WAIT_MS)
+    settle(qtbot, window)
+    other = next(s for s in window.views if s != first)
+    a, b = (engine_call(window, lambda e, s=s: e.snapshot(s)) for s in (first, other))
+    assert np.array_equal(a.token_ids, b.token_ids) and a.messages == b.messages
