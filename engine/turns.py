@@ -145,6 +145,38 @@ def _roll_back(session: Session, store: PrefixStore, n_tokens: int, transcript: 
         store.release(session.id)
 
 
+class _Answer:
+    """The answer being decoded: its tokens, why it stopped, its text."""
+
+    def __init__(self, session: Session, lm: LoadedModel, params: SamplingParams, cancelled: Callable[[], bool]):
+        self.session, self.tok, self.params, self.cancelled = session, lm.tokenizer, params, cancelled
+        # An empty eos set is allowed (benchmarks that need a fixed token count).
+        self.eos = set(self.tok.eos_token_ids) if hasattr(self.tok, "eos_token_ids") else {self.tok.eos_token_id}
+        self.ids: list[int] = []
+        self.reason = "length"
+
+    def keep_going(self, token: int) -> bool:
+        """Called only while the budget allows feeding `token`; True = feed it."""
+        stop = self.params.stop
+        if token in self.eos:
+            self.reason = "stop"
+        elif stop and any(s in self.tok.decode((self.ids + [token])[-64:]) for s in stop if s):
+            self.reason = "stop_string"
+        elif self.cancelled():
+            self.reason = "cancelled"
+        else:
+            self.session.append_tokens([token])  # decode feeds it next: keep the bookkeeping in step
+            return True
+        return False
+
+    def text(self) -> str:
+        if self.reason == "length" and self.ids and self.ids[-1] in self.eos:
+            self.reason = "stop"  # the budget ran out on the end-of-turn token itself
+        text = self.tok.decode([t for t in self.ids if t not in self.eos])
+        hits = [text.index(s) for s in self.params.stop if s and s in text]
+        return text[: min(hits)] if hits else text
+
+
 def _generate(
     session: Session,
     lm: LoadedModel,
@@ -156,71 +188,44 @@ def _generate(
     t_start: float,
     cancelled: Callable[[], bool],
 ) -> TurnResult:
-    tok = lm.tokenizer
-    # An empty eos set is allowed (benchmarks that need a fixed token count).
-    eos = set(tok.eos_token_ids) if hasattr(tok, "eos_token_ids") else {tok.eos_token_id}
-    out_ids: list[int] = []
-    reason = "length"
-
-    def answer_text() -> str:
-        text = tok.decode([t for t in out_ids if t not in eos])
-        hits = [text.index(s) for s in params.stop if s and s in text]
-        return text[: min(hits)] if hits else text
-
-    def keep_going(token: int) -> bool:
-        """Called only while the budget allows feeding `token`; True = feed it."""
-        nonlocal reason
-        if token in eos:
-            reason = "stop"
-            return False
-        if params.stop and any(s in tok.decode((out_ids + [token])[-64:]) for s in params.stop if s):
-            reason = "stop_string"
-            return False
-        if cancelled():
-            reason = "cancelled"
-            return False
-        session.append_tokens([token])  # decode feeds it next: keep the bookkeeping in step
-        return True
-
-    detok = tok.detokenizer  # streaming: keeps the spaces SentencePiece drops per token
+    ans = _Answer(session, lm, params, cancelled)
+    detok = lm.tokenizer.detokenizer  # streaming: keeps the spaces SentencePiece drops per token
     detok.reset()
     t_first = t_last = time.perf_counter()
-    for i, step in enumerate(decode(lm.model, session.caches, last_token, params, keep_going)):
-        out_ids.append(step.token_id)
+    for i, step in enumerate(decode(lm.model, session.caches, last_token, params, ans.keep_going)):
+        ans.ids.append(step.token_id)
         t_last = time.perf_counter()
         if i == 0:
             t_first = t_last
             stats.ttft_ms = (t_first - t_start) * 1000
         stats.token_ms.append(step.step_ms if i else stats.ttft_ms)
         piece = ""
-        if step.token_id not in eos:
+        if step.token_id not in ans.eos:
             detok.add_token(step.token_id)
             piece = detok.last_segment
         bus.emit(TokenSampled(bus.now_ms(), session.id, step.token_id, piece, i, stats.token_ms[-1]))
-    if reason == "length" and out_ids[-1] in eos:
-        reason = "stop"  # the budget ran out on the end-of-turn token itself
-    text = answer_text()
-    fed = out_ids[:-1]  # the last sampled token is not fed (already recorded above)
-    session.transcript_text += tok.decode(fed) if fed else ""
+    text = ans.text()
+    n = len(ans.ids)
+    session.transcript_text += lm.tokenizer.decode(ans.ids[:-1]) if n > 1 else ""  # the last one is not fed
     session.messages = session.messages + [{"role": "assistant", "content": text}]
-    stats.n_generated = len(out_ids)
-    stats.finish_reason = reason
-    stats.decode_tps = (len(out_ids) - 1) / (t_last - t_first) if len(out_ids) > 1 and t_last > t_first else 0.0
+    stats.n_generated, stats.finish_reason = n, ans.reason
+    stats.decode_tps = (n - 1) / (t_last - t_first) if n > 1 and t_last > t_first else 0.0
     stats.cache_bytes = session.nbytes
     session.turns.append(stats)
     share_prefix(session, store, lm)
+    dur_ms = (time.perf_counter() - t_start) * 1000
     bus.emit(
         GenerationFinished(
             bus.now_ms(),
             session.id,
             text,
-            len(out_ids),
-            reason,
+            n,
+            ans.reason,
             stats.ttft_ms,
             stats.decode_tps,
             stats.cached_tokens,
             stats.prefilled_tokens,
-            (time.perf_counter() - t_start) * 1000,
+            dur_ms,
         )
     )
-    return TurnResult(text, out_ids, reason, stats)
+    return TurnResult(text, ans.ids, ans.reason, stats)
