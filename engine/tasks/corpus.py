@@ -24,6 +24,20 @@ TRAIN_STREAM = "train"
 
 
 @dataclass(frozen=True)
+class ChatMix:
+    """Knobs of the training stream; the defaults are phase 1 of the shipped model.
+
+    Attributes:
+        max_questions: questions per chat are drawn from 1..max_questions.
+        repeat_facts: chance that a fact is stated twice in the notes; the
+            second copy gives the context loss a dense copy (induction) signal.
+    """
+
+    max_questions: int = 6
+    repeat_facts: float = 0.0
+
+
+@dataclass(frozen=True)
 class TrainingChat:
     """Messages plus the indices of assistant messages that are graded answers."""
 
@@ -32,7 +46,7 @@ class TrainingChat:
 
 
 def _questions(
-    rng: random.Random, facts: list[text.Fact], record: text.Record | None, updates: dict[str, str]
+    rng: random.Random, facts: list[text.Fact], record: text.Record | None, updates: dict[str, str], most: int
 ) -> list[tuple[str, str]]:
     pool: list[tuple[str, str]] = [(f.question, f.statement) for f in facts if not text.is_heldout_key(f.key)]
     if record is not None:
@@ -41,10 +55,10 @@ def _questions(
             pool.append((rng.choice(vocab.DECISION_QUESTIONS[field]), text.decision_reply(field, value)))
     rng.shuffle(pool)
     unique = list(dict.fromkeys(pool))
-    return unique[: rng.randint(1, 6)]
+    return unique[: rng.randint(1, most)]
 
 
-def training_chat(seed: int, tokenizer: ChatTokenizer, context_tokens: int) -> TrainingChat:
+def training_chat(seed: int, tokenizer: ChatTokenizer, context_tokens: int, mix: ChatMix = ChatMix()) -> TrainingChat:
     """One training chat whose notes take about `context_tokens` tokens."""
     rng = random.Random(f"{TRAIN_STREAM}:{seed}")
     n_facts = rng.randint(2, 4 + context_tokens // 128)
@@ -61,15 +75,18 @@ def training_chat(seed: int, tokenizer: ChatTokenizer, context_tokens: int) -> T
             field, value = rng.choice(record.decisive)
             inline[field] = text.other_value(rng, field, value) if rng.random() < 0.8 else value
             anchored.append((text.erratum_line(field, inline[field]), depth + rng.random() * (1 - depth)))
-    notes, _ = layout_notes(rng, tokenizer, context_tokens, anchored, [f.statement for f in facts])
+    loose = [f.statement for f in facts]
+    if mix.repeat_facts > 0:
+        loose += [f.statement for f in facts if rng.random() < mix.repeat_facts]
+    notes, _ = layout_notes(rng, tokenizer, context_tokens, anchored, loose)
     turns: list[tuple[str, str]] = []
-    questions = _questions(rng, facts, record, inline)
+    questions = _questions(rng, facts, record, inline, mix.max_questions)
     late: dict[str, str] = {}
     if record is not None and rng.random() < 0.25:
         field, value = rng.choice(record.decisive)
         late[field] = text.other_value(rng, field, (dict(record.decisive) | inline)[field])
         turns += [("user", text.erratum_line(field, late[field])), ("assistant", vocab.NOTED)]
-        questions = _questions(rng, facts, record, inline | late)
+        questions = _questions(rng, facts, record, inline | late, mix.max_questions)
     for q, a in questions:
         turns += [("user", q), ("assistant", a)]
     messages = chat_messages(notes, turns)

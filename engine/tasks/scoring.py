@@ -3,20 +3,25 @@
 Promises: scoring knows nothing about caches or engines. It turns each
 episode into prompt tokens (the tokenizer's chat template) and answer tokens
 (answer + end-of-turn), hands both to a `Runner`, and grades what comes back:
-an episode is correct when the greedy text up to the first end-of-turn token,
-stripped, equals the expected answer exactly. Any cache trick (compression,
+a recall episode is correct when the greedy text up to the first end-of-turn
+token, stripped, equals the expected reply exactly; a decision episode when
+the reply's last word is the right verdict (yes/no) — the decision is what
+the user acts on, while naming a different value of the same meaning
+("paused" for "blocked") is not a wrong decision. Any cache trick (compression,
 masking, splicing) plugs in as its own runner.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kvscope.engine.tasks.episodes import Episode, prompt_tokens
 from kvscope.engine.tasks.notes import ChatTokenizer
+from kvscope.engine.tasks.text import decision_verdict
 
 EXTRA_DECODE_TOKENS = 3
 
@@ -82,6 +87,14 @@ def generated_text(tokenizer: Any, tokens: Sequence[int]) -> str:
     stop = eos_ids(tokenizer)
     cut = next((i for i, t in enumerate(tokens) if t in stop), len(tokens))
     return str(tokenizer.decode(list(tokens[:cut]))).strip()
+
+
+def is_correct(episode: Episode, reply: str) -> bool:
+    """Recall: the exact reply. Decision: the reply's final yes/no verdict."""
+    if episode.kind == "decision" and episode.field is not None and episode.value is not None:
+        words = re.findall(r"[a-z]+", reply.lower())
+        return bool(words) and words[-1] == decision_verdict(episode.field, episode.value)
+    return reply == episode.answer
 
 
 def score(episodes: Iterable[Episode], runner: Runner, tokenizer: ChatTokenizer) -> Scores:

@@ -20,6 +20,7 @@ from kvscope.engine.tasks import (
     with_erratum,
 )
 from kvscope.engine.tasks.corpus import training_chat
+from kvscope.engine.tasks.scoring import is_correct
 
 
 @pytest.fixture(scope="module")
@@ -104,5 +105,12 @@ def test_grading_rewards_the_answer_and_only_the_answer(tok) -> None:
     assert (good.accuracy, good.n, good.mean_answer_logprob) == (1.0, 4, -0.5)
     assert bad.accuracy == 0.0
     assert answer_tokens(tok, "4821")[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+    decision = make_episodes("decision", 1, 256, 0.5, 0, tok)[0]
+    verdict = decision.answer.rstrip(".").rsplit(" ", 1)[1]
+    flipped = "no" if verdict == "yes" else "yes"
+    assert is_correct(decision, decision.answer)
+    assert is_correct(decision, f"The {decision.field} is whatever, so {verdict}.")
+    assert not is_correct(decision, decision.answer.replace(f"so {verdict}", f"so {flipped}"))
+    assert not is_correct(decision, "")
     table = format_table([Cell("recall", 256, 0.5, good), Cell("recall", 256, 0.5, bad)])
     assert "100.0%" in table and "0.0%" in table and "-9.000" in table

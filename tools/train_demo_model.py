@@ -1,0 +1,198 @@
+"""Train the bundled demo model (assets/models/kvscope-demo) from scratch, on CPU.
+
+Usage (takes ~40 min on 2 cores; never run in CI):
+
+    pip install torch==2.13.0   # the `train` extra
+    nohup python tools/train_demo_model.py --minutes 38 > /tmp/train.log 2>&1 &
+
+What it does, reproducibly from --seed:
+ 1. builds the byte-level BPE tokenizer on the synthetic corpus
+    (`kvscope.engine.tasks.corpus.tokenizer_corpus`);
+ 2. trains a llama-style model in PyTorch (tools/demo_torch_model.py, a
+    twin of mlx-lm's llama) on the `train` stream of
+    `kvscope.engine.tasks.corpus.training_chat`: chats of 256-2048 tokens,
+    loss on answers plus a down-weighted loss on all other tokens;
+ 3. every --eval-every steps scores held-out episodes (teacher-forced
+    exact match, which equals greedy exact match) and exports the model in
+    mlx-lm format, so a usable model exists even if the run is cut short;
+ 4. writes the curve to <out>/training_log.jsonl.
+The learning-rate schedule runs on wall time (warmup, then cosine to 10% at
+--minutes), so a time budget, not a step count, ends the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_tokenizer import build_tokenizer  # noqa: E402
+from demo_torch_model import Llama, LlamaConfig, export_mlx  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from kvscope.engine.tasks.corpus import ChatMix, training_chat  # noqa: E402
+from kvscope.engine.tasks.episodes import make_episodes, prompt_tokens  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "assets" / "models" / "kvscope-demo"
+LENGTHS = (256, 512, 1024, 2048)
+LENGTH_WEIGHTS = (0.2, 0.35, 0.3, 0.15)
+CONTEXT_WEIGHT = 0.2
+
+
+def chat_tokens(tok, chat) -> tuple[list[int], list[bool]]:
+    """Token ids of a training chat and, per token, whether it is a graded answer token."""
+    ids: list[int] = []
+    graded: list[bool] = []
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    for i, m in enumerate(chat.messages):
+        head = tok.encode(f"<|im_start|>{m['role']}\n", add_special_tokens=False)
+        body = tok.encode(m["content"], add_special_tokens=False) + [im_end]
+        tail = tok.encode("\n", add_special_tokens=False)
+        is_answer = i in chat.answer_indices
+        ids += head + body + tail
+        graded += [False] * len(head) + [is_answer] * len(body) + [False] * len(tail)
+    return ids, graded
+
+
+def make_batch(tok, mix: ChatMix, step: int, length: int, batch: int):
+    seqs = [chat_tokens(tok, training_chat(step * 1000 + i, tok, length - 48, mix)) for i in range(batch)]
+    n = max(len(s) for s, _ in seqs)
+    ids = torch.zeros((batch, n), dtype=torch.long)
+    weight = torch.zeros((batch, n))
+    for b, (s, g) in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s)
+        weight[b, : len(s)] = torch.tensor([1.0 if x else CONTEXT_WEIGHT for x in g])
+        weight[b, 0] = 0.0
+    graded = weight == 1.0
+    return ids, weight, graded
+
+
+def step_loss(model: Llama, ids, weight, graded):
+    logits = model(ids[:, :-1])
+    tgt, w, g = ids[:, 1:], weight[:, 1:], graded[:, 1:]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none").view_as(w)
+    ans = (ce * g).sum() / g.sum().clamp(min=1)
+    ctx_mask = (w > 0) & ~g
+    ctx = (ce * ctx_mask).sum() / ctx_mask.sum().clamp(min=1)
+    with torch.no_grad():
+        right = (logits.argmax(-1) == tgt) | ~g
+        # Per-sequence: every graded token right (all answers of the chat).
+        exact = right.all(dim=1).float().mean()
+    return ans + CONTEXT_WEIGHT * ctx, ans.item(), ctx.item(), exact.item()
+
+
+@torch.no_grad()
+def heldout_exact(model: Llama, tok, episodes) -> float:
+    """Teacher-forced exact match of answer + <|im_end|> == greedy exact match."""
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    hits = 0
+    for ep in episodes:
+        p = prompt_tokens(tok, ep)
+        a = tok.encode(ep.answer, add_special_tokens=False) + [im_end]
+        logits = model(torch.tensor([p + a[:-1]]))[0, len(p) - 1 :]
+        hits += int(torch.equal(logits.argmax(-1), torch.tensor(a)))
+    return hits / len(episodes)
+
+
+def resume_point(log_path: Path) -> tuple[int, float]:
+    """(next step, elapsed seconds) recorded by an earlier run's log."""
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    return rows[-1]["step"] + 1, float(rows[-1]["t"])
+
+
+def lr_at(frac: float, peak: float, warmup: float = 0.03) -> float:
+    if frac < warmup:
+        return peak * frac / warmup
+    t = min(1.0, (frac - warmup) / (1 - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(t * 3.14159265)).item()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--minutes", type=float, default=38.0)
+    ap.add_argument("--max-steps", type=int, default=100000)
+    ap.add_argument("--tokens-per-step", type=int, default=4096)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="chat lengths in tokens")
+    ap.add_argument("--length-weights", default=",".join(map(str, LENGTH_WEIGHTS)))
+    ap.add_argument("--max-questions", type=int, default=ChatMix.max_questions)
+    ap.add_argument("--repeat-facts", type=float, default=ChatMix.repeat_facts)
+    ap.add_argument("--resume", action="store_true", help="continue from the weights in --out (fresh optimizer)")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    mix = ChatMix(args.max_questions, args.repeat_facts)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    weights = [float(x) for x in args.length_weights.split(",")]
+    torch.set_num_threads(args.threads)
+    rng = random.Random(args.seed)
+    if not args.resume:
+        build_tokenizer(args.out, vocab_size=LlamaConfig().vocab_size)
+    tok = AutoTokenizer.from_pretrained(str(args.out))
+    model = Llama(LlamaConfig(vocab_size=len(tok)))
+    if args.resume:
+        model.load_state_dict(load_file(str(args.out / "model.safetensors")))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
+    held = {
+        f"{k}@{n}": make_episodes(k, 10, n, 0.5, 7, tok)
+        for k, n in (("recall", 512), ("recall", 1024), ("recall", 2048), ("decision", 1024))
+    }
+    log_path = args.out / "training_log.jsonl"
+    first_step, t0 = resume_point(log_path) if args.resume else (0, 0.0)
+    log = log_path.open("a" if args.resume else "w")
+    start = time.time() - t0
+    budget = args.minutes * 60
+    step = first_step
+    while step - first_step < args.max_steps and time.time() - start - t0 < budget:
+        frac = (time.time() - start - t0) / budget
+        length = rng.choice(lengths[:2]) if frac < 0.15 else rng.choices(lengths, weights)[0]
+        ids, weight, graded = make_batch(tok, mix, step, length, max(1, args.tokens_per_step // length))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(frac, args.lr)
+        loss, ans, ctx, exact = step_loss(model, ids, weight, graded)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        row = {
+            "step": step,
+            "t": round(time.time() - start, 1),
+            "len": length,
+            "loss_answer": round(ans, 4),
+            "loss_context": round(ctx, 4),
+            "train_exact": exact,
+        }
+        if step % args.eval_every == 0 or time.time() - start - t0 >= budget:
+            model.eval()
+            row |= {f"heldout_{k}": heldout_exact(model, tok, eps) for k, eps in held.items()}
+            model.train()
+            export_mlx(model, args.out, tok.eos_token_id, tok.bos_token_id)
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        print(json.dumps(row), flush=True)
+        step += 1
+    model.eval()
+    row = {"step": step, "t": round(time.time() - start, 1), "final": True}
+    row |= {f"heldout_{k}": heldout_exact(model, tok, eps) for k, eps in held.items()}
+    log.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+    size = export_mlx(model, args.out, tok.eos_token_id, tok.bos_token_id)
+    print(f"exported {size / 1e6:.1f} MB to {args.out} after {step} steps", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
