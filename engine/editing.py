@@ -290,6 +290,36 @@ class EditingMixin:
             seg = self._guard(dst, lambda: read_segment(path, self.model))
         return self.splice_segment(dst, seg, at, seam_repair, fidelity=fidelity)
 
+    def compress(
+        self,
+        sid: SessionId,
+        policy: str,
+        keep_ratio: float | None = None,
+        budget_tokens: int | None = None,
+        **params: Any,
+    ) -> Any:
+        """Apply a compression policy (see `kvscope.engine.compression.POLICIES`); undoable."""
+        from kvscope.engine.compression import compress_session
+
+        s = self.session(sid)
+        if s.generating:
+            raise BusyError(f"session {s.name} is generating: wait for the answer or press stop first")
+        saved = s.clone()
+        decision = self._guard(sid, lambda: compress_session(self, sid, policy, keep_ratio, budget_tokens, **params))
+        s.undo_stack = (s.undo_stack + [("compress", saved)])[-UNDO_DEPTH:]
+        self.persist(sid)
+        return decision
+
+    def replay_decision(self, sid: SessionId, decision: Any) -> None:
+        """Apply a recorded decision's kept rows to a session holding the same cache; undoable."""
+        from kvscope.engine.compression import replay_decision
+
+        s = self.session(sid)
+        saved = s.clone()
+        self._guard(sid, lambda: replay_decision(self, sid, decision))
+        s.undo_stack = (s.undo_stack + [("replay decision", saved)])[-UNDO_DEPTH:]
+        self.persist(sid)
+
     def undo(self, sid: SessionId) -> str:
         """Undo the last reversible edit (until the next chat turn). Returns its name."""
         s = self.session(sid)
