@@ -26,6 +26,7 @@ import mlx.core as mx
 
 from kvscope.engine import blas
 from kvscope.engine.blocks import DEFAULT_BLOCK_SIZE
+from kvscope.engine.compression import AutoCompress, set_auto_compress
 from kvscope.engine.editing import EditingMixin
 from kvscope.engine.errors import BusyError, InvalidRequestError, KVScopeError, MemoryBudgetError
 from kvscope.engine.events import (
@@ -79,6 +80,7 @@ class Engine(EditingMixin, LifecycleMixin):
         self.memory_budget_bytes = cfg.memory_budget_bytes or physical_memory_bytes() // 2
         self.persistence = SessionStore(Path(cfg.data_dir) if cfg.data_dir else None) if cfg.persist else None
         self.load_errors: list[str] = []
+        self.auto_compress: AutoCompress | None = None  # default for new sessions
 
     # ------------------------------------------------------------ model
     def load(self, id_or_path: str | os.PathLike[str] | None = None) -> LoadedModel:
@@ -145,6 +147,7 @@ class Engine(EditingMixin, LifecycleMixin):
         s = Session(sid, name or sid, [ScopeKVCache() for _ in range(lm.n_layers)])
         if system:
             s.messages.append({"role": "system", "content": system})
+        s.auto_compress = self.auto_compress
         self._register(s)
         self.persist(sid)
         return sid
@@ -222,6 +225,11 @@ class Engine(EditingMixin, LifecycleMixin):
         s.undo_stack.clear()  # edits are undoable until the next turn
         self.persist(sid)
         return result
+
+    def set_auto_compress(self, sid: SessionId | None, setting: AutoCompress | None) -> None:
+        """Compress a session (or, with sid None, every new session) at each prefill or over a budget."""
+        target = self if sid is None else self.session(sid)
+        self._guard(sid, lambda: set_auto_compress(target, setting))
 
     def cancel(self, sid: SessionId) -> None:
         """Stop the session's generation at the next step (any thread)."""

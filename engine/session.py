@@ -53,6 +53,7 @@ class Session:
     generating: bool = False
     edited: bool = False  # any surgery done: prefix-store sharing stops here
     last_decision: Any = None
+    auto_compress: Any = None  # compression.AutoCompress: compress without being asked
     undo_stack: list[tuple[str, Session]] = field(default_factory=list)
 
     _STATE = ("messages", "tokens", "origin", "positions", "transcript_text", "edited", "last_decision")

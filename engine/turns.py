@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from kvscope.engine import chat
 from kvscope.engine.blocks import TokenState
+from kvscope.engine.compression import maybe_compress_session
 from kvscope.engine.errors import InvalidRequestError
 from kvscope.engine.events import (
     EventBus,
@@ -128,6 +129,7 @@ def run_turn(
     session.append_tokens(to_prefill[:-1])
     try:
         prefill(lm.model, session.caches, to_prefill[:-1], chunk_size, cancelled, on_chunk)
+        maybe_compress_session(session, lm, bus, "prefill")
     except BaseException:
         _roll_back(session, store, *before)
         raise
@@ -213,6 +215,7 @@ def _generate(
     stats.cache_bytes = session.nbytes
     session.turns.append(stats)
     share_prefix(session, store, lm)
+    maybe_compress_session(session, lm, bus, "turn_end")
     dur_ms = (time.perf_counter() - t_start) * 1000
     bus.emit(
         GenerationFinished(

@@ -63,20 +63,24 @@ def chat_tokens(tok, chat) -> tuple[list[int], list[bool]]:
     return ids, graded
 
 
-def make_batch(tok, mix: ChatMix, step: int, length: int, batch: int):
-    seqs = [chat_tokens(tok, training_chat(step * 1000 + i, tok, length - 48, mix)) for i in range(batch)]
+def make_batch(tok, mix: ChatMix, step: int, length: int, tokens: int, context_weight: float = CONTEXT_WEIGHT):
+    """Chats of about `length` tokens until they hold `tokens` tokens (dense chats run long)."""
+    seqs: list[tuple[list[int], list[bool]]] = []
+    while not seqs or sum(len(s) for s, _ in seqs) < tokens:
+        seqs.append(chat_tokens(tok, training_chat(step * 1000 + len(seqs), tok, length - 48, mix)))
+    batch = len(seqs)
     n = max(len(s) for s, _ in seqs)
     ids = torch.zeros((batch, n), dtype=torch.long)
     weight = torch.zeros((batch, n))
     for b, (s, g) in enumerate(seqs):
         ids[b, : len(s)] = torch.tensor(s)
-        weight[b, : len(s)] = torch.tensor([1.0 if x else CONTEXT_WEIGHT for x in g])
+        weight[b, : len(s)] = torch.tensor([1.0 if x else context_weight for x in g])
         weight[b, 0] = 0.0
     graded = weight == 1.0
     return ids, weight, graded
 
 
-def step_loss(model: Llama, ids, weight, graded):
+def step_loss(model: Llama, ids, weight, graded, context_weight: float = CONTEXT_WEIGHT):
     logits = model(ids[:, :-1])
     tgt, w, g = ids[:, 1:], weight[:, 1:], graded[:, 1:]
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none").view_as(w)
@@ -87,7 +91,7 @@ def step_loss(model: Llama, ids, weight, graded):
         right = (logits.argmax(-1) == tgt) | ~g
         # Per-sequence: every graded token right (all answers of the chat).
         exact = right.all(dim=1).float().mean()
-    return ans + CONTEXT_WEIGHT * ctx, ans.item(), ctx.item(), exact.item()
+    return ans + context_weight * ctx, ans.item(), ctx.item(), exact.item()
 
 
 @torch.no_grad()
@@ -130,11 +134,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--length-weights", default=",".join(map(str, LENGTH_WEIGHTS)))
     ap.add_argument("--max-questions", type=int, default=ChatMix.max_questions)
     ap.add_argument("--repeat-facts", type=float, default=ChatMix.repeat_facts)
+    ap.add_argument("--min-facts", type=int, default=ChatMix.min_facts)
+    ap.add_argument("--facts-per-128", type=int, default=ChatMix.facts_per_128)
+    ap.add_argument("--context-weight", type=float, default=CONTEXT_WEIGHT, help="loss weight of non-answer tokens")
+    ap.add_argument("--probe-n", type=int, default=10, help="held-out episodes per probe cell")
+    ap.add_argument("--probe-cells", default="recall@512,recall@1024,recall@2048,decision@1024")
+    ap.add_argument(
+        "--keep-best",
+        action="store_true",
+        help="export only when the held-out probe (recall@512 + decision@1024) improves on the best so far",
+    )
     ap.add_argument("--resume", action="store_true", help="continue from the weights in --out (fresh optimizer)")
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    mix = ChatMix(args.max_questions, args.repeat_facts)
+    mix = ChatMix(args.max_questions, args.repeat_facts, args.min_facts, args.facts_per_128)
     lengths = [int(x) for x in args.lengths.split(",")]
     weights = [float(x) for x in args.length_weights.split(",")]
     torch.set_num_threads(args.threads)
@@ -146,23 +160,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         model.load_state_dict(load_file(str(args.out / "model.safetensors")))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
-    held = {
-        f"{k}@{n}": make_episodes(k, 10, n, 0.5, 7, tok)
-        for k, n in (("recall", 512), ("recall", 1024), ("recall", 2048), ("decision", 1024))
-    }
+    cells = [c.split("@") for c in args.probe_cells.split(",")]
+    held = {f"{k}@{n}": make_episodes(k, args.probe_n, int(n), 0.5, 7, tok) for k, n in cells}
     log_path = args.out / "training_log.jsonl"
     first_step, t0 = resume_point(log_path) if args.resume else (0, 0.0)
     log = log_path.open("a" if args.resume else "w")
     start = time.time() - t0
+    best = -1.0
+
+    def probe_score(r: dict) -> float:
+        return r["heldout_recall@512"] + r["heldout_decision@1024"]
+
+    def maybe_export(r: dict) -> None:
+        nonlocal best
+        if not args.keep_best or probe_score(r) > best:
+            best = max(best, probe_score(r))
+            export_mlx(model, args.out, tok.eos_token_id, tok.bos_token_id)
+            r["exported"] = True
     budget = args.minutes * 60
     step = first_step
     while step - first_step < args.max_steps and time.time() - start - t0 < budget:
         frac = (time.time() - start - t0) / budget
         length = rng.choice(lengths[:2]) if frac < 0.15 else rng.choices(lengths, weights)[0]
-        ids, weight, graded = make_batch(tok, mix, step, length, max(1, args.tokens_per_step // length))
+        ids, weight, graded = make_batch(tok, mix, step, length, args.tokens_per_step, args.context_weight)
         for g in opt.param_groups:
             g["lr"] = lr_at(frac, args.lr)
-        loss, ans, ctx, exact = step_loss(model, ids, weight, graded)
+        loss, ans, ctx, exact = step_loss(model, ids, weight, graded, args.context_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -175,11 +198,11 @@ def main(argv: list[str] | None = None) -> int:
             "loss_context": round(ctx, 4),
             "train_exact": exact,
         }
-        if step % args.eval_every == 0 or time.time() - start - t0 >= budget:
+        if step % args.eval_every == 0 or step == first_step or time.time() - start - t0 >= budget:
             model.eval()
             row |= {f"heldout_{k}": heldout_exact(model, tok, eps) for k, eps in held.items()}
             model.train()
-            export_mlx(model, args.out, tok.eos_token_id, tok.bos_token_id)
+            maybe_export(row)
         log.write(json.dumps(row) + "\n")
         log.flush()
         print(json.dumps(row), flush=True)
@@ -187,10 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     row = {"step": step, "t": round(time.time() - start, 1), "final": True}
     row |= {f"heldout_{k}": heldout_exact(model, tok, eps) for k, eps in held.items()}
+    maybe_export(row)
     log.write(json.dumps(row) + "\n")
     print(json.dumps(row), flush=True)
-    size = export_mlx(model, args.out, tok.eos_token_id, tok.bos_token_id)
-    print(f"exported {size / 1e6:.1f} MB to {args.out} after {step} steps", flush=True)
+    print(f"done after {step} steps; best probe {best:.2f} exported to {args.out}", flush=True)
     return 0
 
 

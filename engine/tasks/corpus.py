@@ -31,10 +31,19 @@ class ChatMix:
         max_questions: questions per chat are drawn from 1..max_questions.
         repeat_facts: chance that a fact is stated twice in the notes; the
             second copy gives the context loss a dense copy (induction) signal.
+        min_facts, facts_per_128: fact density of the notes; raising them
+            packs more key -> value lookups into a short chat (the lookup
+            curriculum of the second training run).
     """
 
     max_questions: int = 6
     repeat_facts: float = 0.0
+    min_facts: int = 2
+    facts_per_128: int = 1
+
+    def n_facts(self, rng: random.Random, context_tokens: int) -> int:
+        """Facts in a chat: `min_facts`..`4 + facts_per_128` per 128 tokens of notes."""
+        return rng.randint(self.min_facts, max(self.min_facts, 4 + context_tokens * self.facts_per_128 // 128))
 
 
 @dataclass(frozen=True)
@@ -61,7 +70,7 @@ def _questions(
 def training_chat(seed: int, tokenizer: ChatTokenizer, context_tokens: int, mix: ChatMix = ChatMix()) -> TrainingChat:
     """One training chat whose notes take about `context_tokens` tokens."""
     rng = random.Random(f"{TRAIN_STREAM}:{seed}")
-    n_facts = rng.randint(2, 4 + context_tokens // 128)
+    n_facts = mix.n_facts(rng, context_tokens)
     facts: list[text.Fact] = []
     for _ in range(n_facts):
         facts.append(text.make_fact(rng, None, frozenset(f.key for f in facts)))
