@@ -60,9 +60,12 @@ class ScopeKVCache:
         assert self.keys is not None and self.values is not None
         self.keys[..., start : start + n_new, :] = keys
         self.values[..., start : start + n_new, :] = values
-        self.row_token[start : start + n_new] = np.arange(self.next_token, self.next_token + n_new)
-        self.row_position[start : start + n_new] = np.arange(self.offset, self.offset + n_new)
-        self.row_visible[start : start + n_new] = True
+        if n_new == 1:  # decode: scalar stores, the hot path
+            self.row_token[start], self.row_position[start], self.row_visible[start] = self.next_token, self.offset, True
+        else:
+            self.row_token[start : start + n_new] = np.arange(self.next_token, self.next_token + n_new)
+            self.row_position[start : start + n_new] = np.arange(self.offset, self.offset + n_new)
+            self.row_visible[start : start + n_new] = True
         self.n_rows += n_new
         self.offset += n_new
         self.next_token += n_new
