@@ -16,11 +16,12 @@ Knows nothing about printing; returns rows of numbers.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from kvscope.engine.generation import SamplingParams
 from kvscope.engine.tasks import Episode, erratum
+from kvscope.engine.tasks.scoring import is_correct
 
 if TYPE_CHECKING:
     from kvscope.engine.engine import Engine
@@ -71,9 +72,9 @@ def _prefill_chat(eng: Engine, ep: Episode) -> tuple[SessionId, int, int]:
     return sid, lo, hi
 
 
-def _ask(eng: Engine, sid: SessionId, question: str, expected: str, tally: Tally, extra_prefill: int = 0) -> None:
+def _ask(eng: Engine, sid: SessionId, question: str, graded: Episode, tally: Tally, extra_prefill: int = 0) -> None:
     res = eng.chat(sid, question, ANSWER)
-    tally.add(res.text.strip() == expected, res.stats.ttft_ms, res.stats.prefilled_tokens + extra_prefill)
+    tally.add(is_correct(graded, res.text.strip()), res.stats.ttft_ms, res.stats.prefilled_tokens + extra_prefill)
     eng.close_session(sid)
 
 
@@ -104,29 +105,31 @@ def mask_vs_restart(eng: Engine, episodes: list[Episode], generated_summary: boo
     for ep in episodes:
         question = ep.messages[-1]["content"]
         sid, _, _ = _prefill_chat(eng, ep)
-        _ask(eng, sid, question, ep.answer, full)
+        _ask(eng, sid, question, ep, full)
 
         sid, lo, hi = _prefill_chat(eng, ep)
         summary = eng.summarize(sid) if generated_summary else ep.fact
         t0 = time.perf_counter()
         rep = eng.compact(sid, lo, hi, summary=summary, fidelity=False)
         compact_ms = (time.perf_counter() - t0) * 1000
-        _ask_timed(eng, sid, question, ep.answer, compact, compact_ms, int(rep.extra["summary_tokens"]))
+        _ask_timed(eng, sid, question, ep, compact, compact_ms, int(rep.extra["summary_tokens"]))
 
         sid, _, _ = _prefill_chat(eng, ep)
         t0 = time.perf_counter()
         new = eng.restart(sid, summary)
         restart_ms = (time.perf_counter() - t0) * 1000
         eng.close_session(sid)
-        _ask_timed(eng, new, question, ep.answer, restart, restart_ms, eng.session(new).n_tokens)
+        _ask_timed(eng, new, question, ep, restart, restart_ms, eng.session(new).n_tokens)
     return [full, compact, restart]
 
 
 def _ask_timed(
-    eng: Engine, sid: SessionId, q: str, expected: str, tally: Tally, before_ms: float, prefilled: int
+    eng: Engine, sid: SessionId, q: str, graded: Episode, tally: Tally, before_ms: float, prefilled: int
 ) -> None:
     res = eng.chat(sid, q, ANSWER)
-    tally.add(res.text.strip() == expected, before_ms + res.stats.ttft_ms, prefilled + res.stats.prefilled_tokens)
+    tally.add(
+        is_correct(graded, res.text.strip()), before_ms + res.stats.ttft_ms, prefilled + res.stats.prefilled_tokens
+    )
     eng.close_session(sid)
 
 
@@ -137,13 +140,14 @@ def erratum_vs_overwrite(eng: Engine, episodes: list[Episode]) -> list[Tally]:
         assert ep.field is not None and ep.value is not None
         correction, new_answer = erratum(ep)
         new_value = correction.rsplit("-> ", 1)[-1].strip()
+        graded = replace(ep, value=new_value, answer=new_answer)  # the decision after the change
         question = ep.messages[-1]["content"]
         sid, _, _ = _prefill_chat(eng, ep)
-        _ask(eng, sid, question, new_answer, stale)
+        _ask(eng, sid, question, graded, stale)
 
         sid, _, _ = _prefill_chat(eng, ep)
         rep = eng.erratum(sid, correction, fidelity=False)
-        _ask(eng, sid, question, new_answer, err, int(rep.extra["prefilled_tokens"]))
+        _ask(eng, sid, question, graded, err, int(rep.extra["prefilled_tokens"]))
 
         sid, lo, hi = _prefill_chat(eng, ep)
         notes = ep.messages[1]["content"]
@@ -151,7 +155,7 @@ def erratum_vs_overwrite(eng: Engine, episodes: list[Episode]) -> list[Tally]:
         t_lo, t_hi = char_span_to_tokens(eng, sid, lo, hi, notes, v_lo, v_lo + len(ep.value))
         old = eng.model.tokenizer.decode(eng.session(sid).tokens[t_lo:t_hi])
         rep = eng.replace_span(sid, t_lo, t_hi, old.replace(ep.value, new_value), fidelity=False)
-        _ask(eng, sid, question, new_answer, over, int(rep.extra["new_tokens"]))
+        _ask(eng, sid, question, graded, over, int(rep.extra["new_tokens"]))
 
         fixed = notes[: ep.fact_chars[0]] + notes[ep.fact_chars[0] : ep.fact_chars[1]].replace(ep.value, new_value)
         fixed += notes[ep.fact_chars[1] :]
@@ -161,5 +165,5 @@ def erratum_vs_overwrite(eng: Engine, episodes: list[Episode]) -> list[Tally]:
         assert eng.store is not None
         eng.store.clear()
         sid, _, _ = _prefill_chat(eng, corrected)
-        _ask(eng, sid, question, new_answer, full, eng.session(sid).n_tokens)
+        _ask(eng, sid, question, graded, full, eng.session(sid).n_tokens)
     return [stale, err, over, full]

@@ -1,0 +1,33 @@
+"""The head-to-head experiments run end to end on the demo model and count what they claim."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvscope.engine import Engine
+from kvscope.engine.experiments import erratum_vs_overwrite, mask_vs_restart
+from kvscope.engine.tasks import make_episodes
+
+
+@pytest.fixture(scope="module")
+def demo() -> Engine:
+    eng = Engine()
+    eng.load(None)
+    return eng
+
+
+def test_mask_vs_restart_counts_prefill_work(demo: Engine) -> None:
+    eps = make_episodes("recall", 2, 384, 0.5, 3, demo.model.tokenizer)
+    full, compact, restart = mask_vs_restart(demo, eps)
+    assert full.n == compact.n == restart.n == 2
+    # Compaction prefills only the summary and the question; the cached notes stay masked.
+    assert compact.mean_prefilled < restart.mean_prefilled < eps[0].n_prompt_tokens
+    assert demo.sessions() == []  # every episode's sessions were closed
+
+
+def test_erratum_prefills_far_less_than_recompute(demo: Engine) -> None:
+    eps = make_episodes("decision", 2, 384, 0.5, 3, demo.model.tokenizer)
+    stale, err, over, full = erratum_vs_overwrite(demo, eps)
+    assert {t.n for t in (stale, err, over, full)} == {2}
+    assert err.mean_prefilled < full.mean_prefilled / 4
+    assert over.mean_prefilled < full.mean_prefilled / 4
