@@ -12,9 +12,11 @@ What it does, reproducibly from --seed:
     twin of mlx-lm's llama) on the `train` stream of
     `kvscope.engine.tasks.corpus.training_chat`: chats of 256-2048 tokens,
     loss on answers plus a down-weighted loss on all other tokens;
- 3. every --eval-every steps scores held-out episodes (teacher-forced
-    exact match, which equals greedy exact match) and exports the model in
-    mlx-lm format, so a usable model exists even if the run is cut short;
+ 3. every --eval-every steps (and after the first step of a --resume run)
+    scores held-out episodes (teacher-forced exact match, which equals
+    greedy exact match) and exports the model in mlx-lm format, so a usable
+    model exists even if the run is cut short; with --keep-best it exports
+    only when recall@512 + decision@1024 of that probe beats the best so far;
  4. writes the curve to <out>/training_log.jsonl.
 The learning-rate schedule runs on wall time (warmup, then cosine to 10% at
 --minutes), so a time budget, not a step count, ends the run.
@@ -63,10 +65,22 @@ def chat_tokens(tok, chat) -> tuple[list[int], list[bool]]:
     return ids, graded
 
 
-def make_batch(tok, mix: ChatMix, step: int, length: int, tokens: int, context_weight: float = CONTEXT_WEIGHT):
-    """Chats of about `length` tokens until they hold `tokens` tokens (dense chats run long)."""
+def make_batch(
+    tok, mix: ChatMix, step: int, length: int, tokens: int, context_weight: float = CONTEXT_WEIGHT, fill: bool = False
+):
+    """`tokens // length` chats of about `length` tokens, or with `fill` as many as hold `tokens` tokens.
+
+    `fill` keeps a step's size fixed when dense chats (many facts and
+    questions) run well past their nominal length.
+    """
     seqs: list[tuple[list[int], list[bool]]] = []
-    while not seqs or sum(len(s) for s, _ in seqs) < tokens:
+
+    def short() -> bool:
+        if fill:
+            return not seqs or sum(len(s) for s, _ in seqs) < tokens
+        return len(seqs) < max(1, tokens // length)
+
+    while short():
         seqs.append(chat_tokens(tok, training_chat(step * 1000 + len(seqs), tok, length - 48, mix)))
     batch = len(seqs)
     n = max(len(s) for s, _ in seqs)
@@ -137,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-facts", type=int, default=ChatMix.min_facts)
     ap.add_argument("--facts-per-128", type=int, default=ChatMix.facts_per_128)
     ap.add_argument("--context-weight", type=float, default=CONTEXT_WEIGHT, help="loss weight of non-answer tokens")
+    ap.add_argument("--fill-tokens", action="store_true", help="fill each step to --tokens-per-step real tokens")
     ap.add_argument("--probe-n", type=int, default=10, help="held-out episodes per probe cell")
     ap.add_argument("--probe-cells", default="recall@512,recall@1024,recall@2048,decision@1024")
     ap.add_argument(
@@ -169,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     best = -1.0
 
     def probe_score(r: dict) -> float:
-        return r["heldout_recall@512"] + r["heldout_decision@1024"]
+        return r.get("heldout_recall@512", 0.0) + r.get("heldout_decision@1024", 0.0)
 
     def maybe_export(r: dict) -> None:
         nonlocal best
@@ -177,12 +192,15 @@ def main(argv: list[str] | None = None) -> int:
             best = max(best, probe_score(r))
             export_mlx(model, args.out, tok.eos_token_id, tok.bos_token_id)
             r["exported"] = True
+
     budget = args.minutes * 60
     step = first_step
     while step - first_step < args.max_steps and time.time() - start - t0 < budget:
         frac = (time.time() - start - t0) / budget
         length = rng.choice(lengths[:2]) if frac < 0.15 else rng.choices(lengths, weights)[0]
-        ids, weight, graded = make_batch(tok, mix, step, length, args.tokens_per_step, args.context_weight)
+        ids, weight, graded = make_batch(
+            tok, mix, step, length, args.tokens_per_step, args.context_weight, args.fill_tokens
+        )
         for g in opt.param_groups:
             g["lr"] = lr_at(frac, args.lr)
         loss, ans, ctx, exact = step_loss(model, ids, weight, graded, args.context_weight)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 
 import pytest
@@ -19,7 +20,7 @@ from kvscope.engine.tasks import (
     score,
     with_erratum,
 )
-from kvscope.engine.tasks.corpus import training_chat
+from kvscope.engine.tasks.corpus import ChatMix, training_chat
 from kvscope.engine.tasks.scoring import is_correct
 
 
@@ -43,6 +44,18 @@ def test_recall_questions_never_appear_in_the_training_stream(tok) -> None:
     held_out = {e.messages[-1]["content"] for e in make_episodes("recall", 150, 256, 0.5, 0, tok)}
     assert len(held_out) > 50
     assert not held_out & asked_in_training
+
+
+def test_dense_mix_packs_more_facts_and_still_holds_keys_out(tok) -> None:
+    dense = ChatMix(max_questions=12, repeat_facts=0.3, min_facts=6, facts_per_128=3)
+    rng_a, rng_b = random.Random(0), random.Random(0)
+    assert [ChatMix().n_facts(rng_a, 256) for _ in range(50)] == [rng_b.randint(2, 6) for _ in range(50)]
+    assert min(dense.n_facts(rng_a, 128) for _ in range(50)) >= 6
+    chats = [training_chat(seed, tok, 128, dense) for seed in range(200)]
+    asked = {m["content"] for c in chats for m in c.messages if m["role"] == "user"}
+    held_out = {e.messages[-1]["content"] for e in make_episodes("recall", 150, 256, 0.5, 0, tok)}
+    assert not held_out & asked
+    assert max(len(c.answer_indices) for c in chats) > 6
 
 
 @pytest.mark.parametrize("kind", ["recall", "decision"])
