@@ -41,9 +41,7 @@ def launch_from_args(args: argparse.Namespace) -> int:
     return launch(args.model, args.quit_after_ms, args.prompt, config)
 
 
-def launch(
-    model: str | None, quit_after_ms: int = 0, prompt: str | None = None, config: dict | None = None
-) -> int:
+def launch(model: str | None, quit_after_ms: int = 0, prompt: str | None = None, config: dict | None = None) -> int:
     from PySide6.QtCore import QTimer
     from PySide6.QtWidgets import QApplication
 

@@ -61,7 +61,11 @@ class ScopeKVCache:
         self.keys[..., start : start + n_new, :] = keys
         self.values[..., start : start + n_new, :] = values
         if n_new == 1:  # decode: scalar stores, the hot path
-            self.row_token[start], self.row_position[start], self.row_visible[start] = self.next_token, self.offset, True
+            self.row_token[start], self.row_position[start], self.row_visible[start] = (
+                self.next_token,
+                self.offset,
+                True,
+            )
         else:
             self.row_token[start : start + n_new] = np.arange(self.next_token, self.next_token + n_new)
             self.row_position[start : start + n_new] = np.arange(self.offset, self.offset + n_new)
