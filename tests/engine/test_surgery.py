@@ -70,12 +70,18 @@ def test_splice_in_the_middle_moves_later_rows(arch_dir: Path) -> None:
     assert s.origin[5 : 5 + n_a - 2] == [4] * (n_a - 2)  # TokenState.SPLICED
 
 
-def test_seam_repair_of_the_whole_segment_equals_recompute(llama_dir: Path) -> None:
+def _segment_and_context(llama_dir: Path) -> tuple[Engine, str, str]:
+    """An engine with session a (the segment to move) and session b (the new context)."""
     eng = _engine_with(llama_dir)
     a = eng.new_session()
     eng.append_message(a, "user", "the code for locker 7 is 4 8 2 1")
     b = eng.new_session()
     eng.append_message(b, "user", "you are a code locker . " * 4)
+    return eng, a, b
+
+
+def test_seam_repair_of_the_whole_segment_equals_recompute(llama_dir: Path) -> None:
+    eng, a, b = _segment_and_context(llama_dir)
     n_a = eng.session(a).n_tokens
     raw = eng.splice(b, a, 0, n_a, seam_repair=0)
     eng.undo(b)
@@ -86,11 +92,7 @@ def test_seam_repair_of_the_whole_segment_equals_recompute(llama_dir: Path) -> N
 
 
 def test_without_repositioning_keys_are_wrong(llama_dir: Path) -> None:
-    eng = _engine_with(llama_dir)
-    a = eng.new_session()
-    eng.append_message(a, "user", "the code for locker 7 is 4 8 2 1")
-    b = eng.new_session()
-    eng.append_message(b, "user", "you are a code locker . " * 4)
+    eng, a, b = _segment_and_context(llama_dir)
     seg = eng.session(a)
     from kvscope.engine.surgery import extract_segment
 
