@@ -26,6 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run_info)
 
+    p = sub.add_parser("sessions", help="list (or delete) the sessions the window saved")
+    p.add_argument("--data-dir", help="data folder (default: KVSCOPE_HOME or the user data folder)")
+    p.add_argument("--delete", metavar="ID", action="append", default=[], help="delete a saved session")
+    p.set_defaults(func=run_sessions)
+
     p = sub.add_parser("export-trace", help="run prompts in one or more sessions and write a Chrome/Perfetto trace")
     p.add_argument("output", help="trace file to write (.json)")
     add_model_arg(p)
@@ -112,4 +117,26 @@ def run_export_trace(args: argparse.Namespace) -> int:
             _report(eng.chat(sid, text, params))
     path = eng.export_trace(args.output)
     print(f"trace written to {path} ({len(eng.events)} events); open it in ui.perfetto.dev or chrome://tracing")
+    return 0
+
+
+def run_sessions(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kvscope.engine.persistence import SessionStore
+
+    store = SessionStore(Path(args.data_dir) if args.data_dir else None)
+    for sid in args.delete:
+        store.delete(sid)
+        print(f"deleted {sid}")
+    rows = store.list()
+    if not rows:
+        print(f"no saved sessions in {store.root}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['id']:>6}  unreadable: {r['error']}")
+        else:
+            print(
+                f"{r['id']:>6}  {r['name']!r:30} {r['tokens']:6d} tokens  model {r['model']} ({r['fingerprint'][:8]})"
+            )
     return 0

@@ -153,3 +153,19 @@ def test_console_script_runs(llama_dir: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "decode" in out.stderr and "tok/s" in out.stderr
+
+
+def test_sessions_lists_and_deletes_saved_sessions(
+    llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvscope.engine import Engine, EngineConfig, SamplingParams
+
+    eng = Engine(EngineConfig(persist=True, data_dir=str(tmp_path)))
+    eng.load(llama_dir)
+    sid = eng.new_session("kept work")
+    eng.chat(sid, "the code ?", SamplingParams(max_tokens=2))
+    assert main(["sessions", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "'kept work'" in out and "tokens" in out
+    assert main(["sessions", "--data-dir", str(tmp_path), "--delete", sid]) == 0
+    assert "no saved sessions" in capsys.readouterr().out
