@@ -16,7 +16,7 @@ system_packages() {
   command -v apt-get >/dev/null || { echo "run.sh: no apt-get; install OpenBLAS yourself for faster CPU prefill" >&2; return 0; }
   local sudo=""
   [ "$(id -u)" = 0 ] || { command -v sudo >/dev/null && sudo="sudo -n" || return 0; }
-  local pkgs="libopenblas0-pthread libgl1 libegl1 libxkbcommon0 libxkbcommon-x11-0 libfontconfig1 libdbus-1-3 libglib2.0-0"
+  local pkgs="libopenblas0-pthread libgl1 libegl1 libxkbcommon0 libxkbcommon-x11-0 libfontconfig1 libdbus-1-3 libglib2.0-0 libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 libxcb-shape0 libxcb-xinerama0 libxcb-randr0 libxcb-render-util0 libxcb-image0"
   if ! dpkg -s $pkgs >/dev/null 2>&1; then
     echo "run.sh: installing system packages: $pkgs" >&2
     $sudo apt-get update -qq >/dev/null 2>&1 || true

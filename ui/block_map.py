@@ -43,6 +43,7 @@ class BlockMap(pg.PlotWidget):
         vb.invertY(True)
         vb.setMouseEnabled(x=True, y=True)
         vb.setLimits(xMin=-1, yMin=-0.5, minXRange=4, minYRange=1)
+        vb.setRange(xRange=(0, 8), yRange=(0, 4), padding=0)  # an empty cache still reads as a map
         self.setLabel("bottom", "block")
         self.setLabel("left", "layer")
         self.hideButtons()
@@ -68,6 +69,7 @@ class BlockMap(pg.PlotWidget):
         if n_blocks == 0:
             self.image.clear()
             self._shape = (n_layers, 0)
+            self.getViewBox().setRange(xRange=(0, 8), yRange=(0, max(n_layers, 1)), padding=0)
             return
         self.image.setImage(block_state.T, autoLevels=False, levels=(0, N_STATES))
         if (n_layers, n_blocks) != self._shape:

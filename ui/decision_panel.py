@@ -104,6 +104,10 @@ class DecisionPanel(QWidget):
         self.mask_img.setImage(snap.token_state.T, autoLevels=False, levels=(0, N_STATES))
         if snap.scores is None:
             self.score_img.clear()
+            n_layers, n_tokens = snap.token_state.shape
+            self.score_plot.getViewBox().setRange(
+                xRange=(0, max(n_tokens, 64)), yRange=(0, max(n_layers, 1)), padding=0
+            )
             self.score_plot.setTitle("policy score: none (no decision with scores yet)")
         else:
             scores = np.nan_to_num(np.asarray(snap.scores, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
@@ -140,4 +144,5 @@ def _image_plot(title: str) -> tuple[pg.PlotWidget, pg.ImageItem]:
     plot.setLabel("bottom", "token")
     plot.setLabel("left", "layer")
     plot.setMinimumHeight(120)
+    plot.getViewBox().setRange(xRange=(0, 64), yRange=(0, 4), padding=0)  # empty until a snapshot
     return plot, img
