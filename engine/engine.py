@@ -14,7 +14,6 @@ the sessions through `Engine.session(sid)`.
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 from collections.abc import Callable
@@ -74,7 +73,7 @@ class Engine(EditingMixin, LifecycleMixin):
         self.store: PrefixStore | None = None
         self._sessions: dict[SessionId, Session] = {}
         self._cancel: dict[SessionId, threading.Event] = {}
-        self._ids = itertools.count(1)
+        self._next_number = 1  # session ids are s1, s2, ...; restored ones move it past theirs
         self._pieces: dict[int, str] = {}
         cfg = self.config
         self.memory_budget_bytes = cfg.memory_budget_bytes or physical_memory_bytes() // 2
@@ -143,7 +142,7 @@ class Engine(EditingMixin, LifecycleMixin):
     # ------------------------------------------------------------ sessions
     def new_session(self, name: str | None = None, system: str | None = None) -> SessionId:
         lm = self.model
-        sid = SessionId(f"s{next(self._ids)}")
+        sid = self.new_session_id()
         s = Session(sid, name or sid, [ScopeKVCache() for _ in range(lm.n_layers)])
         if system:
             s.messages.append({"role": "system", "content": system})
@@ -156,15 +155,18 @@ class Engine(EditingMixin, LifecycleMixin):
         """Make `s` one of the engine's sessions (new, duplicated, restored or imported)."""
         self._sessions[s.id] = s
         self._cancel[s.id] = threading.Event()
-        n = s.id[1:].split("-")[0]
-        if n.isdigit() and int(n) >= self._next_id_hint():
-            self._ids = itertools.count(int(n) + 1)
+        n = s.id[1:]
+        if n.isdigit():
+            self._next_number = max(self._next_number, int(n) + 1)
         self.bus.emit(SessionCreated(self.bus.now_ms(), s.id, s.name))
 
-    def _next_id_hint(self) -> int:
-        probe = next(self._ids)
-        self._ids = itertools.count(probe)
-        return probe
+    def new_session_id(self) -> SessionId:
+        """A fresh id, never one a saved session (of any model) already uses on disk."""
+        while True:
+            sid = SessionId(f"s{self._next_number}")
+            self._next_number += 1
+            if self.persistence is None or not self.persistence.folder(sid).exists():
+                return sid
 
     def session(self, sid: SessionId) -> Session:
         try:
@@ -196,7 +198,7 @@ class Engine(EditingMixin, LifecycleMixin):
     def duplicate_session(self, sid: SessionId, name: str | None = None) -> SessionId:
         """A new session with a copy of `sid`'s messages and cache."""
         src = self.session(sid)
-        new = SessionId(f"s{next(self._ids)}")
+        new = self.new_session_id()
         s = src.clone(new, name or f"{src.name} (copy)")
         self._register(s)
         self.persist(new)

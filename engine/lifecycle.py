@@ -47,7 +47,7 @@ class LifecycleMixin:
     memory_budget_bytes: int
     load_errors: list[str]
     _sessions: dict[SessionId, Session]
-    _ids: Any
+    new_session_id: Callable[[], SessionId]
     _guard: Callable[..., Any]
     session: Callable[[SessionId], Session]
     _register: Callable[[Session], None]
@@ -147,7 +147,7 @@ class LifecycleMixin:
                 except (zipfile.BadZipFile, OSError) as exc:
                     raise SegmentFileError(f"{Path(path).name} is not a readable session file: {exc}") from exc
                 s = load_session_folder(Path(tmp), self.model.fingerprint)
-            s.id = SessionId(f"s{next(self._ids)}")
+            s.id = self.new_session_id()
             s.name = name or s.name
             self._register(s)
             self.persist(s.id)

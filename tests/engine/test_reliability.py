@@ -123,5 +123,6 @@ def test_saved_sessions_of_another_model_stay_on_disk(tmp_path: Path, tiny_model
     a.chat(a.new_session(), "the code ?", SamplingParams(max_tokens=2))
     b = _reopen(data, tiny_model_dirs["qwen2"])
     assert b.sessions() == [] and b.load_errors == []
+    b.chat(b.new_session(), "another model's chat", SamplingParams(max_tokens=2))  # must not overwrite it
     assert len(_reopen(data, tiny_model_dirs["llama"]).sessions()) == 1
     assert os.listdir(data / "sessions")
