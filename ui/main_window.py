@@ -36,7 +36,8 @@ from kvscope.ui.sessions_panel import SessionsPanel
 from kvscope.ui.span_actions import SHORTCUTS
 from kvscope.ui.status import StatusBar
 
-REDRAW_MS = 33
+REDRAW_MS = 33  # idle: 30 Hz
+REDRAW_BUSY_MS = 100  # while a session decodes: 10 Hz leaves the GIL to the decode loop
 EDIT_LABELS = {
     "mask": "Mask span",
     "unmask": "Unmask span",
@@ -249,6 +250,8 @@ class MainWindow(QMainWindow):
     def redraw(self) -> int:
         """One frame: redraw what changed; returns how many widgets drew."""
         drawn = sum(v.refresh() for v in self.views.values())
+        busy = any(v.generating for v in self.views.values())
+        self.redraw_timer.setInterval(REDRAW_BUSY_MS if busy else REDRAW_MS)
         return drawn + int(self.latency.refresh())
 
     # ------------------------------------------------------------ files
