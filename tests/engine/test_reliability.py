@@ -126,3 +126,32 @@ def test_saved_sessions_of_another_model_stay_on_disk(tmp_path: Path, tiny_model
     b.chat(b.new_session(), "another model's chat", SamplingParams(max_tokens=2))  # must not overwrite it
     assert len(_reopen(data, tiny_model_dirs["llama"]).sessions()) == 1
     assert os.listdir(data / "sessions")
+
+
+def test_session_files_round_trip_and_bad_ones_are_refused(tmp_path: Path, llama_dir: Path) -> None:
+    import zipfile
+
+    from kvscope.engine.errors import SegmentFileError
+
+    eng = Engine()
+    eng.load(llama_dir)
+    sid = eng.new_session("work")
+    eng.chat(sid, "the code for locker 7 ?", SamplingParams(max_tokens=3))
+    eng.mask(sid, 2, 5)
+    path = eng.export_session(sid, tmp_path / "work.kvsession")
+    new = eng.import_session(path)
+    a, b = eng.session(sid), eng.session(new)
+    assert a.tokens == b.tokens and a.messages == b.messages
+    assert [c.n_visible for c in a.caches] == [c.n_visible for c in b.caches]
+    before = eng.sessions()
+    junk = tmp_path / "junk.kvsession"
+    junk.write_bytes(b"not a zip at all")
+    with pytest.raises(SegmentFileError, match="not a readable session file"):
+        eng.import_session(junk)
+    evil = tmp_path / "evil.kvsession"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("session.json", "{}")
+        zf.writestr("../../escape.txt", "x")
+    with pytest.raises(SegmentFileError, match="not a kvscope session file"):
+        eng.import_session(evil)
+    assert eng.sessions() == before and not (tmp_path.parent / "escape.txt").exists()
