@@ -26,7 +26,7 @@ import mlx.nn as nn
 import numpy as np
 
 from kvscope.engine.blocks import TokenState
-from kvscope.engine.errors import BusyError, InvalidRequestError
+from kvscope.engine.errors import InvalidRequestError
 from kvscope.engine.events import DecisionApplied, EventBus, SessionId
 from kvscope.engine.kv_cache import ScopeKVCache
 from kvscope.engine.model_loading import LoadedModel
@@ -220,8 +220,7 @@ def compress_loaded(
     **params: Any,
 ) -> Decision:
     """`compress_session` for callers that hold the session, model and bus."""
-    if session.generating:
-        raise BusyError(f"session {session.name} is generating; wait or cancel it before compressing")
+    session.require_idle("compressing")
     return _compress(session, lm, bus, policy, keep_ratio, budget_tokens, **params)
 
 
@@ -277,8 +276,7 @@ def compress_session(
 def replay_decision(engine: Any, sid: SessionId, decision: Decision) -> None:
     """Apply a recorded decision's kept rows to a session holding the same cache."""
     session = engine.session(sid)
-    if session.generating:
-        raise BusyError(f"session {session.name} is generating; wait or cancel it before replaying")
+    session.require_idle("replaying a decision")
     apply_decision(session.caches, decision)
     _record(session, engine.bus, decision, replay=True)
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from kvscope.engine import chat
 from kvscope.engine.blocks import TokenState
-from kvscope.engine.errors import BusyError, InvalidRequestError
+from kvscope.engine.errors import InvalidRequestError
 from kvscope.engine.events import (
     CacheChanged,
     ErratumAppended,
@@ -76,8 +76,7 @@ class EditingMixin:
         undoable: bool = True,
     ) -> FidelityReport:
         s = self.session(sid)
-        if s.generating:
-            raise BusyError(f"session {s.name} is generating: wait for the answer or press stop first")
+        s.require_idle(label)
 
         def run() -> FidelityReport:
             saved = s.clone()
@@ -89,7 +88,7 @@ class EditingMixin:
                 raise
             elapsed = (time.perf_counter() - t0) * 1000
             if undoable:
-                s.undo_stack = (s.undo_stack + [(label, saved)])[-UNDO_DEPTH:]
+                s.push_undo(label, saved, UNDO_DEPTH)
             if fidelity:
                 report = measure(self.model, s, label, elapsed, rows, **extra)
             else:
@@ -122,8 +121,7 @@ class EditingMixin:
     def append_message(self, sid: SessionId, role: str, content: str) -> int:
         """Prefill a message (e.g. a long document) without generating. Returns its token count."""
         s = self.session(sid)
-        if s.generating:
-            raise BusyError(f"session {s.name} is generating: wait for the answer or press stop first")
+        s.require_idle("appending a message")
         self._guard(sid, lambda: self.ensure_budget(len(content) // 2 + 16, "appending this message"))
         n: int = self._guard(sid, lambda: self._append_message(s, role, content, TokenState.COMPUTED))
         s.undo_stack.clear()
@@ -302,11 +300,10 @@ class EditingMixin:
         from kvscope.engine.compression import compress_session
 
         s = self.session(sid)
-        if s.generating:
-            raise BusyError(f"session {s.name} is generating: wait for the answer or press stop first")
+        s.require_idle("compressing")
         saved = s.clone()
         decision = self._guard(sid, lambda: compress_session(self, sid, policy, keep_ratio, budget_tokens, **params))
-        s.undo_stack = (s.undo_stack + [("compress", saved)])[-UNDO_DEPTH:]
+        s.push_undo("compress", saved, UNDO_DEPTH)
         self.persist(sid)
         return decision
 
@@ -315,16 +312,16 @@ class EditingMixin:
         from kvscope.engine.compression import replay_decision
 
         s = self.session(sid)
+        s.require_idle("replaying a decision")
         saved = s.clone()
         self._guard(sid, lambda: replay_decision(self, sid, decision))
-        s.undo_stack = (s.undo_stack + [("replay decision", saved)])[-UNDO_DEPTH:]
+        s.push_undo("replay decision", saved, UNDO_DEPTH)
         self.persist(sid)
 
     def undo(self, sid: SessionId) -> str:
         """Undo the last reversible edit (until the next chat turn). Returns its name."""
         s = self.session(sid)
-        if s.generating:
-            raise BusyError(f"session {s.name} is generating")
+        s.require_idle("undoing")
         if not s.undo_stack:
             raise InvalidRequestError(f"nothing to undo in session {s.name}")
         label, saved = s.undo_stack.pop()

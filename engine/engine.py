@@ -27,7 +27,7 @@ from kvscope.engine import blas
 from kvscope.engine.blocks import DEFAULT_BLOCK_SIZE
 from kvscope.engine.compression import AutoCompress, set_auto_compress
 from kvscope.engine.editing import EditingMixin
-from kvscope.engine.errors import BusyError, InvalidRequestError, KVScopeError, MemoryBudgetError
+from kvscope.engine.errors import InvalidRequestError, KVScopeError, MemoryBudgetError
 from kvscope.engine.events import (
     EngineError,
     Event,
@@ -208,8 +208,7 @@ class Engine(EditingMixin, LifecycleMixin):
     def chat(self, sid: SessionId, user_text: str, params: SamplingParams | None = None) -> TurnResult:
         """One turn: prefill what is not cached, generate, keep the cache (and save it)."""
         s = self.session(sid)
-        if s.generating:
-            raise BusyError(f"session {s.name} is generating; wait or cancel it first")
+        s.require_idle("starting another turn")
         p = params or SamplingParams()
         store = self.store
         assert store is not None

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from kvscope.engine.blocks import TokenState
+from kvscope.engine.errors import BusyError
 from kvscope.engine.events import SessionId
 from kvscope.engine.kv_cache import ScopeKVCache
 
@@ -82,6 +83,15 @@ class Session:
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.caches)
+
+    def require_idle(self, what: str) -> None:
+        """Refuse `what` while the session generates (edits wait for the answer)."""
+        if self.generating:
+            raise BusyError(f"session {self.name} is generating: wait for the answer or press stop before {what}")
+
+    def push_undo(self, label: str, saved: Session, depth: int = 8) -> None:
+        """Remember the state before an edit; the oldest of `depth` entries is dropped."""
+        self.undo_stack = (self.undo_stack + [(label, saved)])[-depth:]
 
     def append_tokens(self, ids: list[int], state: TokenState = TokenState.COMPUTED) -> None:
         """Record tokens the caches are about to receive at the next positions."""
