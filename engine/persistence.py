@@ -38,6 +38,7 @@ from kvscope.engine.events import SessionId
 from kvscope.engine.kv_cache import ScopeKVCache
 from kvscope.engine.segment_file import read_safetensors
 from kvscope.engine.session import Session, TurnStats
+from kvscope.engine.tensor_ops import to_numpy
 
 FORMAT = "kvscope-session"
 VERSION = 1
@@ -75,8 +76,7 @@ def _cache_bytes(s: Session) -> tuple[bytes, str]:
         if c.keys is None or c.values is None:
             continue
         k, v = c.state
-        arrays[f"{i}.keys"] = np.ascontiguousarray(np.array(k))
-        arrays[f"{i}.values"] = np.ascontiguousarray(np.array(v))
+        arrays[f"{i}.keys"], arrays[f"{i}.values"] = to_numpy(k), to_numpy(v)
     data = save(arrays) if arrays else save({"empty": np.zeros(0, np.float32)})
     return data, hashlib.sha256(data).hexdigest()
 

@@ -31,6 +31,7 @@ import numpy as np
 from kvscope.engine.errors import SegmentFileError
 from kvscope.engine.model_loading import LoadedModel
 from kvscope.engine.surgery import Segment
+from kvscope.engine.tensor_ops import to_numpy
 
 FORMAT = "kvscope-segment"
 VERSION = 1
@@ -94,9 +95,7 @@ def write_segment(lm: LoadedModel, seg: Segment, path: str | os.PathLike[str]) -
     ordered: list[np.ndarray] = []
     meta: dict[str, str] = {"2.0": ""}
     for i, (k, v) in enumerate(zip(seg.keys, seg.values)):
-        # mx.take can return a strided layout; safetensors writes raw memory.
-        kn = np.ascontiguousarray(np.array(k.astype(mx.float32)))
-        vn = np.ascontiguousarray(np.array(v.astype(mx.float32)))
+        kn, vn = to_numpy(k, mx.float32), to_numpy(v, mx.float32)
         arrays[f"{i}.0"], arrays[f"{i}.1"] = kn, vn
         arrays[f"{i}.2"] = np.array(seg.n_tokens, np.int32)
         ordered += [kn, vn]

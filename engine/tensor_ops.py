@@ -7,6 +7,7 @@ Knows nothing about sessions, blocks or models.
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 ROW_AXIS = 2
 
@@ -24,3 +25,8 @@ def slice_rows(x: mx.array, lo: int, hi: int) -> mx.array:
 def concat_rows(parts: list[mx.array]) -> mx.array:
     """Concatenate `[B, H, n_i, D]` tensors along the row axis."""
     return mx.concatenate(parts, axis=ROW_AXIS)
+
+
+def to_numpy(x: mx.array, dtype: mx.Dtype | None = None) -> np.ndarray:
+    """A C-contiguous numpy copy; mx.take can yield strided layouts and safetensors writes raw memory."""
+    return np.ascontiguousarray(np.array(x if dtype is None else x.astype(dtype)))
