@@ -65,15 +65,53 @@ def chat_tokens(tok, chat) -> tuple[list[int], list[bool]]:
     return ids, graded
 
 
+def induction_tokens(rng: random.Random, tok, length: int) -> tuple[list[int], list[float]]:
+    """A copy drill: a random run of ordinary tokens, repeated until `length`.
+
+    Only the repeats are predictable, and only by looking back for the
+    earlier occurrence of the current token and copying what followed
+    (an induction head), so the loss on them trains the copy circuit that
+    recall needs. Weight 0 on the first run, 1 on the repeats.
+    """
+    lo = len(tok.all_special_ids)
+    run = [rng.randrange(lo, len(tok)) for _ in range(rng.randint(6, max(8, min(48, length // 2))))]
+    # Starts like every chat, with <|im_start|>: a fixed first token gives
+    # heads a place to park attention (a sink) when they have nothing to
+    # copy. In probes, 64 drills of 64 tokens a step with this sink formed
+    # the copy circuit in ~300 steps; 16 of 128 tokens without it had not
+    # after 1,400 (docs/demo-model.md).
+    ids: list[int] = [tok.convert_tokens_to_ids("<|im_start|>")]
+    weight: list[float] = [0.0]
+    first = True
+    while len(ids) < length:
+        ids += run
+        weight += [0.0 if first else 1.0] * len(run)
+        first = False
+        if rng.random() < 0.5:  # a random gap so copies do not sit at fixed offsets
+            gap = [rng.randrange(lo, len(tok)) for _ in range(rng.randint(1, 16))]
+            ids += gap
+            weight += [0.0] * len(gap)
+    return ids[:length], weight[:length]
+
+
 def make_batch(
-    tok, mix: ChatMix, step: int, length: int, tokens: int, context_weight: float = CONTEXT_WEIGHT, fill: bool = False
+    tok,
+    mix: ChatMix,
+    step: int,
+    length: int,
+    tokens: int,
+    context_weight: float = CONTEXT_WEIGHT,
+    fill: bool = False,
+    induction: float = 0.0,
 ):
     """`tokens // length` chats of about `length` tokens, or with `fill` as many as hold `tokens` tokens.
 
     `fill` keeps a step's size fixed when dense chats (many facts and
     questions) run well past their nominal length.
     """
-    seqs: list[tuple[list[int], list[bool]]] = []
+    seqs: list[tuple[list[int], list[float]]] = []
+    drills: list[bool] = []
+    rng = random.Random(f"induction:{step}")
 
     def short() -> bool:
         if fill:
@@ -81,31 +119,40 @@ def make_batch(
         return len(seqs) < max(1, tokens // length)
 
     while short():
-        seqs.append(chat_tokens(tok, training_chat(step * 1000 + len(seqs), tok, length - 48, mix)))
+        drills.append(rng.random() < induction)
+        if drills[-1]:
+            seqs.append(induction_tokens(rng, tok, length))
+            continue
+        ids_, g = chat_tokens(tok, training_chat(step * 1000 + len(seqs), tok, length - 48, mix))
+        seqs.append((ids_, [1.0 if x else context_weight for x in g]))
     batch = len(seqs)
     n = max(len(s) for s, _ in seqs)
     ids = torch.zeros((batch, n), dtype=torch.long)
     weight = torch.zeros((batch, n))
-    for b, (s, g) in enumerate(seqs):
+    for b, (s, w) in enumerate(seqs):
         ids[b, : len(s)] = torch.tensor(s)
-        weight[b, : len(s)] = torch.tensor([1.0 if x else context_weight for x in g])
+        weight[b, : len(s)] = torch.tensor(w)
         weight[b, 0] = 0.0
     graded = weight == 1.0
-    return ids, weight, graded
+    return ids, weight, graded, torch.tensor(drills)
 
 
-def step_loss(model: Llama, ids, weight, graded, context_weight: float = CONTEXT_WEIGHT):
+def step_loss(model: Llama, ids, weight, graded, drill, context_weight: float = CONTEXT_WEIGHT):
+    """Loss to minimise and, for the log, chat-answer loss, context loss, drill loss, chat exact match."""
     logits = model(ids[:, :-1])
     tgt, w, g = ids[:, 1:], weight[:, 1:], graded[:, 1:]
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none").view_as(w)
-    ans = (ce * g).sum() / g.sum().clamp(min=1)
+    chat, drilled = g & ~drill[:, None], g & drill[:, None]
+    ans = (ce * chat).sum() / chat.sum().clamp(min=1)
+    drill_loss = (ce * drilled).sum() / drilled.sum().clamp(min=1)
+    all_graded = (ce * g).sum() / g.sum().clamp(min=1)
     ctx_mask = (w > 0) & ~g
     ctx = (ce * ctx_mask).sum() / ctx_mask.sum().clamp(min=1)
     with torch.no_grad():
         right = (logits.argmax(-1) == tgt) | ~g
-        # Per-sequence: every graded token right (all answers of the chat).
-        exact = right.all(dim=1).float().mean()
-    return ans + context_weight * ctx, ans.item(), ctx.item(), exact.item()
+        # Per chat: every graded token right (all answers of the chat).
+        exact = right.all(dim=1)[~drill].float().mean() if (~drill).any() else torch.tensor(float("nan"))
+    return all_graded + context_weight * ctx, ans.item(), ctx.item(), drill_loss.item(), exact.item()
 
 
 @torch.no_grad()
@@ -143,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens-per-step", type=int, default=4096)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=2, help="transformer layers (ignored with --resume)")
+    ap.add_argument("--hidden", type=int, default=256, help="hidden size (ignored with --resume)")
+    ap.add_argument("--heads", type=int, default=4, help="query heads, half as many KV heads (ignored with --resume)")
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="chat lengths in tokens")
     ap.add_argument("--length-weights", default=",".join(map(str, LENGTH_WEIGHTS)))
@@ -152,6 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--facts-per-128", type=int, default=ChatMix.facts_per_128)
     ap.add_argument("--context-weight", type=float, default=CONTEXT_WEIGHT, help="loss weight of non-answer tokens")
     ap.add_argument("--fill-tokens", action="store_true", help="fill each step to --tokens-per-step real tokens")
+    ap.add_argument(
+        "--induction", type=float, default=0.0, help="share of a step's sequences that are copy drills (repeated runs)"
+    )
+    ap.add_argument(
+        "--drill-steps", type=int, default=0, help="first steps that are copy drills only (64-token sequences)"
+    )
+    ap.add_argument(
+        "--induction-until", type=float, default=1.0, help="fraction of the run after which copy drills stop"
+    )
     ap.add_argument("--probe-n", type=int, default=10, help="held-out episodes per probe cell")
     ap.add_argument("--probe-cells", default="recall@512,recall@1024,recall@2048,decision@1024")
     ap.add_argument(
@@ -171,7 +230,22 @@ def main(argv: list[str] | None = None) -> int:
     if not args.resume:
         build_tokenizer(args.out, vocab_size=LlamaConfig().vocab_size)
     tok = AutoTokenizer.from_pretrained(str(args.out))
-    model = Llama(LlamaConfig(vocab_size=len(tok)))
+    if args.resume:
+        config = json.loads((args.out / "config.json").read_text())
+        layers, hidden, heads = config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"]
+    else:
+        layers, hidden, heads = args.layers, args.hidden, args.heads
+    model = Llama(
+        LlamaConfig(
+            vocab_size=len(tok),
+            num_hidden_layers=layers,
+            hidden_size=hidden,
+            intermediate_size=hidden * 11 // 4,
+            num_attention_heads=heads,
+            num_key_value_heads=heads // 2,
+            head_dim=hidden // heads,
+        )
+    )
     if args.resume:
         model.load_state_dict(load_file(str(args.out / "model.safetensors")))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
@@ -198,12 +272,22 @@ def main(argv: list[str] | None = None) -> int:
     while step - first_step < args.max_steps and time.time() - start - t0 < budget:
         frac = (time.time() - start - t0) / budget
         length = rng.choice(lengths[:2]) if frac < 0.15 else rng.choices(lengths, weights)[0]
-        ids, weight, graded = make_batch(
-            tok, mix, step, length, args.tokens_per_step, args.context_weight, args.fill_tokens
+        drilling = step < args.drill_steps
+        if drilling:
+            length = 64
+        ids, weight, graded, drill = make_batch(
+            tok,
+            mix,
+            step,
+            length,
+            args.tokens_per_step,
+            args.context_weight,
+            args.fill_tokens,
+            1.0 if drilling else args.induction if frac < args.induction_until else 0.0,
         )
         for g in opt.param_groups:
             g["lr"] = lr_at(frac, args.lr)
-        loss, ans, ctx, exact = step_loss(model, ids, weight, graded, args.context_weight)
+        loss, ans, ctx, drill_loss, exact = step_loss(model, ids, weight, graded, drill, args.context_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -214,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             "len": length,
             "loss_answer": round(ans, 4),
             "loss_context": round(ctx, 4),
+            "loss_drill": round(drill_loss, 4),
             "train_exact": exact,
         }
         if step % args.eval_every == 0 or step == first_step or time.time() - start - t0 >= budget:
