@@ -3,14 +3,13 @@
 Promises: held-out episodes (`make_episodes`), a runner protocol that any
 cache strategy can implement (`Runner`, `RunResult`), grading (`score`,
 `format_table`), the default full-cache mlx-lm runner (`MlxRunner`, import
-it from `kvscope.engine.tasks.mlx_runner`; it is not imported here so the
-episode code stays free of mlx), and the bundled demo model's location.
+it from `kvscope.engine.tasks.mlx_runner`), and the bundled demo model's
+location (re-exported from `kvscope.engine.model_loading`).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from kvscope.engine.model_loading import demo_model_path
 from kvscope.engine.tasks.episodes import (
     KINDS,
     Episode,
@@ -30,14 +29,6 @@ from kvscope.engine.tasks.scoring import (
     format_table,
     score,
 )
-
-
-def demo_model_path() -> Path:
-    """Folder of the bundled demo model (loadable with `mlx_lm.load`)."""
-    import kvscope.assets
-
-    return Path(kvscope.assets.__file__).resolve().parent / "models" / "kvscope-demo"
-
 
 __all__ = [
     "KINDS",
