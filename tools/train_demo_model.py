@@ -109,31 +109,34 @@ def make_batch(
     `fill` keeps a step's size fixed when dense chats (many facts and
     questions) run well past their nominal length.
     """
-    seqs: list[tuple[list[int], list[float]]] = []
+    seqs: list[tuple[list[int], list[float], list[bool]]] = []
     drills: list[bool] = []
     rng = random.Random(f"induction:{step}")
 
     def short() -> bool:
         if fill:
-            return not seqs or sum(len(s) for s, _ in seqs) < tokens
+            return not seqs or sum(len(s) for s, _, _ in seqs) < tokens
         return len(seqs) < max(1, tokens // length)
 
     while short():
         drills.append(rng.random() < induction)
         if drills[-1]:
-            seqs.append(induction_tokens(rng, tok, length))
+            ids_, w = induction_tokens(rng, tok, length)
+            seqs.append((ids_, w, [x > 0 for x in w]))
             continue
         ids_, g = chat_tokens(tok, training_chat(step * 1000 + len(seqs), tok, length - 48, mix))
-        seqs.append((ids_, [1.0 if x else context_weight for x in g]))
+        seqs.append((ids_, [1.0 if x else context_weight for x in g], g))
     batch = len(seqs)
-    n = max(len(s) for s, _ in seqs)
+    n = max(len(s) for s, _, _ in seqs)
     ids = torch.zeros((batch, n), dtype=torch.long)
     weight = torch.zeros((batch, n))
-    for b, (s, w) in enumerate(seqs):
+    graded = torch.zeros((batch, n), dtype=torch.bool)
+    for b, (s, w, g) in enumerate(seqs):
         ids[b, : len(s)] = torch.tensor(s)
         weight[b, : len(s)] = torch.tensor(w)
+        graded[b, : len(s)] = torch.tensor(g)
         weight[b, 0] = 0.0
-    graded = weight == 1.0
+        graded[b, 0] = False
     return ids, weight, graded, torch.tensor(drills)
 
 
