@@ -9,7 +9,7 @@ Usage (never in CI): the shipped model's three phases (docs/demo-model.md):
         --repeat-facts 0.5 --min-facts 6 --facts-per-128 3 --induction 0.25 \
         --fill-tokens --probe-n 16 --probe-cells recall@512,decision@512
     python tools/train_demo_model.py --out /tmp/demo --resume --threads 2 \
-        --minutes 72 --max-steps 500 --lr 3e-3 --lengths 256,512 \
+        --minutes 72 --max-steps 500 --lr 3e-3 --lengths 256,512 --length-weights 0.5,0.5 \
         --max-questions 8 --repeat-facts 0.3 --min-facts 4 --facts-per-128 2 \
         --induction 0.1 --fill-tokens --probe-n 16 \
         --probe-cells recall@512,recall@2048,decision@1024 --keep-best
