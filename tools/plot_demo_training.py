@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log", type=Path, default=REPO / "assets/models/kvscope-demo/training_log.jsonl")
     ap.add_argument("--out", type=Path, default=REPO / "docs/demo-model-training.png")
     ap.add_argument("--phases", default="", help="steps where a --resume phase began, comma-separated")
+    ap.add_argument("--probe-n", type=int, default=16, help="episodes per probe cell (the trainer's --probe-n)")
     args = ap.parse_args(argv)
 
     import matplotlib
@@ -40,12 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     train = [r for r in rows if "loss_answer" in r]
     evals = [r for r in rows if any(k.startswith("heldout_") for k in r)]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    minutes = [r["t"] / 60 for r in train]
-    ax1.plot(minutes, smooth([r["loss_answer"] for r in train]), label="answer tokens")
-    ax1.plot(minutes, smooth([r["loss_context"] for r in train]), label="other tokens")
-    ax1.set(
-        xlabel="wall time (min, 2 CPU threads)", ylabel="cross-entropy (smoothed)", title="Training loss", yscale="log"
-    )
+    # Drill-only steps log 0 for the chat losses, chat-only steps 0 for the drill.
+    for key, label in (
+        ("loss_answer", "chat answers"),
+        ("loss_context", "other chat tokens"),
+        ("loss_drill", "copy drills"),
+    ):
+        pts = [(r["t"] / 60, r[key]) for r in train if r.get(key, 0.0) > 0.0]
+        if pts:
+            ax1.plot([t for t, _ in pts], smooth([v for _, v in pts]), label=label)
+    ax1.set(xlabel="wall time (min, CPU)", ylabel="cross-entropy (smoothed)", title="Training loss", yscale="log")
     ax1.legend()
     keys = sorted({k for r in evals for k in r if k.startswith("heldout_")})
     for key in keys:
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         xlabel="wall time (min)",
         ylabel="exact match",
         ylim=(-0.02, 1.02),
-        title="Held-out episodes (10 each, depth 0.5)",
+        title=f"Held-out probe ({args.probe_n} episodes a cell, depth 0.5)",
     )
     ax2.legend(fontsize=8)
     fig.tight_layout()
