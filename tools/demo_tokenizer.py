@@ -15,9 +15,15 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from kvscope.engine.tasks.corpus import tokenizer_corpus
+from kvscope.engine.tasks.vocab import SYSTEM_PROMPT
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# A chat without a system message gets the one the demo model was trained
+# with (as Qwen's template does), so it answers in the format it knows.
 CHAT_TEMPLATE = (
+    "{% if not messages or messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\n' + '" + SYSTEM_PROMPT + "' + '<|im_end|>' + '\\n' }}"
+    "{% endif %}"
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
     "{% endfor %}"

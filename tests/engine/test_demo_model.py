@@ -12,6 +12,7 @@ from kvscope.app import cmd_eval
 from kvscope.engine.tasks import demo_model_path, make_episodes, score
 from kvscope.engine.tasks.mlx_runner import MlxRunner
 from kvscope.engine.tasks.scoring import eos_ids
+from kvscope.engine.tasks.vocab import SYSTEM_PROMPT
 
 # mlx is imported inside the tests, after kvscope.engine pointed it at a fast BLAS.
 
@@ -37,10 +38,17 @@ def test_folder_is_small_llama_with_gqa_and_documented() -> None:
 
 def test_tokenizer_speaks_chatml_and_splits_digits(loaded) -> None:
     _, tok = loaded
-    prompt = tok.apply_chat_template(
+    own = tok.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    assert own == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n"
+    # Without a system message the template supplies the one the model was trained with.
+    default = tok.apply_chat_template(
         [{"role": "user", "content": "Hello!"}], add_generation_prompt=True, tokenize=False
     )
-    assert prompt == "<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n"
+    assert default == own.replace("Be brief.", SYSTEM_PROMPT)
     assert tok.convert_tokens_to_ids("<|im_end|>") in tok.eos_token_ids
     digits = tok.encode("4821", add_special_tokens=False)
     assert [tok.decode([t]) for t in digits] == ["4", "8", "2", "1"]
@@ -57,14 +65,28 @@ def test_greeting_gets_an_english_reply_that_ends_its_turn(loaded) -> None:
     assert len(reply.split()) >= 3
 
 
-# The target. The shipped checkpoint does not reach it yet (see
+def test_demo_model_decides_from_the_record(loaded) -> None:
+    model, tok = loaded
+    episodes = make_episodes("decision", 10, 512, 0.5, seed=11, tokenizer=tok)
+    scores = score(episodes, MlxRunner(model, eos_ids(tok)), tok)
+    assert scores.accuracy >= 0.9, [(r.expected, r.generated) for r in scores.rows]
+
+
+def test_demo_model_recalls_most_held_out_facts(loaded) -> None:
+    # v2 recalls 60-75% at 512-1024 tokens (docs/demo-model.md); v1 guessed (15%).
+    model, tok = loaded
+    episodes = make_episodes("recall", 10, 512, 0.5, seed=11, tokenizer=tok)
+    scores = score(episodes, MlxRunner(model, eos_ids(tok)), tok)
+    assert scores.accuracy >= 0.5, [(r.expected, r.generated) for r in scores.rows]
+
+
+# The recall target. The shipped checkpoint does not reach it yet (see
 # docs/demo-model.md); strict=False keeps the suite green and reports XPASS
 # once a retrained model does — then drop the marker.
-@pytest.mark.xfail(reason="demo model below the 90% target; retrain (docs/demo-model.md)", strict=False)
-@pytest.mark.parametrize("kind", ["recall", "decision"])
-def test_demo_model_answers_held_out_episodes(loaded, kind: str) -> None:
+@pytest.mark.xfail(reason="demo model recall below the 90% target; retrain (docs/demo-model.md)", strict=False)
+def test_demo_model_meets_the_recall_target(loaded) -> None:
     model, tok = loaded
-    episodes = make_episodes(kind, 10, 512, 0.5, seed=11, tokenizer=tok)
+    episodes = make_episodes("recall", 10, 512, 0.5, seed=11, tokenizer=tok)
     scores = score(episodes, MlxRunner(model, eos_ids(tok)), tok)
     assert scores.accuracy >= 0.9, [(r.expected, r.generated) for r in scores.rows]
 
@@ -81,9 +103,7 @@ def test_trained_model_remembers_far_better_than_random_weights(loaded) -> None:
     episodes = make_episodes("recall", 10, 512, 0.5, seed=11, tokenizer=tok)
     trained = score(episodes, MlxRunner(model, eos_ids(tok)), tok)
     untrained = score(episodes, MlxRunner(random_model, eos_ids(tok)), tok)
-    assert untrained.accuracy == 0.0
-    # The shipped checkpoint's exact-match recall is low (docs/demo-model.md), so the
-    # gap is asserted on the answer log-prob, which grading computes for both.
+    assert untrained.accuracy == 0.0 < trained.accuracy
     assert trained.mean_answer_logprob > untrained.mean_answer_logprob + 30
 
 
