@@ -57,9 +57,10 @@ case "$cmd" in
       exec "$VENV/bin/kvscope" "$@"
     fi
     echo "run.sh: no display found; running the headless demo chat instead of the window" >&2
-    exec "$VENV/bin/kvscope" chat --system "You are a helpful assistant." \
-      --prompt "Hello! Please remember: the code for locker 7 is 4821." \
-      --prompt "What is the code for locker 7?" "$@"
+    exec "$VENV/bin/kvscope" chat \
+      --prompt $'Notes:\nThe code for locker 7 is 4821.\nTeam Falcon meets in room 212.' \
+      --prompt "What is the code for locker 7?" \
+      --prompt "Which room does team Falcon meet in?" "$@"
     ;;
   *) echo "usage: ./run.sh [run|test|setup] [args...]" >&2; exit 2 ;;
 esac

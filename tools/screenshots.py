@@ -18,9 +18,14 @@ from pathlib import Path
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-SYSTEM = (
-    "You are a careful assistant. The locker code is 4 8 1 5. The red door opens at nine. "
-    "Answer briefly and use only the facts given here."
+from kvscope.engine.tasks.vocab import SYSTEM_PROMPT  # noqa: E402
+
+# The demo model's own format: its system prompt, then a notes turn, then questions.
+# Both sessions send the same notes, so they share the system + notes prefix.
+SYSTEM = SYSTEM_PROMPT
+NOTES = (
+    "Notes:\nThe code for locker 7 is 4815.\nThe old farmer walked to the market in the morning.\n"
+    "Team Falcon meets in room 212.\nMira's favourite colour is teal.\nThe red door opens at nine."
 )
 
 
@@ -93,12 +98,14 @@ def _scenes(app: object, win: object, out: Path, model: str | None) -> int:
     wait_until(app, lambda: len(win.views) == 1)
     a = win.active_view()
     a.max_tokens.setValue(40)
-    chat(app, win, a, "What is the locker code?")
+    chat(app, win, a, NOTES)
+    chat(app, win, a, "What is the code for locker 7?")
     win.new_session("bob", SYSTEM)
     wait_until(app, lambda: len(win.views) == 2)
     b = win.active_view()
     b.max_tokens.setValue(40)
-    chat(app, win, b, "When does the red door open?")
+    chat(app, win, b, NOTES)
+    chat(app, win, b, "Which room does team Falcon meet in?")
     win.tabs.setCurrentWidget(win.latency)
     settle(app, win)
     shoot(win, out, "shared_prefix.png")
