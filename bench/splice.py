@@ -71,7 +71,7 @@ def main() -> None:
     args = p.parse_args()
     eng = Engine()
     lm = eng.load(resolve_model(args.model))
-    params = SamplingParams(max_tokens=8)
+    params = SamplingParams(max_tokens=24)  # the longest reply is 14 tokens + end of turn
     print(f"model: {lm.name}; {args.n} recall episodes per context, facts at depth 0.5")
     print(
         f"{'context':>7} {'variant':>16} {'TTFT ms':>8} {'speed-up':>8} {'cosine':>7} {'KL':>7} {'top-1':>6} {'recall':>6}"

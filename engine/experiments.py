@@ -27,7 +27,9 @@ if TYPE_CHECKING:
     from kvscope.engine.engine import Engine
     from kvscope.engine.events import SessionId
 
-ANSWER = SamplingParams(max_tokens=8)
+# Room for the longest expected reply ("The phone extension of Dmitri is 12345." is
+# 14 tokens) plus its end-of-turn; shorter budgets cut answers and grade them wrong.
+ANSWER = SamplingParams(max_tokens=24)
 
 
 @dataclass

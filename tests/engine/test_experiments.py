@@ -31,3 +31,6 @@ def test_erratum_prefills_far_less_than_recompute(demo: Engine) -> None:
     assert {t.n for t in (stale, err, over, full)} == {2}
     assert err.mean_prefilled < full.mean_prefilled / 4
     assert over.mean_prefilled < full.mean_prefilled / 4
+    # The demo model decides from the record: recomputing the corrected record
+    # gives the new decision, leaving the cache uncorrected keeps the old one.
+    assert full.accuracy == 1.0 and stale.accuracy == 0.0
