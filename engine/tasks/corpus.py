@@ -6,9 +6,11 @@ episodes from `episodes.make_episodes` stay held out. `tokenizer_corpus`
 yields raw text (no tokenizer needed) to train the BPE vocabulary on.
 
 A training chat is: system, optional small talk, the notes (filler, facts,
-maybe a record and `[update]` lines), "Noted.", then 1-6 questions, maybe
-an `[update]` turn between them. Answers are the short strings the
-evaluation expects ("4821", "teal", "no").
+maybe a record and `[update]` lines), "Noted.", then 1..`max_questions`
+questions, maybe an `[update]` turn between them. Answers are the replies
+the evaluation expects: the restated fact ("The code for locker 7 is
+4821.") or the field then the verdict ("The status is blocked, so no.").
+The copy drills the trainer mixes in live in tools/train_demo_model.py.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ TRAIN_STREAM = "train"
 
 @dataclass(frozen=True)
 class ChatMix:
-    """Knobs of the training stream; the defaults are phase 1 of the shipped model.
+    """Knobs of the training stream; the defaults are v1's first phase (the
+    shipped v2 sets every knob from the trainer's flags, docs/demo-model.md).
 
     Attributes:
         max_questions: questions per chat are drawn from 1..max_questions.
