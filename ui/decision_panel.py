@@ -102,12 +102,14 @@ class DecisionPanel(QWidget):
         if snap.session != self.session:
             return
         self.mask_img.setImage(snap.token_state.T, autoLevels=False, levels=(0, N_STATES))
+        # The plots' ranges were pinned while empty, which turns auto-range off:
+        # show the whole layer x token grid of this snapshot.
+        n_layers, n_tokens = snap.token_state.shape
+        whole = {"xRange": (0, max(n_tokens, 1)), "yRange": (0, max(n_layers, 1)), "padding": 0}
+        self.mask_plot.getViewBox().setRange(**whole)
+        self.score_plot.getViewBox().setRange(**whole)
         if snap.scores is None:
             self.score_img.clear()
-            n_layers, n_tokens = snap.token_state.shape
-            self.score_plot.getViewBox().setRange(
-                xRange=(0, max(n_tokens, 64)), yRange=(0, max(n_layers, 1)), padding=0
-            )
             self.score_plot.setTitle("policy score: none (no decision with scores yet)")
         else:
             scores = np.nan_to_num(np.asarray(snap.scores, np.float32), nan=0.0, posinf=0.0, neginf=0.0)

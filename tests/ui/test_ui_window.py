@@ -164,6 +164,12 @@ def test_apply_policy_from_decision_panel(qtbot, window):
     assert view.sid in panel.decisions
     assert panel.decisions[view.sid].policy in panel.summary.text()
     assert (view.strip.states == TokenState.EVICTED).any()
+    # The keep-mask and score plots show the whole layer x token grid, not a fixed corner.
+    n_layers, n_tokens = snap.token_state.shape
+    assert n_tokens > 64
+    for plot in (panel.mask_plot, panel.score_plot):
+        (x0, x1), (y0, y1) = plot.getViewBox().viewRange()
+        assert x0 <= 0 and x1 >= n_tokens and y0 <= 0 and y1 >= n_layers
 
 
 def test_export_trace(qtbot, window, tmp_path):
