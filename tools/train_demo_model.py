@@ -235,9 +235,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--drill-steps", type=int, default=0, help="first steps that are copy drills only (64-token sequences)"
     )
-    ap.add_argument(
-        "--induction-until", type=float, default=1.0, help="fraction of the run after which copy drills stop"
-    )
     ap.add_argument("--probe-n", type=int, default=10, help="held-out episodes per probe cell")
     ap.add_argument("--probe-cells", default="recall@512,recall@1024,recall@2048,decision@1024")
     ap.add_argument(
@@ -258,21 +255,19 @@ def main(argv: list[str] | None = None) -> int:
         build_tokenizer(args.out, vocab_size=LlamaConfig().vocab_size)
     tok = AutoTokenizer.from_pretrained(str(args.out))
     if args.resume:
-        config = json.loads((args.out / "config.json").read_text())
-        layers, hidden, heads = config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"]
+        saved = json.loads((args.out / "config.json").read_text())
+        config = LlamaConfig(**{f: saved[f] for f in LlamaConfig.__dataclass_fields__})
     else:
-        layers, hidden, heads = args.layers, args.hidden, args.heads
-    model = Llama(
-        LlamaConfig(
+        config = LlamaConfig(
             vocab_size=len(tok),
-            num_hidden_layers=layers,
-            hidden_size=hidden,
-            intermediate_size=hidden * 11 // 4,
-            num_attention_heads=heads,
-            num_key_value_heads=heads // 2,
-            head_dim=hidden // heads,
+            num_hidden_layers=args.layers,
+            hidden_size=args.hidden,
+            intermediate_size=args.hidden * 11 // 4,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.heads // 2,
+            head_dim=args.hidden // args.heads,
         )
-    )
+    model = Llama(config)
     if args.resume:
         model.load_state_dict(load_file(str(args.out / "model.safetensors")))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
@@ -310,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             args.tokens_per_step,
             args.context_weight,
             args.fill_tokens,
-            1.0 if drilling else args.induction if frac < args.induction_until else 0.0,
+            1.0 if drilling else args.induction,
         )
         for g in opt.param_groups:
             g["lr"] = lr_at(frac, args.lr)
