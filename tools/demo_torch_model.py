@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -133,6 +133,31 @@ class Llama(nn.Module):
             h = layer(h)
         h = self.model.norm(h)
         return h @ self.model.embed_tokens.weight.T
+
+
+def grow(model: Llama, new_at: list[int]) -> Llama:
+    """A deeper copy of `model` with fresh layers inserted at `new_at` (indices in the new stack).
+
+    The new layers' output projections (o_proj, down_proj) start at zero, so
+    each adds nothing to the residual stream and the grown model computes
+    exactly what `model` did (block expansion, as in LLaMA Pro); training then
+    moves them. Existing layers keep their order and weights.
+    """
+    depth = model.config.num_hidden_layers + len(new_at)
+    if sorted(set(new_at)) != sorted(new_at) or not all(0 <= i < depth for i in new_at):
+        raise ValueError(f"new layer indices {new_at} must be distinct and within 0..{depth - 1}")
+    config = replace(model.config, num_hidden_layers=depth)
+    grown = Llama(config)
+    grown.model.embed_tokens.load_state_dict(model.model.embed_tokens.state_dict())
+    grown.model.norm.load_state_dict(model.model.norm.state_dict())
+    old = iter(model.model.layers)
+    for i, layer in enumerate(grown.model.layers):
+        if i in new_at:
+            nn.init.zeros_(layer.self_attn.o_proj.weight)
+            nn.init.zeros_(layer.mlp.down_proj.weight)
+        else:
+            layer.load_state_dict(next(old).state_dict())
+    return grown
 
 
 def export_mlx(model: Llama, out_dir: Path, eos_token_id: int, bos_token_id: int) -> int:

@@ -55,7 +55,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_tokenizer import build_tokenizer  # noqa: E402
-from demo_torch_model import Llama, LlamaConfig, export_mlx  # noqa: E402
+from demo_torch_model import Llama, LlamaConfig, export_mlx, grow  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from kvscope.engine.tasks.corpus import ChatMix, training_chat  # noqa: E402
@@ -83,8 +83,12 @@ def chat_tokens(tok, chat) -> tuple[list[int], list[bool]]:
     return ids, graded
 
 
-def induction_tokens(rng: random.Random, tok, length: int) -> tuple[list[int], list[float]]:
+def induction_tokens(rng: random.Random, tok, length: int, digits: bool = False) -> tuple[list[int], list[float]]:
     """A copy drill: a random run of ordinary tokens, repeated until `length`.
+
+    With `digits` the run is digits only (ten symbols), so one token of
+    context does not say where the copy stands: the model must match the
+    last few tokens, as copying a phone extension among other numbers does.
 
     Only the repeats are predictable, and only by looking back for the
     earlier occurrence of the current token and copying what followed
@@ -92,7 +96,8 @@ def induction_tokens(rng: random.Random, tok, length: int) -> tuple[list[int], l
     recall needs. Weight 0 on the first run, 1 on the repeats.
     """
     lo = len(tok.all_special_ids)
-    run = [rng.randrange(lo, len(tok)) for _ in range(rng.randint(6, max(8, min(48, length // 2))))]
+    alphabet = [tok.convert_tokens_to_ids(d) for d in "0123456789"] if digits else list(range(lo, len(tok)))
+    run = [rng.choice(alphabet) for _ in range(rng.randint(6, max(8, min(48, length // 2))))]
     # Starts like every chat, with <|im_start|>: a fixed first token gives
     # heads a place to park attention (a sink) when they have nothing to
     # copy. In probes, 64 drills of 64 tokens a step with this sink formed
@@ -106,7 +111,7 @@ def induction_tokens(rng: random.Random, tok, length: int) -> tuple[list[int], l
         weight += [0.0 if first else 1.0] * len(run)
         first = False
         if rng.random() < 0.5:  # a random gap so copies do not sit at fixed offsets
-            gap = [rng.randrange(lo, len(tok)) for _ in range(rng.randint(1, 16))]
+            gap = [rng.choice(alphabet) for _ in range(rng.randint(1, 16))]
             ids += gap
             weight += [0.0] * len(gap)
     return ids[:length], weight[:length]
@@ -121,6 +126,7 @@ def make_batch(
     context_weight: float = CONTEXT_WEIGHT,
     fill: bool = False,
     induction: float = 0.0,
+    digit_drills: float = 0.0,
 ):
     """`tokens // length` chats of about `length` tokens, or with `fill` as many as hold `tokens` tokens.
 
@@ -139,7 +145,7 @@ def make_batch(
     while short():
         drills.append(rng.random() < induction)
         if drills[-1]:
-            ids_, w = induction_tokens(rng, tok, length)
+            ids_, w = induction_tokens(rng, tok, length, digits=digit_drills > 0 and rng.random() < digit_drills)
             seqs.append((ids_, w, [x > 0 for x in w]))
             continue
         ids_, g = chat_tokens(tok, training_chat(step * 1000 + len(seqs), tok, length - 48, mix))
@@ -232,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--induction", type=float, default=0.0, help="share of a step's sequences that are copy drills (repeated runs)"
     )
+    ap.add_argument("--digit-drills", type=float, default=0.0, help="share of copy drills whose runs are digits only")
+    ap.add_argument(
+        "--grow-at",
+        default="",
+        help="with --resume: insert fresh layers at these indices of the new stack (zero output, so nothing changes at first)",
+    )
     ap.add_argument(
         "--drill-steps", type=int, default=0, help="first steps that are copy drills only (64-token sequences)"
     )
@@ -270,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     model = Llama(config)
     if args.resume:
         model.load_state_dict(load_file(str(args.out / "model.safetensors")))
+        if args.grow_at:
+            model = grow(model, [int(i) for i in args.grow_at.split(",")])
+            config = model.config
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
     cells = [c.split("@") for c in args.probe_cells.split(",")]
     held = {f"{k}@{n}": make_episodes(k, args.probe_n, int(n), 0.5, 7, tok) for k, n in cells}
@@ -306,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             args.context_weight,
             args.fill_tokens,
             1.0 if drilling else args.induction,
+            args.digit_drills,
         )
         for g in opt.param_groups:
             g["lr"] = lr_at(frac, args.lr)

@@ -1,0 +1,62 @@
+"""The demo model's trainer (tools/): only where PyTorch, the `train` extra, is installed."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+from demo_torch_model import Llama, LlamaConfig, grow  # noqa: E402
+
+
+def small() -> Llama:
+    torch.manual_seed(0)
+    return Llama(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, head_dim=8, intermediate_size=64))
+
+
+def test_grown_model_computes_what_the_original_did_until_trained() -> None:
+    model = small()
+    ids = torch.randint(0, 64, (2, 24))
+    grown = grow(model, [1, 3])
+    assert grown.config.num_hidden_layers == 4
+    assert torch.allclose(grown(ids), model(ids), atol=1e-6)
+    # The old layers sit at 0 and 2, in order, with their weights.
+    for new, old in ((0, 0), (2, 1)):
+        assert torch.equal(
+            grown.model.layers[new].self_attn.q_proj.weight, model.model.layers[old].self_attn.q_proj.weight
+        )
+    # And the new layers learn: one step moves the output off the original.
+    opt = torch.optim.SGD(grown.parameters(), lr=0.5)
+    loss = torch.nn.functional.cross_entropy(grown(ids[:, :-1]).reshape(-1, 64), ids[:, 1:].reshape(-1))
+    loss.backward()
+    opt.step()
+    assert grown.model.layers[1].self_attn.o_proj.weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("at", [[5], [1, 1], [-1]])
+def test_grow_rejects_bad_positions(at) -> None:
+    with pytest.raises(ValueError, match="new layer indices"):
+        grow(small(), at)
+
+
+def test_digit_drill_repeats_a_digit_run() -> None:
+    from train_demo_model import induction_tokens
+    from transformers import AutoTokenizer
+
+    from kvscope.engine.tasks import demo_model_path
+
+    tok = AutoTokenizer.from_pretrained(str(demo_model_path()))
+    ids, weight = induction_tokens(random.Random(3), tok, 96, digits=True)
+    text = tok.decode(ids[1:])
+    assert len(ids) == 96 and set(text) <= set("0123456789")
+    start = weight.index(1.0)
+    end = next((i for i in range(start, 96) if weight[i] == 0.0), 96)
+    # The graded tokens are copies of the run that opened the drill.
+    runs = [n for n in range(6, start) if ids[start : start + n] == ids[1 : 1 + n]]
+    assert runs, "the first graded tokens do not repeat the opening run"
+    n = runs[-1]
+    assert all(ids[i] == ids[i - n] for i in range(start + n, end))
