@@ -233,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat-facts", type=float, default=ChatMix.repeat_facts)
     ap.add_argument("--min-facts", type=int, default=ChatMix.min_facts)
     ap.add_argument("--facts-per-128", type=int, default=ChatMix.facts_per_128)
+    ap.add_argument(
+        "--same-kind", type=float, default=ChatMix.same_kind, help="chance a chat adds 4-10 facts of one kind"
+    )
     ap.add_argument("--context-weight", type=float, default=CONTEXT_WEIGHT, help="loss weight of non-answer tokens")
     ap.add_argument("--fill-tokens", action="store_true", help="fill each step to --tokens-per-step real tokens")
     ap.add_argument(
@@ -258,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    mix = ChatMix(args.max_questions, args.repeat_facts, args.min_facts, args.facts_per_128)
+    mix = ChatMix(args.max_questions, args.repeat_facts, args.min_facts, args.facts_per_128, args.same_kind)
     lengths = [int(x) for x in args.lengths.split(",")]
     weights = [float(x) for x in args.length_weights.split(",")]
     torch.set_num_threads(args.threads)

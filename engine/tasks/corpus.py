@@ -37,12 +37,16 @@ class ChatMix:
         min_facts, facts_per_128: fact density of the notes; raising them
             packs more key -> value lookups into a short chat (the lookup
             curriculum of the second training run).
+        same_kind: chance that a chat adds 4-10 facts of one kind (hard
+            distractors: "X lives in the city of Y" x 8 differ only in X and
+            Y, so the lookup must match the whole key, not the sentence shape).
     """
 
     max_questions: int = 6
     repeat_facts: float = 0.0
     min_facts: int = 2
     facts_per_128: int = 1
+    same_kind: float = 0.0
 
     def n_facts(self, rng: random.Random, context_tokens: int) -> int:
         """Facts in a chat: `min_facts`..`4 + facts_per_128` per 128 tokens of notes."""
@@ -77,6 +81,10 @@ def training_chat(seed: int, tokenizer: ChatTokenizer, context_tokens: int, mix:
     facts: list[text.Fact] = []
     for _ in range(n_facts):
         facts.append(text.make_fact(rng, None, frozenset(f.key for f in facts)))
+    if mix.same_kind > 0 and rng.random() < mix.same_kind:  # guarded: the default stream draws nothing here
+        kind = rng.choice(text.FACT_KINDS)
+        for _ in range(rng.randint(4, 10)):
+            facts.append(text.make_fact(rng, None, frozenset(f.key for f in facts), kind))
     record = text.make_record(rng) if rng.random() < 0.6 else None
     anchored: list[tuple[str, float]] = []
     inline: dict[str, str] = {}

@@ -128,18 +128,25 @@ def _fact_phone(rng: random.Random) -> Fact:
     )
 
 
-FACT_MAKERS = (_fact_code, _fact_colour, _fact_room, _fact_city, _fact_pet, _fact_phone)
+FACT_MAKERS = (_fact_code, _fact_colour, _fact_room, _fact_city, _fact_pet, _fact_phone)  # in FACT_KINDS order
 
 
-def make_fact(rng: random.Random, heldout: bool | None = None, taken: frozenset[str] = frozenset()) -> Fact:
+FACT_KINDS: tuple[str, ...] = ("code", "colour", "room", "city", "pet", "phone")
+
+
+def make_fact(
+    rng: random.Random, heldout: bool | None = None, taken: frozenset[str] = frozenset(), kind: str | None = None
+) -> Fact:
     """A random fact whose key is not in `taken`.
 
     Args:
         heldout: True -> only held-out keys, False -> never held-out keys,
             None -> any key (distractors).
+        kind: only facts of this kind (one of `FACT_KINDS`); None -> any kind.
     """
+    makers = FACT_MAKERS if kind is None else (FACT_MAKERS[FACT_KINDS.index(kind)],)
     while True:
-        fact = rng.choice(FACT_MAKERS)(rng)
+        fact = rng.choice(makers)(rng)
         if fact.key in taken:
             continue
         if heldout is None or is_heldout_key(fact.key) == heldout:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import re
 
@@ -56,6 +58,37 @@ def test_dense_mix_packs_more_facts_and_still_holds_keys_out(tok) -> None:
     held_out = {e.messages[-1]["content"] for e in make_episodes("recall", 150, 256, 0.5, 0, tok)}
     assert not held_out & asked
     assert max(len(c.answer_indices) for c in chats) > 6
+
+
+def test_same_kind_mix_adds_hard_distractors_and_leaves_the_default_stream_alone(tok) -> None:
+    from kvscope.engine.tasks import text
+
+    rng = random.Random(1)
+    for kind in text.FACT_KINDS:
+        facts = [text.make_fact(rng, None, frozenset(), kind) for _ in range(5)]
+        assert {f.kind for f in facts} == {kind}
+    with pytest.raises(ValueError):
+        text.make_fact(rng, kind="shoe size")
+
+    def most_of_one_kind(chat) -> int:
+        notes = next(m["content"] for m in chat.messages if m["content"].startswith("Notes:"))
+        shapes = (
+            "lives in the city of",
+            "favourite colour",
+            "meets in room",
+            "phone extension",
+            " called ",
+            "code for",
+        )
+        return max(len(re.findall(re.escape(s), notes)) for s in shapes)
+
+    hard = ChatMix(max_questions=8, min_facts=2, facts_per_128=1, same_kind=1.0)
+    assert min(most_of_one_kind(training_chat(seed, tok, 512, hard)) for seed in range(30)) >= 4
+    # same_kind=0 draws nothing extra: the stream the shipped v2 phases trained on is
+    # unchanged (digest of the chats before same_kind existed).
+    v2_mix = ChatMix(max_questions=8, repeat_facts=0.3, min_facts=4, facts_per_128=2)
+    chats = json.dumps([training_chat(seed, tok, 512, v2_mix).messages for seed in range(20)])
+    assert hashlib.sha256(chats.encode()).hexdigest()[:16] == "09f460b148d991d3"
 
 
 @pytest.mark.parametrize("kind", ["recall", "decision"])
