@@ -1,6 +1,6 @@
 """Train the bundled demo model (assets/models/kvscope-demo) from scratch, on CPU.
 
-Usage (never in CI): the shipped model's three phases (docs/demo-model.md):
+Usage (never in CI): the shipped model's phases (docs/demo-model.md):
 
     pip install torch==2.13.0   # the `train` extra
     python tools/train_demo_model.py --out /tmp/demo --layers 2 --heads 8 --threads 1 \
@@ -18,6 +18,19 @@ Usage (never in CI): the shipped model's three phases (docs/demo-model.md):
         --length-weights 0.1,0.25,0.3,0.35 --max-questions 8 --repeat-facts 0.3 \
         --min-facts 4 --facts-per-128 2 --induction 0.1 --fill-tokens --probe-n 16 \
         --probe-cells recall@512,recall@2048,decision@1024 --keep-best
+    # v3: grow a middle layer into the 2-layer v2 (phases above), then train on
+    # hard distractors and digit drills; the first 18 min (first command) were
+    # cut short and the second resumed from its best export.
+    python tools/train_demo_model.py --out /tmp/demo --resume --grow-at 1 --threads 2 \
+        --minutes 95 --short-start 0 --lr 1.5e-3 --lengths 512,1024,2048 \
+        --length-weights 0.3,0.35,0.35 --max-questions 8 --repeat-facts 0.3 --min-facts 4 \
+        --facts-per-128 2 --induction 0.1 --digit-drills 0.5 --fill-tokens --probe-n 16 \
+        --probe-cells recall@512,recall@1024,recall@2048,decision@1024 --keep-best
+    python tools/train_demo_model.py --out /tmp/demo --resume --threads 2 \
+        --minutes 65 --short-start 0 --lr 1.5e-3 --lengths 256,512,1024,2048 \
+        --length-weights 0.2,0.3,0.25,0.25 --max-questions 8 --repeat-facts 0.3 --min-facts 4 \
+        --facts-per-128 2 --same-kind 0.6 --induction 0.1 --digit-drills 0.5 --fill-tokens \
+        --probe-n 16 --probe-cells recall@512,recall@1024,recall@2048,decision@1024 --keep-best
 
 What it does, reproducibly from --seed:
  1. builds the byte-level BPE tokenizer on the synthetic corpus
@@ -33,7 +46,8 @@ What it does, reproducibly from --seed:
     scores held-out episodes (teacher-forced exact match, which equals
     greedy exact match) and exports the model in mlx-lm format, so a usable
     model exists even if the run is cut short; with --keep-best it exports
-    only when the sum over the probe's cells beats the best so far;
+    only when the sum over the probe's cells beats the best so far, and
+    writes the final weights to <out>/last when they were not the best;
  4. writes the curve to <out>/training_log.jsonl.
 The learning-rate schedule runs on wall time (warmup, then cosine to 10% at
 --minutes), so a time budget, not a step count, ends the run; a --resume run
@@ -355,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     row = {"step": step, "t": round(time.time() - start, 1), "final": True}
     row |= {f"heldout_{k}": heldout_exact(model, tok, eps) for k, eps in held.items()}
     maybe_export(row)
+    if not row.get("exported"):
+        # The probe is small and noisy: keep the last weights too, to compare on more episodes.
+        export_mlx(model, args.out / "last", tok.eos_token_id, tok.bos_token_id)
+        row["exported_last"] = str(args.out / "last")
     log.write(json.dumps(row) + "\n")
     print(json.dumps(row), flush=True)
     print(f"done after {step} steps; best probe {best:.2f} exported to {args.out}", flush=True)
