@@ -100,7 +100,12 @@ class ScopeKVCache:
             return 0
         cut = self.next_token - n
         keep = self.row_token[: self.n_rows] < cut
-        self.keep_rows(keep)
+        kept = int(keep.sum())
+        if keep[:kept].all():  # the dropped rows are the tail: no copy, the next append overwrites them
+            self.n_rows = kept
+            self._invalidate()
+        else:
+            self.keep_rows(keep)
         self.next_token = cut
         self.offset -= n
         return n

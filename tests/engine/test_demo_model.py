@@ -84,8 +84,9 @@ def test_demo_model_decides_from_the_record(held_out) -> None:
 
 
 def test_demo_model_recalls_most_held_out_facts(held_out) -> None:
-    # v2 recalls 60-75% at 512-1024 tokens (docs/demo-model.md); v1 guessed (15%).
-    assert held_out["recall"].accuracy >= 0.5, _misses(held_out["recall"])
+    # v3 recalls 8 of these 10 (66% over the eval grid, docs/demo-model.md); v2 recalled 6,
+    # v1 guessed (15%).
+    assert held_out["recall"].accuracy >= 0.7, _misses(held_out["recall"])
 
 
 # The recall target. The shipped checkpoint does not reach it yet (see

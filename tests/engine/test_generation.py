@@ -111,3 +111,36 @@ def test_stop_string_ends_the_answer(llama_dir: Path) -> None:
     assert res.finish_reason == "stop_string"
     assert stop not in res.text
     assert free.text.startswith(res.text)
+
+
+@pytest.mark.parametrize("how", ["eos", "stop_string", "length"])
+def test_cache_holds_exactly_the_fed_tokens_after_the_answer_stops(how: str) -> None:
+    # decode() queues the pass that feeds each sampled token before reading it back;
+    # when the token ends the answer that row must come off again, or the next turn
+    # would attend to a token the session never recorded.
+    from kvscope.engine.tasks import demo_model_path
+    from kvscope.engine.tasks.vocab import SYSTEM_PROMPT
+
+    eng = Engine()
+    lm = eng.load(demo_model_path())
+    sid = eng.new_session(system=SYSTEM_PROMPT)
+    notes = "Notes:\nThe code for locker 7 is 4821.\nTeam Falcon meets in room 316."
+    eng.chat(sid, notes, SamplingParams(max_tokens=2))
+    params = {
+        "eos": SamplingParams(max_tokens=64),
+        "stop_string": SamplingParams(max_tokens=64, stop=("4821",)),
+        "length": SamplingParams(max_tokens=4),
+    }[how]
+    res = eng.chat(sid, "What is the code for locker 7?", params)
+    assert res.finish_reason == {"eos": "stop", "stop_string": "stop_string", "length": "length"}[how]
+    s = eng.session(sid)
+    for c in s.caches:
+        assert c.n_rows == c.offset == s.n_tokens
+        assert list(c.row_token[: c.n_rows]) == list(range(s.n_tokens))
+    fresh = [ScopeKVCache() for _ in s.caches]
+    mx.eval(lm.model(mx.array(s.tokens)[None], cache=fresh))
+    for c, f in zip(s.caches, fresh, strict=True):
+        assert np.allclose(np.array(c.state[0]), np.array(f.state[0]), atol=ATOL)
+    # And the next turn answers from that cache as a recompute would.
+    nxt = eng.chat(sid, "Which room does team Falcon meet in?", SamplingParams(max_tokens=24))
+    assert nxt.text == "Team Falcon meets in room 316."
