@@ -31,6 +31,14 @@ Usage (never in CI): the shipped model's phases (docs/demo-model.md):
         --length-weights 0.2,0.3,0.25,0.25 --max-questions 8 --repeat-facts 0.3 --min-facts 4 \
         --facts-per-128 2 --same-kind 0.6 --induction 0.1 --digit-drills 0.5 --fill-tokens \
         --probe-n 16 --probe-cells recall@512,recall@1024,recall@2048,decision@1024 --keep-best
+    # then 6 min of short and long chats at a low lr, so 2-line notes get "Noted."
+    # (phase 5 had no chat under 256 tokens); the final weights are v3.
+    python tools/train_demo_model.py --out /tmp/demo --resume --threads 2 \
+        --minutes 6 --short-start 0 --lr 5e-4 --lengths 96,128,256,512,1024,2048 \
+        --length-weights 0.15,0.15,0.15,0.2,0.15,0.2 --max-questions 8 --repeat-facts 0.3 \
+        --min-facts 2 --facts-per-128 2 --same-kind 0.3 --induction 0.1 --digit-drills 0.5 \
+        --fill-tokens --eval-every 100000 --probe-n 16 \
+        --probe-cells recall@512,recall@2048,decision@1024
 
 What it does, reproducibly from --seed:
  1. builds the byte-level BPE tokenizer on the synthetic corpus

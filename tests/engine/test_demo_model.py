@@ -84,7 +84,7 @@ def test_demo_model_decides_from_the_record(held_out) -> None:
 
 
 def test_demo_model_recalls_most_held_out_facts(held_out) -> None:
-    # v3 recalls 8 of these 10 (66% over the eval grid, docs/demo-model.md); v2 recalled 6,
+    # v3 recalls 8 of these 10 (71% over the eval grid, docs/demo-model.md); v2 recalled 6,
     # v1 guessed (15%).
     assert held_out["recall"].accuracy >= 0.7, _misses(held_out["recall"])
 
