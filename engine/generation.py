@@ -3,11 +3,13 @@
 Promises:
 - `prefill` feeds tokens in chunks, calls back after each chunk (for
   progress events) and checks for cancellation between chunks;
-- `decode` yields one `Step` per sampled token; the decode loop overlaps the
-  next forward pass with the host work on the current token, as mlx-lm's
-  `generate_step` does, so speed matches plain mlx-lm;
-- every token fed to the model is in the cache when a generator stops, so the
-  caller's bookkeeping (session tokens) stays exact.
+- `decode` yields one `Step` per sampled token; it queues the forward pass
+  that feeds a token before reading that token back, as mlx-lm's
+  `generate_step` does, so graph building overlaps compute and speed
+  matches plain mlx-lm;
+- when a generator stops, the caches hold exactly the tokens the caller
+  kept (a speculatively fed row is trimmed off), so the caller's
+  bookkeeping (session tokens) stays exact.
 
 Must run on the thread that owns the model. Knows nothing about sessions,
 events or chat templates.
