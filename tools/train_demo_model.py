@@ -139,6 +139,32 @@ def induction_tokens(rng: random.Random, tok, length: int, digits: bool = False)
     return ids[:length], weight[:length]
 
 
+def key_drill_tokens(rng: random.Random, tok, length: int) -> tuple[list[int], list[float]]:
+    """A multi-token-key drill: records `name s1 s2 s3 value`, all with the same `s1 s2 s3`.
+
+    The records are listed once, then asked again in random order: the
+    value is graded, and only the name, four tokens back, says which value
+    follows — the shape of "Zeno lives in the city of Lumo." among other
+    people's cities, where a one-token copy picks a neighbour's value.
+    """
+    lo = len(tok.all_special_ids)
+    pick = lambda: rng.randrange(lo, len(tok))  # noqa: E731
+    shape = [pick() for _ in range(rng.randint(2, 4))]
+    newline = tok.encode("\n", add_special_tokens=False)
+    names = rng.sample([t for t in range(lo, len(tok)) if t not in shape and t not in newline], rng.randint(4, 12))
+    records = [([name], [pick() for _ in range(rng.randint(1, 3))]) for name in names]
+    ids: list[int] = [tok.convert_tokens_to_ids("<|im_start|>")]
+    weight: list[float] = [0.0]
+    for name, value in records:
+        ids += name + shape + value + newline
+        weight += [0.0] * (len(name) + len(shape) + len(value) + len(newline))
+    while len(ids) < length:
+        name, value = rng.choice(records)
+        ids += name + shape + value + newline
+        weight += [0.0] * (len(name) + len(shape)) + [1.0] * len(value) + [0.0] * len(newline)
+    return ids[:length], weight[:length]
+
+
 def make_batch(
     tok,
     mix: ChatMix,
@@ -149,6 +175,7 @@ def make_batch(
     fill: bool = False,
     induction: float = 0.0,
     digit_drills: float = 0.0,
+    key_drills: float = 0.0,
 ):
     """`tokens // length` chats of about `length` tokens, or with `fill` as many as hold `tokens` tokens.
 
@@ -167,7 +194,10 @@ def make_batch(
     while short():
         drills.append(rng.random() < induction)
         if drills[-1]:
-            ids_, w = induction_tokens(rng, tok, length, digits=digit_drills > 0 and rng.random() < digit_drills)
+            if key_drills > 0 and rng.random() < key_drills:
+                ids_, w = key_drill_tokens(rng, tok, length)
+            else:
+                ids_, w = induction_tokens(rng, tok, length, digits=digit_drills > 0 and rng.random() < digit_drills)
             seqs.append((ids_, w, [x > 0 for x in w]))
             continue
         ids_, g = chat_tokens(tok, training_chat(step * 1000 + len(seqs), tok, length - 48, mix))
@@ -264,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         "--induction", type=float, default=0.0, help="share of a step's sequences that are copy drills (repeated runs)"
     )
     ap.add_argument("--digit-drills", type=float, default=0.0, help="share of copy drills whose runs are digits only")
+    ap.add_argument("--key-drills", type=float, default=0.0, help="share of drills that are multi-token-key lookups")
     ap.add_argument(
         "--grow-at",
         default="",
@@ -347,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             args.fill_tokens,
             1.0 if drilling else args.induction,
             args.digit_drills,
+            args.key_drills,
         )
         for g in opt.param_groups:
             g["lr"] = lr_at(frac, args.lr)

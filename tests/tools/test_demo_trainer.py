@@ -60,3 +60,33 @@ def test_digit_drill_repeats_a_digit_run() -> None:
     assert runs, "the first graded tokens do not repeat the opening run"
     n = runs[-1]
     assert all(ids[i] == ids[i - n] for i in range(start + n, end))
+
+
+def test_key_drill_values_follow_only_from_the_name_four_tokens_back() -> None:
+    from train_demo_model import key_drill_tokens
+    from transformers import AutoTokenizer
+
+    from kvscope.engine.tasks import demo_model_path
+
+    tok = AutoTokenizer.from_pretrained(str(demo_model_path()))
+    newline = tok.encode("\n", add_special_tokens=False)[0]
+    ids, weight = key_drill_tokens(random.Random(5), tok, 400)
+    lines, cur = [], []
+    for t, w in zip(ids[1:], weight[1:], strict=True):
+        if t == newline:
+            lines.append(cur)
+            cur = []
+        else:
+            cur.append((t, w))
+    listed = {}
+    for line in lines:
+        name = line[0][0]
+        graded = [t for t, w in line if w > 0]
+        if not graded:
+            listed.setdefault(name, [t for t, _ in line])
+            continue
+        # An asked line repeats the listed line of the same name, and its value is what is graded.
+        assert [t for t, _ in line] == listed[name]
+        assert line[-len(graded) :] == [(t, 1.0) for t in graded]
+    shapes = {tuple(line[1:3]) for line in listed.values()}
+    assert len(listed) >= 4 and len(shapes) == 1, "every record shares the same middle tokens"
