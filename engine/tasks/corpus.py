@@ -84,7 +84,10 @@ def training_chat(seed: int, tokenizer: ChatTokenizer, context_tokens: int, mix:
     if mix.same_kind > 0 and rng.random() < mix.same_kind:  # guarded: the default stream draws nothing here
         kind = rng.choice(text.FACT_KINDS)
         for _ in range(rng.randint(4, 10)):
-            facts.append(text.make_fact(rng, None, frozenset(f.key for f in facts), kind))
+            try:  # a long chat can already hold every key of a small kind (16 teams)
+                facts.append(text.make_fact(rng, None, frozenset(f.key for f in facts), kind, max_tries=500))
+            except LookupError:
+                break
     record = text.make_record(rng) if rng.random() < 0.6 else None
     anchored: list[tuple[str, float]] = []
     inline: dict[str, str] = {}

@@ -135,7 +135,11 @@ FACT_KINDS: tuple[str, ...] = ("code", "colour", "room", "city", "pet", "phone")
 
 
 def make_fact(
-    rng: random.Random, heldout: bool | None = None, taken: frozenset[str] = frozenset(), kind: str | None = None
+    rng: random.Random,
+    heldout: bool | None = None,
+    taken: frozenset[str] = frozenset(),
+    kind: str | None = None,
+    max_tries: int | None = None,
 ) -> Fact:
     """A random fact whose key is not in `taken`.
 
@@ -143,9 +147,15 @@ def make_fact(
         heldout: True -> only held-out keys, False -> never held-out keys,
             None -> any key (distractors).
         kind: only facts of this kind (one of `FACT_KINDS`); None -> any kind.
+        max_tries: give up (LookupError) after this many draws; a kind can
+            run out of keys (there are 16 teams), and None then loops forever.
     """
     makers = FACT_MAKERS if kind is None else (FACT_MAKERS[FACT_KINDS.index(kind)],)
+    tries = 0
     while True:
+        tries += 1
+        if max_tries is not None and tries > max_tries:
+            raise LookupError(f"no free {kind or 'fact'} key after {max_tries} draws")
         fact = rng.choice(makers)(rng)
         if fact.key in taken:
             continue

@@ -82,6 +82,13 @@ def test_same_kind_mix_adds_hard_distractors_and_leaves_the_default_stream_alone
         )
         return max(len(re.findall(re.escape(s), notes)) for s in shapes)
 
+    # A kind with few keys runs out instead of hanging: 16 teams, 16 taken.
+    teams = frozenset(f"room|{t}" for t in text.vocab.TEAMS)
+    with pytest.raises(LookupError, match="room"):
+        text.make_fact(rng, None, teams, "room", max_tries=200)
+    dense_long = ChatMix(max_questions=8, min_facts=90, facts_per_128=4, same_kind=1.0)
+    for seed in range(40):  # would hang before max_tries when rooms run out
+        training_chat(seed, tok, 2048, dense_long)
     hard = ChatMix(max_questions=8, min_facts=2, facts_per_128=1, same_kind=1.0)
     assert min(most_of_one_kind(training_chat(seed, tok, 512, hard)) for seed in range(30)) >= 4
     # same_kind=0 draws nothing extra: the stream the shipped v2 phases trained on is
