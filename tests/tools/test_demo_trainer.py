@@ -44,7 +44,7 @@ def test_grow_rejects_bad_positions(at) -> None:
 
 
 def test_digit_drill_repeats_a_digit_run() -> None:
-    from train_demo_model import induction_tokens
+    from demo_drills import induction_tokens
     from transformers import AutoTokenizer
 
     from kvscope.engine.tasks import demo_model_path
@@ -63,7 +63,7 @@ def test_digit_drill_repeats_a_digit_run() -> None:
 
 
 def test_key_drill_values_follow_only_from_the_name_four_tokens_back() -> None:
-    from train_demo_model import key_drill_tokens
+    from demo_drills import key_drill_tokens
     from transformers import AutoTokenizer
 
     from kvscope.engine.tasks import demo_model_path
