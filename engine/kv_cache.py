@@ -100,12 +100,7 @@ class ScopeKVCache:
             return 0
         cut = self.next_token - n
         keep = self.row_token[: self.n_rows] < cut
-        kept = int(keep.sum())
-        if keep[:kept].all():  # the dropped rows are the tail: no copy, the next append overwrites them
-            self.n_rows = kept
-            self._invalidate()
-        else:
-            self.keep_rows(keep)
+        self.keep_rows(keep)
         self.next_token = cut
         self.offset -= n
         return n
@@ -178,6 +173,11 @@ class ScopeKVCache:
         """Physically drop the rows where `keep` is False (positions untouched)."""
         keep = np.asarray(keep, bool)
         if keep.all():
+            return
+        kept = int(keep.sum())
+        if keep[:kept].all():  # only a tail goes: no copy, the next append overwrites those rows
+            self.n_rows = kept
+            self._invalidate()
             return
         idx = np.nonzero(keep)[0]
         self._compact(idx)

@@ -128,10 +128,17 @@ def _fact_phone(rng: random.Random) -> Fact:
     )
 
 
-FACT_MAKERS = (_fact_code, _fact_colour, _fact_room, _fact_city, _fact_pet, _fact_phone)  # in FACT_KINDS order
+FACT_MAKERS = {
+    "code": _fact_code,
+    "colour": _fact_colour,
+    "room": _fact_room,
+    "city": _fact_city,
+    "pet": _fact_pet,
+    "phone": _fact_phone,
+}
 
 
-FACT_KINDS: tuple[str, ...] = ("code", "colour", "room", "city", "pet", "phone")
+FACT_KINDS: tuple[str, ...] = tuple(FACT_MAKERS)
 
 
 def make_fact(
@@ -150,7 +157,9 @@ def make_fact(
         max_tries: give up (LookupError) after this many draws; a kind can
             run out of keys (there are 16 teams), and None then loops forever.
     """
-    makers = FACT_MAKERS if kind is None else (FACT_MAKERS[FACT_KINDS.index(kind)],)
+    if kind is not None and kind not in FACT_MAKERS:
+        raise ValueError(f"unknown fact kind {kind!r}; expected one of {FACT_KINDS}")
+    makers = tuple(FACT_MAKERS.values()) if kind is None else (FACT_MAKERS[kind],)
     tries = 0
     while True:
         tries += 1
