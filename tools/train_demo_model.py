@@ -69,6 +69,7 @@ import json
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -194,6 +195,21 @@ def resume_point(log_path: Path) -> tuple[int, float]:
     return rows[-1]["step"] + 1, float(rows[-1]["t"])
 
 
+def resumed_config(out: Path, rope_theta: float = 0.0) -> LlamaConfig:
+    """The saved model's config, with a new RoPE base if `rope_theta` is given.
+
+    Raising the base (adjusted base frequency, as Code Llama did for long
+    context) slows the low-frequency rotations, so more of a head's dims
+    still match content after thousands of tokens; the weights stay, and
+    training adapts the heads to the new angles.
+    """
+    saved = json.loads((out / "config.json").read_text())
+    config = LlamaConfig(**{f: saved[f] for f in LlamaConfig.__dataclass_fields__})
+    if rope_theta < 0:
+        raise ValueError(f"rope_theta must be positive, got {rope_theta}")
+    return replace(config, rope_theta=rope_theta) if rope_theta else config
+
+
 def lr_at(frac: float, peak: float, warmup: float = 0.03) -> float:
     if frac < warmup:
         return peak * frac / warmup
@@ -252,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
         help="export only when the held-out probe (sum over --probe-cells) improves on the best so far",
     )
     ap.add_argument("--resume", action="store_true", help="continue from the weights in --out (fresh optimizer)")
+    ap.add_argument(
+        "--rope-theta",
+        type=float,
+        default=0.0,
+        help="RoPE base (new model or, with --resume, a changed base to adapt to: adjusted base frequency)",
+    )
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -264,8 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         build_tokenizer(args.out, vocab_size=LlamaConfig().vocab_size)
     tok = AutoTokenizer.from_pretrained(str(args.out))
     if args.resume:
-        saved = json.loads((args.out / "config.json").read_text())
-        config = LlamaConfig(**{f: saved[f] for f in LlamaConfig.__dataclass_fields__})
+        config = resumed_config(args.out, args.rope_theta)
     else:
         config = LlamaConfig(
             vocab_size=len(tok),
@@ -275,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             num_attention_heads=args.heads,
             num_key_value_heads=args.heads // 2,
             head_dim=args.hidden // args.heads,
+            rope_theta=args.rope_theta or LlamaConfig.rope_theta,
         )
     model = Llama(config)
     if args.resume:

@@ -90,3 +90,26 @@ def test_key_drill_values_follow_only_from_the_name_four_tokens_back() -> None:
         assert line[-len(graded) :] == [(t, 1.0) for t in graded]
     shapes = {tuple(line[1:3]) for line in listed.values()}
     assert len(listed) >= 4 and len(shapes) == 1, "every record shares the same middle tokens"
+
+
+def test_resume_with_a_new_rope_base_keeps_the_weights_and_moves_only_positions(tmp_path) -> None:
+    from dataclasses import replace
+
+    from demo_torch_model import export_mlx
+    from train_demo_model import resumed_config
+
+    model = small()
+    export_mlx(model, tmp_path, eos_token_id=2, bos_token_id=0)
+    assert resumed_config(tmp_path) == model.config
+    config = resumed_config(tmp_path, rope_theta=1e5)
+    assert config == replace(model.config, rope_theta=1e5)
+    moved = Llama(config)
+    moved.load_state_dict(model.state_dict())
+    ids = torch.randint(3, 64, (1, 24))
+    with torch.no_grad():
+        before, after = model(ids), moved(ids)
+    # Position 0 is not rotated, so only later positions see the new base.
+    assert torch.allclose(before[:, 0], after[:, 0], atol=1e-5)
+    assert (before[:, 1:] - after[:, 1:]).abs().amax() > 1e-4
+    with pytest.raises(ValueError, match="rope_theta"):
+        resumed_config(tmp_path, rope_theta=-1.0)
