@@ -65,6 +65,20 @@ def test_greeting_gets_an_english_reply_that_ends_its_turn(loaded) -> None:
     assert len(reply.split()) >= 3
 
 
+def test_notes_get_noted_and_the_turn_ends(loaded) -> None:
+    # The headless demo of ./run.sh: a two-line note, then a question about it.
+    import mlx_lm
+
+    model, tok = loaded
+    notes = {"role": "user", "content": "Notes:\nThe code for locker 7 is 4821.\nTeam Falcon meets in room 212."}
+    chat = [{"role": "system", "content": SYSTEM_PROMPT}, notes]
+    noted = mlx_lm.generate(model, tok, tok.apply_chat_template(chat, add_generation_prompt=True), max_tokens=12)
+    assert noted.strip() == "Noted.", noted
+    chat += [{"role": "assistant", "content": "Noted."}, {"role": "user", "content": "What is the code for locker 7?"}]
+    answer = mlx_lm.generate(model, tok, tok.apply_chat_template(chat, add_generation_prompt=True), max_tokens=24)
+    assert answer.strip() == "The code for locker 7 is 4821.", answer
+
+
 @pytest.fixture(scope="module")
 def held_out(loaded):
     """Scores of 10 held-out episodes per kind at 512 tokens (computed once)."""
