@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log", type=Path, default=REPO / "assets/models/kvscope-demo/training_log.jsonl")
     ap.add_argument("--out", type=Path, default=REPO / "docs/demo-model-training.png")
     ap.add_argument("--phases", default="", help="steps where a --resume phase began, comma-separated")
-    ap.add_argument("--probe-n", type=int, default=16, help="episodes per probe cell (the trainer's --probe-n)")
+    ap.add_argument("--probe-n", default="16", help="episodes per probe cell (the trainer's --probe-n), e.g. 16-24")
     args = ap.parse_args(argv)
 
     import matplotlib

@@ -1,44 +1,8 @@
 """Train the bundled demo model (assets/models/kvscope-demo) from scratch, on CPU.
 
-Usage (never in CI): the shipped model's phases (docs/demo-model.md):
-
-    pip install torch==2.13.0   # the `train` extra
-    python tools/train_demo_model.py --out /tmp/demo --layers 2 --heads 8 --threads 1 \
-        --minutes 35 --max-steps 1001 --lr 3e-3 --drill-steps 500 \
-        --lengths 128,256,512 --length-weights 0.4,0.4,0.2 --max-questions 12 \
-        --repeat-facts 0.5 --min-facts 6 --facts-per-128 3 --induction 0.25 \
-        --fill-tokens --probe-n 16 --probe-cells recall@512,decision@512
-    python tools/train_demo_model.py --out /tmp/demo --resume --threads 2 \
-        --minutes 72 --max-steps 500 --lr 3e-3 --lengths 256,512 --length-weights 0.5,0.5 \
-        --max-questions 8 --repeat-facts 0.3 --min-facts 4 --facts-per-128 2 \
-        --induction 0.1 --fill-tokens --probe-n 16 \
-        --probe-cells recall@512,recall@2048,decision@1024 --keep-best
-    python tools/train_demo_model.py --out /tmp/demo --resume --threads 2 \
-        --minutes 33 --short-start 0 --lr 2e-3 --lengths 256,512,1024,2048 \
-        --length-weights 0.1,0.25,0.3,0.35 --max-questions 8 --repeat-facts 0.3 \
-        --min-facts 4 --facts-per-128 2 --induction 0.1 --fill-tokens --probe-n 16 \
-        --probe-cells recall@512,recall@2048,decision@1024 --keep-best
-    # v3: grow a middle layer into the 2-layer v2 (phases above), then train on
-    # hard distractors and digit drills; the first 18 min (first command) were
-    # cut short and the second resumed from its best export.
-    python tools/train_demo_model.py --out /tmp/demo --resume --grow-at 1 --threads 2 \
-        --minutes 95 --short-start 0 --lr 1.5e-3 --lengths 512,1024,2048 \
-        --length-weights 0.3,0.35,0.35 --max-questions 8 --repeat-facts 0.3 --min-facts 4 \
-        --facts-per-128 2 --induction 0.1 --digit-drills 0.5 --fill-tokens --probe-n 16 \
-        --probe-cells recall@512,recall@1024,recall@2048,decision@1024 --keep-best
-    python tools/train_demo_model.py --out /tmp/demo --resume --threads 2 \
-        --minutes 65 --short-start 0 --lr 1.5e-3 --lengths 256,512,1024,2048 \
-        --length-weights 0.2,0.3,0.25,0.25 --max-questions 8 --repeat-facts 0.3 --min-facts 4 \
-        --facts-per-128 2 --same-kind 0.6 --induction 0.1 --digit-drills 0.5 --fill-tokens \
-        --probe-n 16 --probe-cells recall@512,recall@1024,recall@2048,decision@1024 --keep-best
-    # then 6 min of short and long chats at a low lr, so 2-line notes get "Noted."
-    # (phase 5 had no chat under 256 tokens); the final weights are v3.
-    python tools/train_demo_model.py --out /tmp/demo --resume --threads 2 \
-        --minutes 6 --short-start 0 --lr 5e-4 --lengths 96,128,256,512,1024,2048 \
-        --length-weights 0.15,0.15,0.15,0.2,0.15,0.2 --max-questions 8 --repeat-facts 0.3 \
-        --min-facts 2 --facts-per-128 2 --same-kind 0.3 --induction 0.1 --digit-drills 0.5 \
-        --fill-tokens --eval-every 100000 --probe-n 16 \
-        --probe-cells recall@512,recall@2048,decision@1024
+Usage (never in CI): `pip install torch==2.13.0` (the `train` extra), then
+the shipped model's phases are `tools/demo_model_recipe.sh [out dir]`, one
+command per phase (docs/demo-model.md tells what each did).
 
 What it does, reproducibly from --seed:
  1. builds the byte-level BPE tokenizer on the synthetic corpus
@@ -84,6 +48,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from kvscope.engine.tasks.corpus import ChatMix, training_chat  # noqa: E402
 from kvscope.engine.tasks.episodes import make_episodes, prompt_tokens  # noqa: E402
+from kvscope.engine.tasks.vocab import NOTED  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "assets" / "models" / "kvscope-demo"
@@ -92,8 +57,13 @@ LENGTH_WEIGHTS = (0.2, 0.35, 0.3, 0.15)
 CONTEXT_WEIGHT = 0.2
 
 
-def chat_tokens(tok, chat) -> tuple[list[int], list[bool]]:
-    """Token ids of a training chat and, per token, whether it is a graded answer token."""
+def chat_tokens(tok, chat, grade_noted: bool = False) -> tuple[list[int], list[bool]]:
+    """Token ids of a training chat and, per token, whether it is a graded answer token.
+
+    With `grade_noted` the assistant's "Noted." replies (and their
+    `<|im_end|>`) are graded too, not only weighted as context: the end of
+    that turn is then learned at full weight.
+    """
     ids: list[int] = []
     graded: list[bool] = []
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -101,7 +71,8 @@ def chat_tokens(tok, chat) -> tuple[list[int], list[bool]]:
         head = tok.encode(f"<|im_start|>{m['role']}\n", add_special_tokens=False)
         body = tok.encode(m["content"], add_special_tokens=False) + [im_end]
         tail = tok.encode("\n", add_special_tokens=False)
-        is_answer = i in chat.answer_indices
+        noted = grade_noted and m["role"] == "assistant" and m["content"] == NOTED
+        is_answer = i in chat.answer_indices or noted
         ids += head + body + tail
         graded += [False] * len(head) + [is_answer] * len(body) + [False] * len(tail)
     return ids, graded
@@ -118,6 +89,7 @@ def make_batch(
     induction: float = 0.0,
     digit_drills: float = 0.0,
     key_drills: float = 0.0,
+    grade_noted: bool = False,
 ):
     """`tokens // length` chats of about `length` tokens, or with `fill` as many as hold `tokens` tokens.
 
@@ -142,7 +114,7 @@ def make_batch(
                 ids_, w = induction_tokens(rng, tok, length, digits=digit_drills > 0 and rng.random() < digit_drills)
             seqs.append((ids_, w, [x > 0 for x in w]))
             continue
-        ids_, g = chat_tokens(tok, training_chat(step * 1000 + len(seqs), tok, length - 48, mix))
+        ids_, g = chat_tokens(tok, training_chat(step * 1000 + len(seqs), tok, length - 48, mix), grade_noted)
         seqs.append((ids_, [1.0 if x else context_weight for x in g], g))
     batch = len(seqs)
     n = max(len(s) for s, _, _ in seqs)
@@ -251,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         "--induction", type=float, default=0.0, help="share of a step's sequences that are copy drills (repeated runs)"
     )
     ap.add_argument("--digit-drills", type=float, default=0.0, help="share of copy drills whose runs are digits only")
+    ap.add_argument("--grade-noted", action="store_true", help='grade the "Noted." replies like answers')
     ap.add_argument("--key-drills", type=float, default=0.0, help="share of drills that are multi-token-key lookups")
     ap.add_argument(
         "--grow-at",
@@ -342,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             1.0 if drilling else args.induction,
             args.digit_drills,
             args.key_drills,
+            args.grade_noted,
         )
         for g in opt.param_groups:
             g["lr"] = lr_at(frac, args.lr)

@@ -28,7 +28,7 @@ TRAIN_STREAM = "train"
 @dataclass(frozen=True)
 class ChatMix:
     """Knobs of the training stream; the defaults are v1's first phase (the
-    shipped v3's phases set every knob from the trainer's flags, docs/demo-model.md).
+    shipped v4's phases set every knob from the trainer's flags, docs/demo-model.md).
 
     Attributes:
         max_questions: questions per chat are drawn from 1..max_questions.

@@ -113,3 +113,31 @@ def test_resume_with_a_new_rope_base_keeps_the_weights_and_moves_only_positions(
     assert (before[:, 1:] - after[:, 1:]).abs().amax() > 1e-4
     with pytest.raises(ValueError, match="rope_theta"):
         resumed_config(tmp_path, rope_theta=-1.0)
+
+
+def test_grade_noted_grades_the_noted_reply_and_its_end_of_turn() -> None:
+    from train_demo_model import chat_tokens
+    from transformers import AutoTokenizer
+
+    from kvscope.engine.tasks import demo_model_path
+    from kvscope.engine.tasks.corpus import TrainingChat
+
+    tok = AutoTokenizer.from_pretrained(str(demo_model_path()))
+    chat = TrainingChat(
+        [
+            {"role": "user", "content": "Notes:\nTeam Falcon meets in room 212."},
+            {"role": "assistant", "content": "Noted."},
+            {"role": "user", "content": "Which room does team Falcon meet in?"},
+            {"role": "assistant", "content": "Team Falcon meets in room 212."},
+        ],
+        answer_indices=(3,),
+    )
+    ids, plain = chat_tokens(tok, chat)
+    ids_noted, graded = chat_tokens(tok, chat, grade_noted=True)
+    assert ids_noted == ids
+
+    def text(flags):
+        return tok.decode([t for t, f in zip(ids, flags, strict=True) if f])
+
+    assert text(plain) == "Team Falcon meets in room 212.<|im_end|>"
+    assert text(graded) == "Noted.<|im_end|>Team Falcon meets in room 212.<|im_end|>"
