@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         "--induction", type=float, default=0.0, help="share of a step's sequences that are copy drills (repeated runs)"
     )
     ap.add_argument("--digit-drills", type=float, default=0.0, help="share of copy drills whose runs are digits only")
+    ap.add_argument("--summaries", type=float, default=0.0, help="share of chats with a [summary] turn (ChatMix)")
     ap.add_argument("--grade-noted", action="store_true", help='grade the "Noted." replies like answers')
     ap.add_argument("--key-drills", type=float, default=0.0, help="share of drills that are multi-token-key lookups")
     ap.add_argument(
@@ -250,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    mix = ChatMix(args.max_questions, args.repeat_facts, args.min_facts, args.facts_per_128, args.same_kind)
+    mix = ChatMix(
+        args.max_questions, args.repeat_facts, args.min_facts, args.facts_per_128, args.same_kind, args.summaries
+    )
     lengths = [int(x) for x in args.lengths.split(",")]
     weights = [float(x) for x in args.length_weights.split(",")]
     torch.set_num_threads(args.threads)

@@ -40,6 +40,10 @@ class ChatMix:
         same_kind: chance that a chat adds 4-10 facts of one kind (hard
             distractors: "X lives in the city of Y" x 8 differ only in X and
             Y, so the lookup must match the whole key, not the sentence shape).
+        summaries: chance that a chat carries a `[summary] ...` user turn, the
+            message the engine's compaction and restart write: half of them
+            follow the notes (compaction: more facts to look up there), half
+            replace the whole chat (restart: system, summary, questions).
     """
 
     max_questions: int = 6
@@ -47,6 +51,7 @@ class ChatMix:
     min_facts: int = 2
     facts_per_128: int = 1
     same_kind: float = 0.0
+    summaries: float = 0.0
 
     def n_facts(self, rng: random.Random, context_tokens: int) -> int:
         """Facts in a chat: `min_facts`..`4 + facts_per_128` per 128 tokens of notes."""
@@ -113,11 +118,43 @@ def training_chat(seed: int, tokenizer: ChatTokenizer, context_tokens: int, mix:
     for q, a in questions:
         turns += [("user", q), ("assistant", a)]
     messages = chat_messages(notes, turns)
+    if mix.summaries > 0 and rng.random() < mix.summaries:  # guarded: the default stream draws nothing here
+        messages = _with_summary(rng, messages, facts, mix.max_questions)
     if rng.random() < 0.1:
         hello, reply = rng.choice(vocab.GREETINGS)
         messages[1:1] = [{"role": "user", "content": hello}, {"role": "assistant", "content": reply}]
     answers = tuple(i for i, m in enumerate(messages) if m["role"] == "assistant" and m["content"] != vocab.NOTED)
     return TrainingChat(messages, answers)
+
+
+def _with_summary(
+    rng: random.Random, messages: list[dict[str, str]], facts: list[text.Fact], most: int
+) -> list[dict[str, str]]:
+    """`messages` with a `[summary] ...` user turn of 1-3 new facts, then questions.
+
+    Compaction appends the summary after the chat (the notes stay, masked or
+    not); restart starts over from the system prompt and the summary alone.
+    Either way the next user turn follows the summary directly, with no reply
+    between them, as the engine writes it.
+    """
+    taken = frozenset(f.key for f in facts)
+    summed: list[text.Fact] = []
+    for _ in range(rng.randint(1, 3)):
+        summed.append(text.make_fact(rng, False, taken | {f.key for f in summed}, max_tries=500))
+    summary = {"role": "user", "content": "[summary] " + " ".join(f.statement for f in summed)}
+    restart = rng.random() < 0.5
+    head = [messages[0], summary] if restart else [*messages[:3], summary]
+    pool = [(f.question, f.statement) for f in summed]
+    if not restart:
+        pool += [(f.question, f.statement) for f in facts if not text.is_heldout_key(f.key)]
+    rng.shuffle(pool)
+    turns = [summed[0].question, summed[0].statement]  # the summary is always asked about
+    for q, a in pool[: rng.randint(0, most - 1)]:
+        if q != turns[0]:
+            turns += [q, a]
+    return head + [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": content} for i, content in enumerate(turns)
+    ]
 
 
 def tokenizer_corpus(n_chats: int, seed: int = 0) -> Iterator[str]:

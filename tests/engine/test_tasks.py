@@ -98,6 +98,23 @@ def test_same_kind_mix_adds_hard_distractors_and_leaves_the_default_stream_alone
     assert hashlib.sha256(chats.encode()).hexdigest()[:16] == "09f460b148d991d3"
 
 
+def test_summary_turns_look_like_the_engines_and_are_asked_about(tok) -> None:
+    mix = ChatMix(max_questions=8, min_facts=2, facts_per_128=1, summaries=1.0)
+    restarts = 0
+    for seed in range(30):
+        msgs = training_chat(seed, tok, 256, mix).messages
+        at = next(i for i, m in enumerate(msgs) if m["content"].startswith("[summary] "))
+        summary, question, answer = msgs[at]["content"], msgs[at + 1], msgs[at + 2]
+        # What compaction and restart write: a user turn, the next user turn right after it.
+        assert msgs[at]["role"] == question["role"] == "user" and answer["role"] == "assistant"
+        assert answer["content"] in summary  # the first question is about the summary
+        restarts += not any(m["content"].startswith("Notes:") for m in msgs[:at])  # restart: no notes
+    assert 5 < restarts < 25
+    # summaries=0 draws nothing: same chats as a mix without the knob.
+    plain = ChatMix(max_questions=8, repeat_facts=0.3, min_facts=4, facts_per_128=2)
+    assert training_chat(7, tok, 512, plain) == training_chat(7, tok, 512, ChatMix(8, 0.3, 4, 2, 0.0, 0.0))
+
+
 @pytest.mark.parametrize("kind", ["recall", "decision"])
 @pytest.mark.parametrize("context", [512, 2048])
 def test_prompt_length_and_fact_location(tok, kind: str, context: int) -> None:
