@@ -47,8 +47,7 @@ python tools/train_demo_model.py --out "$OUT" --resume --threads 2 \
 # v4: raise the RoPE base of v3 from 10000 to 100000 (adjusted base
 # frequency) and train on hard distractors again; the best probe (step
 # 10750) is kept. Then short chats again, as after phase 5, and then the
-# same with "Noted." graded (without, notes got "Noted." and more notes);
-# the final weights are v4.
+# same with "Noted." graded (without, notes got "Noted." and more notes).
 python tools/train_demo_model.py --out "$OUT" --resume --rope-theta 100000 --threads 2 \
     --minutes 55 --short-start 0 --lr 1.5e-3 --lengths 256,512,1024,2048 \
     --length-weights 0.2,0.3,0.25,0.25 --max-questions 12 --repeat-facts 0.3 --min-facts 4 \
@@ -66,4 +65,12 @@ python tools/train_demo_model.py --out "$OUT" --resume --threads 2 \
     --length-weights 0.15,0.15,0.15,0.2,0.15,0.2 --max-questions 12 --repeat-facts 0.3 \
     --min-facts 2 --facts-per-128 2 --same-kind 0.5 --induction 0.05 --digit-drills 0.3 \
     --key-drills 0.5 --fill-tokens --eval-every 100000 --probe-n 24 --grade-noted \
+    --probe-cells recall@512,recall@1024,recall@2048,decision@1024
+# then teach it the "[summary] ..." turn that compaction and restart write
+# (v4 before this read it right in 7 of 10 restarts); the final weights are v4.
+python tools/train_demo_model.py --out "$OUT" --resume --threads 2 \
+    --minutes 8 --short-start 0 --lr 5e-4 --lengths 96,128,256,512,1024,2048 \
+    --length-weights 0.15,0.15,0.15,0.2,0.15,0.2 --max-questions 12 --repeat-facts 0.3 \
+    --min-facts 2 --facts-per-128 2 --same-kind 0.5 --summaries 0.3 --induction 0.05 \
+    --digit-drills 0.3 --key-drills 0.5 --fill-tokens --eval-every 100000 --probe-n 24 --grade-noted \
     --probe-cells recall@512,recall@1024,recall@2048,decision@1024
