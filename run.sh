@@ -57,7 +57,7 @@ case "$cmd" in
       exec "$VENV/bin/kvscope" "$@"
     fi
     echo "run.sh: no display found; running the headless demo chat instead of the window" >&2
-    exec "$VENV/bin/kvscope" chat --stop "Noted." \
+    exec "$VENV/bin/kvscope" chat \
       --prompt $'Notes:\nThe code for locker 7 is 4821.\nTeam Falcon meets in room 212.' \
       --prompt "What is the code for locker 7?" \
       --prompt "Which room does team Falcon meet in?" "$@"
