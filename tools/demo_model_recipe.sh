@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The shipped demo model's training phases (docs/demo-model.md), in order.
-# Never in CI: several hours on 2 CPU cores (the time budgets are wall time). Each --resume phase continues from the
-# weights in --out, which with --keep-best are the best probe's export.
+# Never in CI: several hours on 2 CPU cores (the --minutes budgets are wall
+# time). Each --resume phase continues from the weights in --out, which with
+# --keep-best are the best probe's export. Usage: tools/demo_model_recipe.sh [out dir]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/tmp/demo}
