@@ -188,7 +188,7 @@ def load_session_folder(folder: Path, fingerprint: str) -> Session:
     )
     s.messages, s.tokens, s.origin, s.positions = doc["messages"], doc["tokens"], doc["origin"], doc["positions"]
     s.transcript_text, s.edited, s.operations = doc["transcript_text"], doc["edited"], doc["operations"]
-    s.turns = [TurnStats(**t) for t in doc["turns"]]
+    s.turns = [_turn(name, i, t) for i, t in enumerate(doc["turns"])]
     return s
 
 
@@ -237,6 +237,13 @@ def _check_doc(name: str, doc: Any, fingerprint: str) -> None:
         raise SegmentFileError(f"session {name}: messages must be role/content objects")
     if not all(isinstance(t, dict) for t in doc["turns"]):
         raise SegmentFileError(f"session {name}: turns must be objects")
+
+
+def _turn(name: str, i: int, fields: dict[str, Any]) -> TurnStats:
+    try:
+        return TurnStats(**fields)
+    except TypeError as exc:  # a missing or unknown field
+        raise SegmentFileError(f"session {name}: turn {i} is corrupt ({exc})") from exc
 
 
 def _layer(name: str, i: int, lay: Any, arrays: dict[str, np.ndarray]) -> ScopeKVCache:

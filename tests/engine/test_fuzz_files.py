@@ -198,3 +198,17 @@ def test_mangled_session_files(
         assert str(exc).startswith("session ")
     else:
         assert len(s.tokens) == len(s.positions)
+
+
+@pytest.mark.parametrize("turn", [{}, {"prompt_tokens": 3, "cached_tokens": 0, "prefilled_tokens": 3, "extra": 1}])
+def test_a_corrupt_turn_record_is_named(setup, turn: dict[str, int]) -> None:  # type: ignore[no-untyped-def]
+    # Found by test_mangled_session_files: a turn missing fields raised a bare TypeError.
+    eng, _, _, folder, root = setup
+    case = root / "session-turn-case"
+    shutil.rmtree(case, ignore_errors=True)
+    shutil.copytree(folder, case)
+    doc = json.loads((case / "session.json").read_text())
+    doc["turns"] = [turn]
+    (case / "session.json").write_text(json.dumps(doc))
+    with pytest.raises(SegmentFileError, match="turn 0 is corrupt"):
+        load_session_folder(case, eng.model.fingerprint)
