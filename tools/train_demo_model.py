@@ -175,10 +175,10 @@ def resumed_config(out: Path, rope_theta: float = 0.0) -> LlamaConfig:
     still match content after thousands of tokens; the weights stay, and
     training adapts the heads to the new angles.
     """
-    saved = json.loads((out / "config.json").read_text())
-    config = LlamaConfig(**{f: saved[f] for f in LlamaConfig.__dataclass_fields__})
     if rope_theta < 0:
         raise ValueError(f"rope_theta must be positive, got {rope_theta}")
+    saved = json.loads((out / "config.json").read_text())
+    config = LlamaConfig(**{f: saved[f] for f in LlamaConfig.__dataclass_fields__})
     return replace(config, rope_theta=rope_theta) if rope_theta else config
 
 

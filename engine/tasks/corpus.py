@@ -148,13 +148,11 @@ def _with_summary(
     if not restart:
         pool += [(f.question, f.statement) for f in facts if not text.is_heldout_key(f.key)]
     rng.shuffle(pool)
-    turns = [summed[0].question, summed[0].statement]  # the summary is always asked about
-    for q, a in pool[: rng.randint(0, most - 1)]:
-        if q != turns[0]:
-            turns += [q, a]
-    return head + [
-        {"role": "user" if i % 2 == 0 else "assistant", "content": content} for i, content in enumerate(turns)
-    ]
+    first = (summed[0].question, summed[0].statement)  # the summary is always asked about
+    asked = [first] + [qa for qa in pool[: rng.randint(0, most - 1)] if qa != first]
+    for q, a in asked:
+        head += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return head
 
 
 def tokenizer_corpus(n_chats: int, seed: int = 0) -> Iterator[str]:
