@@ -36,7 +36,7 @@ import numpy as np
 from kvscope.engine.errors import SegmentFileError
 from kvscope.engine.events import SessionId
 from kvscope.engine.kv_cache import ScopeKVCache
-from kvscope.engine.segment_file import read_safetensors
+from kvscope.engine.segment_file import json_int, read_safetensors
 from kvscope.engine.session import Session, TurnStats
 from kvscope.engine.tensor_ops import to_numpy
 
@@ -226,7 +226,7 @@ def _check_doc(name: str, doc: Any, fingerprint: str) -> None:
     if doc["model_fingerprint"] != fingerprint:
         raise SegmentFileError(f"session {name} belongs to model {doc['model_name']!r}, not the loaded one")
     n = len(doc["tokens"])
-    if len(doc["origin"]) != n or len(doc["positions"]) != n or not all(isinstance(t, int) for t in doc["tokens"]):
+    if len(doc["origin"]) != n or len(doc["positions"]) != n or not all(json_int(t) for t in doc["tokens"]):
         raise SegmentFileError(f"session {name}: tokens, origin and positions disagree")
     if "/" in doc["cache_file"] or not doc["cache_file"].startswith("cache-"):
         raise SegmentFileError(f"session {name}: invalid cache file name {doc['cache_file']!r}")

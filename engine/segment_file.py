@@ -149,17 +149,20 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray
     return {name: _tensor(p.name, name, info, data) for name, info in header.items()}, meta
 
 
+def json_int(x: Any) -> bool:
+    """True for a JSON integer; `true`/`false` are not (Python counts bool as int)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _tensor(fname: str, name: str, info: Any, data: memoryview) -> np.ndarray:
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise SegmentFileError(f"{fname}: tensor {name!r} entry must have exactly dtype, shape, data_offsets")
     dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise SegmentFileError(f"{fname}: tensor {name!r} has unsupported dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d < 1 << 31 for d in shape):
+    if not isinstance(shape, list) or not all(json_int(d) and 0 <= d < 1 << 31 for d in shape):
         raise SegmentFileError(f"{fname}: tensor {name!r} has an invalid shape {shape!r}")
-    if not (
-        isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs) and 0 <= offs[0] <= offs[1]
-    ):
+    if not (isinstance(offs, list) and len(offs) == 2 and all(json_int(o) for o in offs) and 0 <= offs[0] <= offs[1]):
         raise SegmentFileError(f"{fname}: tensor {name!r} has invalid data offsets {offs!r}")
     if offs[1] > len(data):
         raise SegmentFileError(f"{fname} is truncated: tensor {name!r} ends at byte {offs[1]}, data has {len(data)}")
@@ -217,10 +220,10 @@ def _check_arrays(fname: str, man: dict[str, Any], arrays: dict[str, np.ndarray]
     n_layers, n = man["n_layers"], len(man["token_ids"])
     if n == 0 or len(man["positions"]) != n:
         raise SegmentFileError(f"{fname}: {n} token ids but {len(man['positions'])} positions")
-    if not all(isinstance(t, int) and t >= 0 for t in man["token_ids"]):
+    if not all(json_int(t) and t >= 0 for t in man["token_ids"]):
         raise SegmentFileError(f"{fname}: token ids must be non-negative integers")
     pos = man["positions"]
-    if not all(isinstance(q, int) for q in pos) or any(b <= a for a, b in zip(pos, pos[1:])) or pos[0] < 0:
+    if not all(json_int(q) for q in pos) or any(b <= a for a, b in zip(pos, pos[1:])) or pos[0] < 0:
         raise SegmentFileError(f"{fname}: positions must be increasing non-negative integers")
     shape = [1, man["n_kv_heads"], n, man["head_dim"]]
     expected = {f"{i}.{j}" for i in range(n_layers) for j in range(3)}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from kvscope.engine import Engine
@@ -95,6 +95,7 @@ def test_bit_flipped_segments(setup, flips: list[tuple[int, int]]) -> None:  # t
 
 @FUZZ
 @given(key=st.integers(0, 50), field=st.sampled_from(["dtype", "shape", "data_offsets", None]), value=JSONISH)
+@example(key=2, field="shape", value=[True])  # JSON true is a Python int: once a bare TypeError
 def test_mangled_tensor_headers(setup, key: int, field: str | None, value: object) -> None:  # type: ignore[no-untyped-def]
     header, data = _header(setup[2])
     names = sorted(k for k in header if k != "__metadata__")
