@@ -19,12 +19,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_model_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--api-key", default=os.environ.get("KVSCOPE_API_KEY"), help="require this bearer key (env KVSCOPE_API_KEY)")
+    p.add_argument(
+        "--api-key", default=os.environ.get("KVSCOPE_API_KEY"), help="require this bearer key (env KVSCOPE_API_KEY)"
+    )
     p.add_argument("--record", metavar="LOG.jsonl", help="append every request body to this JSON-lines file")
     p.add_argument("--gui", action="store_true", help="open the window with its Requests panel, serving from it")
     p.add_argument("--memory-budget", type=float, metavar="MB", help="cap on cache memory (default: half the RAM)")
     p.add_argument(
-        "--session-budget", type=float, metavar="MB", help="cap on the request sessions' cache; the least recently used unpinned ones are closed past it"
+        "--session-budget",
+        type=float,
+        metavar="MB",
+        help="cap on the request sessions' cache; the least recently used unpinned ones are closed past it",
     )
     p.set_defaults(func=run_serve)
 

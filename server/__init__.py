@@ -10,6 +10,6 @@ thread (`EngineWorker`); `app` is the Starlette surface; `launch` runs it
 under uvicorn. Imports the engine, never the window.
 """
 
-from kvscope.server.launch import Server, ServeOptions
+from kvscope.server.launch import ServeOptions, Server
 
 __all__ = ["ServeOptions", "Server"]

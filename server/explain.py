@@ -175,12 +175,14 @@ def _content_cause(
     before, ours, theirs = texts
     if tools and prior.tools and _canon(tools, sort=True) == _canon(prior.tools, sort=True):
         return "reordered"
-    if _squash(ours_long) == _squash(theirs_long) or _ws_at_junction(ours, theirs):
+    sa, sb = _squash(ours_long), _squash(theirs_long)
+    m = min(len(sa), len(sb), 48)
+    if sa[:m] == sb[:m]:  # the same text once whitespace is ignored
         return "whitespace"
     tail = _WORD_TAIL.search(before)
     head = tail.group(0) if tail else ""
-    wa = head + _first_word(ours)
-    wb = head + _first_word(theirs)
+    wa = (head + _first_word(ours)).rstrip(".,:;/-+")
+    wb = (head + _first_word(theirs)).rstrip(".,:;/-+")
     context_a, context_b = before[-24:] + ours, before[-24:] + theirs
     if _TIME.search(wa) and _TIME.search(wb):
         return "timestamp"
@@ -212,12 +214,6 @@ def _is_id(w: str) -> bool:
 
 def _squash(s: str) -> str:
     return re.sub(r"\s+", "", s)
-
-
-def _ws_at_junction(ours: str, theirs: str) -> bool:
-    n = common_prefix_len(ours, theirs)  # type: ignore[arg-type]
-    a, b = ours[n : n + 1], theirs[n : n + 1]
-    return (a.isspace() or b.isspace()) and (a != b)
 
 
 def _json_equal(ours: str, theirs: str, before: str) -> bool:

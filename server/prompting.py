@@ -45,7 +45,9 @@ def build_prompt(lm: LoadedModel, req: ParsedRequest) -> Prompt:
         messages = [dict(m) for m in req.messages]
         try:
             if req.tools:
-                text = str(tok.apply_chat_template(messages, tools=list(req.tools), add_generation_prompt=True, tokenize=False))
+                text = str(
+                    tok.apply_chat_template(messages, tools=list(req.tools), add_generation_prompt=True, tokenize=False)
+                )
                 ids = chat.encode(tok, text)  # the template text carries its own special tokens
             else:
                 text = chat.render(tok, messages)
@@ -58,7 +60,9 @@ def build_prompt(lm: LoadedModel, req: ParsedRequest) -> Prompt:
         vocab = _vocab_size(lm)
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise APIError(400, f"Token id {bad[0]} is out of range for this model (vocabulary size {vocab}).", param="prompt")
+            raise APIError(
+                400, f"Token id {bad[0]} is out of range for this model (vocabulary size {vocab}).", param="prompt"
+            )
         text = tok.decode(ids)
         shown = [{"role": "user", "content": text}]
     else:
@@ -66,7 +70,9 @@ def build_prompt(lm: LoadedModel, req: ParsedRequest) -> Prompt:
         ids = chat.encode(tok, text, special=True)
         shown = [{"role": "user", "content": text}]
     if not ids:
-        raise APIError(400, "The prompt is empty after tokenization.", param="messages" if req.endpoint == "chat" else "prompt")
+        raise APIError(
+            400, "The prompt is empty after tokenization.", param="messages" if req.endpoint == "chat" else "prompt"
+        )
     return Prompt(ids, text, shown, _max_tokens(lm, req, len(ids)))
 
 
@@ -75,7 +81,11 @@ def _max_tokens(lm: LoadedModel, req: ParsedRequest, n_prompt: int) -> int:
     field = "messages" if req.endpoint == "chat" else "prompt"
     asked = req.sampling.max_tokens
     if n_prompt >= limit or (asked is not None and n_prompt + asked > limit):
-        what = f"you requested {n_prompt + asked} tokens ({n_prompt} in the {field}, {asked} in the completion)" if asked else f"your {field} resulted in {n_prompt} tokens"
+        what = (
+            f"you requested {n_prompt + asked} tokens ({n_prompt} in the {field}, {asked} in the completion)"
+            if asked
+            else f"your {field} resulted in {n_prompt} tokens"
+        )
         raise APIError(
             400,
             f"This model's maximum context length is {limit} tokens. However, {what}. "

@@ -93,9 +93,7 @@ def parse_completion(body: dict[str, Any]) -> ParsedRequest:
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         ids = tuple(prompt)
     else:
-        raise bad_param(
-            "prompt", "'prompt' must be a non-empty string or token id array (one prompt per request)."
-        )
+        raise bad_param("prompt", "'prompt' must be a non-empty string or token id array (one prompt per request).")
     return ParsedRequest(
         "completions",
         _model(body),
@@ -125,7 +123,8 @@ def _message(m: Any, i: int) -> dict[str, str]:
     role = m.get("role")
     if role not in ROLES:
         raise bad_param(
-            f"messages[{i}].role", f"Invalid value for messages[{i}].role: {role!r}; expected one of {', '.join(ROLES)}."
+            f"messages[{i}].role",
+            f"Invalid value for messages[{i}].role: {role!r}; expected one of {', '.join(ROLES)}.",
         )
     content = m.get("content")
     if content is None and role == "assistant":
@@ -146,9 +145,7 @@ def _text_parts(parts: list[Any], i: int) -> str:
     for j, p in enumerate(parts):
         if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
             kind = p.get("type") if isinstance(p, dict) else type(p).__name__
-            raise bad_param(
-                f"messages[{i}].content[{j}]", f"Only text content parts are supported (got {kind!r})."
-            )
+            raise bad_param(f"messages[{i}].content[{j}]", f"Only text content parts are supported (got {kind!r}).")
         texts.append(p["text"])
     return "".join(texts)
 

@@ -23,7 +23,18 @@ def _free_port() -> int:
 
 def test_serve_subprocess_records_requests(tmp_path: Path) -> None:
     port, log = _free_port(), tmp_path / "requests.jsonl"
-    cmd = [sys.executable, "-m", "kvscope.app.cli", "serve", "--port", str(port), "--record", str(log), "--api-key", "k1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kvscope.app.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--record",
+        str(log),
+        "--api-key",
+        "k1",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
     try:
         for _ in range(600):  # model load; no wall-clock assertion, just a bounded wait

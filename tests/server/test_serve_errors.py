@@ -21,7 +21,9 @@ CHAT = [{"role": "user", "content": "What is the code for locker 7?"}]
 
 def post(server: Server, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:
     req = urllib.request.Request(
-        f"http://127.0.0.1:{server.port}{path}", data=body, headers={"Content-Type": "application/json", **(headers or {})}
+        f"http://127.0.0.1:{server.port}{path}",
+        data=body,
+        headers={"Content-Type": "application/json", **(headers or {})},
     )
     try:
         with urllib.request.urlopen(req) as r:
@@ -114,7 +116,9 @@ def _wait_done(server: Server, rid: int) -> Any:
 
 def test_disconnect_mid_stream_cancels_generation(tiny_server: Server) -> None:
     client = openai.OpenAI(base_url=tiny_server.base_url, api_key="x", max_retries=0)
-    stream = client.completions.create(model=tiny_server.model.id, prompt="the code", max_tokens=3000, temperature=0, stream=True)
+    stream = client.completions.create(
+        model=tiny_server.model.id, prompt="the code", max_tokens=3000, temperature=0, stream=True
+    )
     got = [next(iter(stream)) for _ in range(3)]
     assert all(c.choices[0].text is not None for c in got)
     stream.close()  # the client goes away
@@ -131,12 +135,16 @@ def test_disconnect_mid_stream_cancels_generation(tiny_server: Server) -> None:
 
 def test_sessions_are_retired_lru_unless_pinned(tiny_server: Server) -> None:
     client = openai.OpenAI(base_url=tiny_server.base_url, api_key="x", max_retries=0)
-    first = client.completions.create(model=tiny_server.model.id, prompt="alpha beta gamma", max_tokens=40, temperature=0)
+    first = client.completions.create(
+        model=tiny_server.model.id, prompt="alpha beta gamma", max_tokens=40, temperature=0
+    )
     rid = first.model_extra["kvscope"]["request_id"]
     status, _ = post(tiny_server, f"/kvscope/requests/{rid}/pin", b'{"pinned": true}')
     assert status == 200 and tiny_server.log.get(rid).pinned
     later = [
-        client.completions.create(model=tiny_server.model.id, prompt=f"prompt number {i} " * 3, max_tokens=40, temperature=0)
+        client.completions.create(
+            model=tiny_server.model.id, prompt=f"prompt number {i} " * 3, max_tokens=40, temperature=0
+        )
         for i in range(6)
     ]
     live = set(tiny_server.worker.call(lambda eng: eng.sessions()))

@@ -21,6 +21,7 @@ def get_json(server: Server, path: str) -> dict:  # type: ignore[type-arg]
     with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}") as r:
         return json.loads(r.read())
 
+
 NOTES = (
     "You are kvscope-demo, a small assistant. Answer questions using the notes in this chat.\n"
     "Notes:\nThe code for locker 7 is 4821.\nThe colour of door 3 is green.\nThe owner of cart 5 is Mara."
@@ -93,7 +94,9 @@ def test_agent_loop_cached_tokens_grow(demo_server: Server, client: openai.OpenA
     prompts, cached = [], []
     for step in range(20):
         messages.append({"role": "user", "content": questions[step % 3]})
-        r = client.chat.completions.create(model="kvscope-demo", messages=messages, temperature=0, max_tokens=12, user="agent-7")
+        r = client.chat.completions.create(
+            model="kvscope-demo", messages=messages, temperature=0, max_tokens=12, user="agent-7"
+        )
         messages.append({"role": "assistant", "content": r.choices[0].message.content})
         prompts.append(r.usage.prompt_tokens)
         cached.append(r.usage.prompt_tokens_details.cached_tokens)
@@ -161,7 +164,13 @@ def test_completions_text_and_token_ids(demo_server: Server, client: openai.Open
 
 
 def test_seeded_sampling_repeats(demo_server: Server, client: openai.OpenAI) -> None:
-    kw = {"model": "kvscope-demo", "messages": _chat(NOTES, "Say something."), "max_tokens": 16, "temperature": 1.5, "top_p": 0.9}
+    kw = {
+        "model": "kvscope-demo",
+        "messages": _chat(NOTES, "Say something."),
+        "max_tokens": 16,
+        "temperature": 1.5,
+        "top_p": 0.9,
+    }
     a = client.chat.completions.create(seed=7, **kw).choices[0].message.content
     b = client.chat.completions.create(seed=7, **kw).choices[0].message.content
     assert a == b
