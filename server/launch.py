@@ -34,12 +34,15 @@ class ServeOptions:
 class Server:
     """One OpenAI-compatible server over an engine worker with a loaded model."""
 
-    def __init__(self, worker: EngineWorker, options: ServeOptions | None = None) -> None:
+    def __init__(
+        self, worker: EngineWorker, options: ServeOptions | None = None, model: tuple[str, str] | None = None
+    ) -> None:
+        """`model` is the loaded model's (name, path); None asks the engine thread (and waits)."""
         self.options = opts = options or ServeOptions()
         self.worker = worker
-        info = worker.call(lambda eng: (eng.model.name, str(eng.model.path)))
-        aliases = tuple(a for a in (opts.model_alias, info[1]) if a)
-        self.model = ServedModel(info[0], aliases, int(time.time()))
+        name, path = model or worker.call(lambda eng: (eng.model.name, str(eng.model.path)))
+        aliases = tuple(a for a in (opts.model_alias, path) if a)
+        self.model = ServedModel(name, aliases, int(time.time()))
         self.log = RequestLog(Path(opts.record) if opts.record else None)
         self.runner = Runner(worker, self.log, opts.session_budget_bytes)
         app = create_app(self.runner, self.model, opts.api_key)

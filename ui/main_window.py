@@ -31,6 +31,7 @@ from kvscope.ui.bridge import EngineBridge
 from kvscope.ui.decision_panel import DecisionPanel
 from kvscope.ui.dialogs import OpenModelDialog
 from kvscope.ui.latency_panel import LatencyPanel
+from kvscope.ui.requests_panel import RequestsPanel
 from kvscope.ui.session_view import SessionView
 from kvscope.ui.sessions_panel import SessionsPanel
 from kvscope.ui.span_actions import SHORTCUTS
@@ -90,6 +91,9 @@ class MainWindow(QMainWindow):
         self.tabs = QTabWidget()
         self.tabs.addTab(self.decisions, "Decisions")
         self.tabs.addTab(self.latency, "Latency && memory")
+        self.requests = RequestsPanel(self.bridge)  # kvscope serve: requests as sessions
+        self.requests.session_selected.connect(self.set_active)
+        self.tabs.addTab(self.requests, "Requests")
         vsplit = QSplitter(Qt.Orientation.Vertical)
         vsplit.addWidget(self.splitter)
         vsplit.addWidget(self.tabs)
@@ -303,6 +307,7 @@ class MainWindow(QMainWindow):
 
     def closeEvent(self, ev: QCloseEvent) -> None:  # noqa: N802
         self.redraw_timer.stop()
+        self.requests.stop()
         for v in self.views.values():
             if v.generating:
                 self.bridge.cancel(v.sid)
