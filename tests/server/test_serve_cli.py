@@ -37,7 +37,7 @@ def test_serve_subprocess_records_requests(tmp_path: Path) -> None:
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
     try:
-        for _ in range(600):  # model load; no wall-clock assertion, just a bounded wait
+        for _ in range(3000):  # model load on a shared machine: a generous bounded wait, not a speed check
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health") as r:
                     assert json.loads(r.read())["status"] == "ok"

@@ -26,7 +26,7 @@ def test_serve_toggle_lists_requests_and_opens_their_sessions(qtbot, window):
     for prompt in ("the code for the locker is", "the code for the locker is not"):
         t = threading.Thread(target=_ask, args=(panel.server.base_url, model, prompt, answers))
         t.start()
-        qtbot.waitUntil(lambda: not t.is_alive(), timeout=WAIT_MS)
+        qtbot.waitUntil(lambda t=t: not t.is_alive(), timeout=WAIT_MS)
     assert len(answers) == 2, "the requests failed"
     qtbot.waitUntil(lambda: panel.table.rowCount() == 2 and panel.table.item(1, 7).text() == "done", timeout=WAIT_MS)
     assert panel.table.item(0, 1).text() == "bot #1" and panel.table.item(1, 1).text() == "bot #2"
