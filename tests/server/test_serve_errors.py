@@ -117,14 +117,15 @@ def _wait_done(server: Server, rid: int) -> Any:
 def test_disconnect_mid_stream_cancels_generation(tiny_server: Server) -> None:
     client = openai.OpenAI(base_url=tiny_server.base_url, api_key="x", max_retries=0)
     stream = client.completions.create(
-        model=tiny_server.model.id, prompt="the code", max_tokens=3000, temperature=0, stream=True
+        model=tiny_server.model.id, prompt="once upon", max_tokens=3000, temperature=0, stream=True
     )
     got = [next(iter(stream)) for _ in range(3)]
     assert all(c.choices[0].text is not None for c in got)
     stream.close()  # the client goes away
     rid = max(r.id for r in tiny_server.log.all())
     rec = _wait_done(tiny_server, rid)
-    assert rec.finish_reason == "cancelled" and rec.completion_tokens < 3000
+    # Greedy on this prompt runs 1382 tokens to its end-of-text; the client left after 3.
+    assert rec.finish_reason == "cancelled" and rec.completion_tokens < 1382
     # The engine is consistent and serves the next request.
     sid = rec.session
     rows, tokens = tiny_server.worker.call(lambda eng: (eng.session(sid).caches[0].n_rows, eng.session(sid).n_tokens))
