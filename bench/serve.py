@@ -106,7 +106,11 @@ def main() -> None:
             eng_tps.append(e_tps)
             counts.append((n, e_n))
     h, e = med(http_tps), med(eng_tps)
-    print(f"decode tok/s: HTTP {h:.1f}  engine {e:.1f}  HTTP/engine {h / e:.3f}  (tokens per answer {counts[:2]})")
+    pairs = sorted(a / b for a, b in zip(http_tps, eng_tps) if b > 0)  # each pair ran back to back
+    print(
+        f"decode tok/s: HTTP {h:.1f}  engine {e:.1f}  HTTP/engine median of pairs {med(pairs):.3f} "
+        f"(range {pairs[0]:.2f}-{pairs[-1]:.2f}, {len(pairs)} pairs; tokens per answer {counts[:3]})"
+    )
 
     system = FILLER * max(1, args.prefix_tokens // 17)
     client.chat.completions.create(

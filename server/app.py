@@ -158,8 +158,7 @@ async def _generate(
     cid = new_id(req.endpoint)
     if req.stream:
         # Headers go out once the request runs, so a bad prompt still gets its 4xx status.
-        if await _wait_or_disconnect(request, job, started=True) is None:
-            return Response(status_code=499)
+        await _wait_or_disconnect(request, job, started=True)
         return StreamingResponse(
             _stream(job, ChunkMaker(cid, model.id, req.endpoint, req.include_usage), req),
             media_type="text/event-stream",
@@ -170,7 +169,7 @@ async def _generate(
 
 
 async def _wait_or_disconnect(request: Request, job: Job, started: bool = False) -> Any:
-    """The job's outcome (or, with `started`, True once it runs); None if the client left first."""
+    """The job's outcome (or, with `started`, True once it runs); its error as an `APIError`."""
 
     async def watch() -> None:
         while (await request.receive())["type"] != "http.disconnect":
