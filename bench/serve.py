@@ -46,10 +46,10 @@ LOOPY = [  # chats the demo model answers at length (it loops on an unfamiliar q
 FILLER = "the locker code report lists rooms colours names numbers and the notes of the day. "
 
 
-def http_decode(client, model: str, messages: list, max_tokens: int) -> tuple[float, int, float]:  # type: ignore[no-untyped-def]
-    """(client-side decode tok/s, tokens, TTFT ms) of one streamed request."""
+def http_decode(client, model: str, messages: list, max_tokens: int) -> tuple[float, int, float, float]:  # type: ignore[no-untyped-def]
+    """(client-side decode tok/s, tokens, TTFT ms, the server engine's own decode tok/s) of one streamed request."""
     t0 = time.perf_counter()
-    stamps, n = [], 0
+    stamps, n, inside = [], 0, 0.0
     for c in client.chat.completions.create(
         model=model,
         messages=messages,
@@ -62,9 +62,11 @@ def http_decode(client, model: str, messages: list, max_tokens: int) -> tuple[fl
             stamps.append(time.perf_counter())
         if c.usage is not None:
             n = c.usage.completion_tokens
+        if c.model_extra and c.model_extra.get("kvscope"):
+            inside = c.model_extra["kvscope"]["decode_tps"]
     span = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
     # Chunks carry whole detokenized pieces; the token count comes from usage.
-    return ((n - 1) / span if span > 0 else 0.0), n, (stamps[0] - t0) * 1000
+    return ((n - 1) / span if span > 0 else 0.0), n, (stamps[0] - t0) * 1000, inside
 
 
 def engine_decode(worker: EngineWorker, messages: list, max_tokens: int) -> tuple[float, int]:
@@ -97,12 +99,13 @@ def main() -> None:
     model = worker.call(lambda eng: eng.model.name)
     print(f"model: {model}; {args.rounds} rounds, medians")
 
-    http_tps, eng_tps, counts = [], [], []
+    http_tps, eng_tps, inside_tps, counts = [], [], [], []
     for _ in range(args.rounds):
         for messages in LOOPY:
-            tps, n, _ttft = http_decode(client, model, messages, args.max_tokens)
+            tps, n, _ttft, inside = http_decode(client, model, messages, args.max_tokens)
             e_tps, e_n = engine_decode(worker, messages, args.max_tokens)
             http_tps.append(tps)
+            inside_tps.append(inside)
             eng_tps.append(e_tps)
             counts.append((n, e_n))
     h, e = med(http_tps), med(eng_tps)
@@ -110,6 +113,11 @@ def main() -> None:
     print(
         f"decode tok/s: HTTP {h:.1f}  engine {e:.1f}  HTTP/engine median of pairs {med(pairs):.3f} "
         f"(range {pairs[0]:.2f}-{pairs[-1]:.2f}, {len(pairs)} pairs; tokens per answer {counts[:3]})"
+    )
+    inner = sorted(a / b for a, b in zip(inside_tps, eng_tps) if b > 0)
+    print(
+        f"  the server's engine clock: {med(inside_tps):.1f} tok/s; server engine/direct engine median of pairs "
+        f"{med(inner):.3f} (range {inner[0]:.2f}-{inner[-1]:.2f})"
     )
 
     system = FILLER * max(1, args.prefix_tokens // 17)
@@ -121,9 +129,9 @@ def main() -> None:
     hits, misses, cached = [], [], 0
     for i in range(args.rounds):
         q = [{"role": "user", "content": f"Question {i}: which room?"}]
-        _, _, t_hit = http_decode(client, model, [{"role": "system", "content": system}, *q], 1)
+        _, _, t_hit, _ = http_decode(client, model, [{"role": "system", "content": system}, *q], 1)
         unique = f"Run {uuid.uuid4().hex}.\n" + system
-        _, _, t_miss = http_decode(client, model, [{"role": "system", "content": unique}, *q], 1)
+        _, _, t_miss, _ = http_decode(client, model, [{"role": "system", "content": unique}, *q], 1)
         hits.append(t_hit)
         misses.append(t_miss)
         log = get_json(base_url.replace("/v1", "/kvscope/requests"))["data"]
