@@ -29,7 +29,6 @@ import uuid
 from pathlib import Path
 
 from _common import med, model_arg, resolve_model
-
 from kvscope.engine import SamplingParams, chat
 from kvscope.engine.prompt_turn import run_prompt
 from kvscope.engine.worker import EngineWorker
