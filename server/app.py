@@ -74,7 +74,8 @@ def create_app(runner: Runner, model: ServedModel, api_key: str | None = None) -
 
     async def request_pin(request: Request) -> Response:
         rec = _record(runner, request)
-        body = parse_json(await request.body()) if await request.body() else {}
+        raw = await read_body(request, 1 << 16)
+        body = parse_json(raw) if raw.strip() else {}
         pinned = body.get("pinned", True)
         if not isinstance(pinned, bool):
             raise APIError(400, "'pinned' must be a boolean.", param="pinned")
@@ -148,10 +149,27 @@ def client_name(request: Request, req: ParsedRequest) -> str:
     return request.client.host if request.client else "client"
 
 
+MAX_BODY_BYTES = 32 << 20
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, refused with a 413 past `limit` bytes (before reading it all)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"Request body too large: {int(declared)} bytes (the limit is {limit >> 20} MB).")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"Request body too large (the limit is {limit >> 20} MB).")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _generate(
     request: Request, runner: Runner, model: ServedModel, parse: Callable[[dict[str, Any]], ParsedRequest]
 ) -> Response:
-    body = parse_json(await request.body())
+    body = parse_json(await read_body(request))
     req = parse(body)
     _check_model(model, req.model)
     job = runner.start(req, client_name(request, req), body)

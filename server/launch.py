@@ -68,7 +68,7 @@ class Server:
 
     def start(self, timeout: float = 30.0) -> Server:
         """Serve from a daemon thread; returns once the socket listens."""
-        self._thread = threading.Thread(target=self._uvicorn.run, name="kvscope-serve", daemon=True)
+        self._thread = threading.Thread(target=self._run_quietly, name="kvscope-serve", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._uvicorn.started:
@@ -78,6 +78,12 @@ class Server:
                 raise TimeoutError("kvscope serve did not start")
             time.sleep(0.02)
         return self
+
+    def _run_quietly(self) -> None:
+        try:
+            self._uvicorn.run()
+        except (SystemExit, OSError):  # uvicorn exits when it cannot bind; `start` reports it
+            pass
 
     def stop(self, timeout: float = 10.0) -> None:
         self._uvicorn.should_exit = True

@@ -48,6 +48,8 @@ class ParsedRequest:
 def parse_json(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
+    except RecursionError as exc:
+        raise APIError(400, "The JSON body of your request is nested too deeply.") from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise APIError(
             400,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -66,6 +67,16 @@ def test_error_shapes_and_statuses(demo_server: Server, client: openai.OpenAI) -
     assert status == 400 and _is_openai_error(body) and "JSON" in body["error"]["message"]
     status, body = post(demo_server, "/v1/chat/completions", b"[1, 2]")
     assert status == 400 and _is_openai_error(body)
+    status, body = post(demo_server, "/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000)
+    assert status == 400 and _is_openai_error(body) and "nested" in body["error"]["message"]
+    conn = http.client.HTTPConnection("127.0.0.1", demo_server.port)
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Content-Length", str(33 << 20))  # refused before the body is read
+    conn.endheaders()
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 413 and _is_openai_error(body) and "32 MB" in body["error"]["message"]
     status, body = post(demo_server, "/v1/nothing-here", b"{}")
     assert status == 404 and _is_openai_error(body)
     # After all that the server still answers.
