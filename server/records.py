@@ -117,6 +117,14 @@ class RequestLog:
         with self._lock:
             return list(self._records.values())
 
+    def is_request_session(self, sid: str, name: str) -> bool:
+        """Whether a just-created session belongs to a request (its record and name exist before it does)."""
+        with self._lock:
+            return any(
+                r.session == sid or (r.session is None and r.name == name and r.status in ("queued", "running"))
+                for r in self._records.values()
+            )
+
     def by_session(self, sid: str) -> RequestRecord | None:
         with self._lock:
             return next((r for r in self._records.values() if r.session == sid), None)

@@ -52,14 +52,17 @@ def main() -> int:
     def send() -> None:
         client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
         for b in bodies:
-            done.append(client.chat.completions.create(
-                model="kvscope-demo", messages=b["messages"], max_tokens=12, temperature=0, user="clock-agent"
-            ))
+            done.append(
+                client.chat.completions.create(
+                    model="kvscope-demo", messages=b["messages"], max_tokens=12, temperature=0, user="clock-agent"
+                )
+            )
 
     threading.Thread(target=send, daemon=True).start()
     wait(app, lambda: len(done) == len(bodies) and win.requests.table.rowCount() == len(bodies))
     win.tabs.setCurrentWidget(win.requests)
     win.requests.table.selectRow(len(bodies) - 1)
+    win.requests.table.scrollToBottom()
     wait(app, lambda: bridge.in_flight() == 0)
     end = time.perf_counter() + 0.5
     while time.perf_counter() < end:

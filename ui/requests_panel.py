@@ -7,6 +7,8 @@ table lists each request live: time, client, prompt tokens, cached,
 prefilled, TTFT, tok/s and where its prefix broke; selecting a row shows
 the full explanation and emits `session_selected(sid)` so the window opens
 that request's session; "Pin" keeps its session from being retired.
+Request sessions get a session view only when selected (`hides`), so an
+agent's hundred requests do not become a hundred views.
 
 Server records change on the engine thread or the server's event loop;
 they reach the widgets through a queued signal, never directly.
@@ -40,7 +42,7 @@ COLUMNS = ("Time", "Client", "Prompt", "Cached", "Prefilled", "TTFT ms", "tok/s"
 
 
 class RequestsPanel(QWidget):
-    session_selected = Signal(str)  # the engine session of the selected request
+    session_selected = Signal(str, str)  # engine session id and name of the selected request
     server_changed = Signal(str)  # "" when stopped, else the base URL
     _record_changed = Signal(object)  # RequestRecord, from any thread
 
@@ -112,6 +114,10 @@ class RequestsPanel(QWidget):
 
     def stop(self) -> None:
         self.serve.setChecked(False)
+
+    def hides(self, sid: str, name: str) -> bool:
+        """True for a session a request of this server made: it opens when selected, not by itself."""
+        return self.server is not None and self.server.log.is_request_session(sid, name)
 
     def _on_toggle(self, on: bool) -> None:
         if not on:
@@ -209,7 +215,7 @@ class RequestsPanel(QWidget):
         d = self._records[rid]
         self._show_detail(d)
         if d["session"] and not d["retired"]:
-            self.session_selected.emit(d["session"])
+            self.session_selected.emit(d["session"], d["name"])
 
     def _show_detail(self, d: dict[str, Any]) -> None:
         why = d["prefix_break"] or {}

@@ -35,9 +35,11 @@ def test_serve_toggle_lists_requests_and_opens_their_sessions(qtbot, window):
     assert panel.table.item(0, 8).text()  # where the prefix broke (the first request: nothing cached)
     settle(qtbot, window)
     sid = answers[1].model_extra["kvscope"]["session"]
-    assert sid in window.views  # every request is a session the window shows
+    assert sid not in window.views  # a request's session opens when selected, not by itself
     panel.table.selectRow(1)
-    assert window.active == sid
+    assert window.active == sid and sid in window.views
+    settle(qtbot, window)
+    assert window.views[sid].snapshot is not None and window.views[sid].snapshot.n_tokens > 0  # its blocks
     assert "prefix" in panel.detail.text() or "request" in panel.detail.text()
     assert panel.pin.isEnabled()
     panel.pin.setChecked(True)
