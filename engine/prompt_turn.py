@@ -3,7 +3,7 @@
 `Engine.chat` adds one user message to a chat it keeps; a server request
 instead brings the whole prompt (its own messages, tools and template, or
 raw completion text) and wants an answer on a fresh session. This module
-runs that turn with the same machinery as `turns.run_turn`:
+runs that turn with the same code as `turns.run_turn` (`turns.turn_on_tokens`):
 
 - the longest chain of stored full blocks that prefixes the prompt is copied
   in (`cached_tokens`), only the rest is prefilled (`prefilled_tokens`);
@@ -20,19 +20,21 @@ Must run on the engine thread. Knows nothing about HTTP or the window.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kvscope.engine import turns
-from kvscope.engine.compression import maybe_compress_session
 from kvscope.engine.errors import InvalidRequestError, KVScopeError
-from kvscope.engine.events import EngineError, PrefillChunk, SessionId, TurnStarted
-from kvscope.engine.generation import SamplingParams, prefill
-from kvscope.engine.session import TurnStats
+from kvscope.engine.events import EngineError, SessionId
+from kvscope.engine.generation import SamplingParams
 
 if TYPE_CHECKING:
     from kvscope.engine.engine import Engine
+
+# The memory budget is checked for the prompt plus at most this many answer
+# tokens: a request without max_tokens may run to the context limit, and
+# reserving all of it up front would refuse long-context models outright.
+BUDGET_ANSWER_TOKENS = 2048
 
 
 def longest_cached_prefix(eng: Engine, prompt_ids: list[int]) -> tuple[int, tuple[SessionId, ...]]:
@@ -91,31 +93,24 @@ def _run(
     if not prompt_ids:
         raise InvalidRequestError("empty prompt")
     params.validate()
-    lm, store, bus = eng.model, eng.store, eng.bus
+    lm, store = eng.model, eng.store
     assert store is not None
-    eng.ensure_budget(len(prompt_ids) + params.max_tokens, "this request")
+    eng.ensure_budget(len(prompt_ids) + min(params.max_tokens, BUDGET_ANSWER_TOKENS), "this request")
     s.generating = True
     try:
-        t_start = time.perf_counter()
-        cached = turns._reuse_prefix(s, store, prompt_ids)
-        to_prefill = prompt_ids[cached:]  # never empty: the match leaves the last token out
-        stats = TurnStats(len(prompt_ids), cached, len(to_prefill))
-        bus.emit(TurnStarted(bus.now_ms(), sid, stats.prompt_tokens, cached, len(to_prefill)))
-
-        def on_chunk(start: int, n: int, dur_ms: float) -> None:
-            bus.emit(PrefillChunk(bus.now_ms(), sid, start, n, len(to_prefill), dur_ms))
-
-        s.append_tokens(to_prefill[:-1])
-        try:
-            prefill(lm.model, s.caches, to_prefill[:-1], eng.config.prefill_chunk, cancelled, on_chunk)
-            maybe_compress_session(s, lm, bus, "prefill")
-        except BaseException:
-            turns._roll_back(s, store, 0, "", 0)
-            raise
-        s.append_tokens(to_prefill[-1:])
-        s.messages = [dict(m) for m in messages]
-        s.transcript_text = transcript_text
-        result = turns._generate(s, lm, store, bus, to_prefill[-1], params, stats, t_start, cancelled)
+        result = turns.turn_on_tokens(
+            s,
+            lm,
+            store,
+            eng.bus,
+            list(prompt_ids),
+            0,
+            [dict(m) for m in messages],
+            transcript_text,
+            params,
+            eng.config.prefill_chunk,
+            cancelled,
+        )
     finally:
         s.generating = False
     eng.persist(sid)

@@ -26,8 +26,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import numpy as np
 
 _WORD_TAIL = re.compile(r"[\w:.\-/+]*$")
 _WORD_HEAD = re.compile(r"^[\w:.\-/+]*")
@@ -67,6 +69,10 @@ class EarlierPrompt:
     messages: tuple[dict[str, str], ...]
     tools: tuple[dict[str, Any], ...] | None
     answer: str
+    array: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "array", np.asarray(self.token_ids, dtype=np.int64))
 
 
 @dataclass(frozen=True)
@@ -88,19 +94,21 @@ class PrefixBreak:
         return asdict(self)
 
 
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix_len(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray) -> int:
+    """Length of the longest common prefix (vectorized: agents resend thousands of tokens)."""
     n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if len(diff) else n
 
 
 def closest(prompt: Sequence[int], earlier: Sequence[EarlierPrompt]) -> tuple[EarlierPrompt | None, int]:
     """The earlier prompt sharing the longest token prefix (the most recent on ties)."""
     best, best_n = None, -1
+    ids = np.asarray(prompt, dtype=np.int64)
     for e in reversed(earlier):
-        n = common_prefix_len(prompt, e.token_ids)
+        n = common_prefix_len(ids, e.array)
         if n > best_n:
             best, best_n = e, n
     return best, max(best_n, 0)

@@ -28,7 +28,7 @@ from kvscope.engine.engine import Engine
 from kvscope.engine.errors import CancelledError
 from kvscope.engine.events import Event, SessionId, TokenSampled
 from kvscope.engine.generation import SamplingParams
-from kvscope.engine.prompt_turn import longest_cached_prefix, run_prompt
+from kvscope.engine.prompt_turn import BUDGET_ANSWER_TOKENS, longest_cached_prefix, run_prompt
 from kvscope.engine.turns import TurnResult
 from kvscope.engine.worker import EngineWorker
 from kvscope.server.explain import EarlierPrompt, explain
@@ -114,7 +114,8 @@ class Runner:
             raise CancelledError("the client went away before its request started")
         cached, sharing = longest_cached_prefix(eng, prompt.ids)
         self._touch(sharing)
-        self._retire(eng, (len(prompt.ids) - cached + prompt.max_tokens) * lm.bytes_per_token)
+        answer = min(prompt.max_tokens, BUDGET_ANSWER_TOKENS)  # as run_prompt checks the memory budget
+        self._retire(eng, (len(prompt.ids) - cached + answer) * lm.bytes_per_token)
         sid = eng.new_session(name=rec.name)
         self.log.update(rec, session=sid, status="running", prompt_tokens=len(prompt.ids))
         job.push(STARTED)
