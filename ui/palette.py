@@ -36,6 +36,14 @@ def state_name(state: int) -> str:
     return TokenState(state).name.lower()
 
 
+def reduce_states(token_state: np.ndarray) -> np.ndarray:
+    """Per token, the state most layers agree on: `[layers, tokens]` -> `[tokens]`."""
+    if token_state.shape[1] == 0:
+        return np.zeros(0, np.uint8)
+    counts = np.stack([(token_state == s).sum(axis=0) for s in range(N_STATES)])
+    return counts.argmax(axis=0).astype(np.uint8)
+
+
 def state_legend() -> QWidget:
     """A compact row of coloured swatches naming each state (EMPTY left out)."""
     box = QWidget()

@@ -4,8 +4,11 @@ Each action is a `QAction` with a shortcut (also in the strip's context
 menu) that asks for its parameters in a dialog, then calls a method taking
 them as arguments (`mask()`, `compact(summary)`, `compress(policy, ...)`) —
 tests and scripts call those methods directly. Every call goes through the
-bridge; its fidelity report is shown in a non-modal `ReportDialog` and kept
-in `last_report`; errors are shown, never swallowed.
+bridge; its report goes out as `report_ready(op, report)` (the window shows
+it in its docked report panel) and is kept in `last_report`; errors go out
+as `failed(op, message)`, never swallowed. `submitted(op)` says an
+operation was queued for the engine thread (the window tells the person
+when it waits behind another session's generation).
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import QFileDialog, QInputDialog, QMenu
 
 from kvscope.engine.engine import Engine
-from kvscope.ui.block_map import MIME_SEGMENT
-from kvscope.ui.dialogs import CompactDialog, CompressDialog, ReportDialog, report_dict
+from kvscope.ui.dialogs import CompactDialog, CompressDialog, report_dict
+from kvscope.ui.drops import MIME_SEGMENT
 
 if TYPE_CHECKING:
     from kvscope.ui.session_view import SessionView
@@ -41,13 +44,13 @@ SHORTCUTS = {
 class SpanActions(QObject):
     report_ready = Signal(str, object)  # operation, report dict
     failed = Signal(str, str)  # operation, message
+    submitted = Signal(str)  # operation
 
     def __init__(self, view: SessionView) -> None:
         super().__init__(view)
         self.view = view
         self.last_report: dict[str, Any] | None = None
         self.last_error: str | None = None
-        self._dialog: ReportDialog | None = None
         self.actions: dict[str, QAction] = {}
         labels = {
             "mask": ("Mask span", self.mask),
@@ -97,7 +100,6 @@ class SpanActions(QObject):
             self.last_report = report_dict(result)
             self.last_error = None
             self.report_ready.emit(op, self.last_report)
-            self._show_report(op, self.last_report)
             self.view.bridge.want_snapshot(self.view.sid)
             if on_done is not None:
                 on_done(result)
@@ -107,7 +109,9 @@ class SpanActions(QObject):
             self.failed.emit(op, str(exc))
             self.view.bridge.want_snapshot(self.view.sid)
 
-        return self.view.bridge.call(fn, done, failed)
+        ticket = self.view.bridge.call(fn, done, failed)
+        self.submitted.emit(op)
+        return ticket
 
     def _span(self) -> tuple[int, int] | None:
         lo, hi = self.view.selection()
@@ -190,11 +194,6 @@ class SpanActions(QObject):
         )
         if path:
             self.save(path)
-
-    def _show_report(self, op: str, report: dict[str, Any]) -> None:
-        if self._dialog is None:
-            self._dialog = ReportDialog(self.view)
-        self._dialog.show_report(f"{op} · {self.view.sid}", report)
 
 
 def _compress(eng: Engine) -> Callable[..., Any]:

@@ -7,38 +7,10 @@ import json
 
 import numpy as np
 import pytest
-from conftest import WAIT_MS, chat, engine_call, settle
+from conftest import WAIT_MS, chat, drag_select, engine_call, send_drop, settle
 from PySide6.QtCore import QPoint, QPointF, Qt
-from PySide6.QtGui import QDropEvent
-from PySide6.QtWidgets import QApplication
 
 from kvscope.engine.blocks import TokenState
-
-
-def strip_point(strip, i: int) -> QPoint:
-    """Centre of token i's box in the token strip."""
-    row, col = divmod(i, strip.block_size)
-    xs = strip._row_edges(row)
-    return QPoint((xs[col] + xs[col + 1]) // 2, row * strip.row_h + strip.row_h // 2)
-
-
-def drag_select(qtbot, strip, lo: int, hi: int) -> None:
-    qtbot.mousePress(strip, Qt.MouseButton.LeftButton, pos=strip_point(strip, lo))
-    qtbot.mouseMove(strip, strip_point(strip, hi - 1))
-    qtbot.mouseRelease(strip, Qt.MouseButton.LeftButton, pos=strip_point(strip, hi - 1))
-
-
-def send_drop(target, mime, pos: QPoint) -> None:
-    from PySide6.QtGui import QDragEnterEvent, QDragMoveEvent
-
-    actions = Qt.DropAction.CopyAction
-    for cls in (QDragEnterEvent, QDragMoveEvent):
-        QApplication.sendEvent(
-            target, cls(pos, actions, mime, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier)
-        )
-    QApplication.sendEvent(
-        target, QDropEvent(QPointF(pos), actions, mime, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier)
-    )
 
 
 def test_chat_streams_into_the_view_and_engine(qtbot, window):
@@ -208,13 +180,31 @@ def test_session_list_new_duplicate_rename_close(qtbot, window):
     assert dup not in engine_call(window, lambda e: e.sessions())
 
 
-def test_two_sessions_side_by_side(qtbot, window):
-    window.new_session("second")
-    qtbot.waitUntil(lambda: len(window.views) == 2, timeout=WAIT_MS)
+def test_many_sessions_fit_1024_wide_and_two_compare_side_by_side(qtbot, window):
+    for _ in range(5):
+        window.new_session()
+    qtbot.waitUntil(lambda: len(window.views) == 6, timeout=WAIT_MS)
     settle(qtbot, window)
-    views = list(window.views.values())
-    assert all(v.isVisible() and v.width() > 200 for v in views)
-    assert views[0].geometry().right() < views[1].geometry().left()
+    window.resize(1024, 700)
+    qtbot.wait(50)
+    assert window.minimumSizeHint().width() <= 1024
+    assert window.width() <= 1024
+    status = window.status
+    assert status.isVisible() and status.mapTo(window, QPoint(0, status.height())).y() <= window.height()
+    view = window.active_view()
+    stop = view.stop_btn.mapTo(window, QPoint(view.stop_btn.width(), 0))
+    assert view.stop_btn.isVisible() and stop.x() <= window.width()
+    # Default names: "chat N", numbered in order, never repeated.
+    assert sorted(v.name for v in window.views.values()) == [f"chat {i}" for i in range(1, 7)]
+    a, b = list(window.views)[:2]
+    window.compare(a, b)
+    qtbot.wait(50)
+    va, vb = window.views[a], window.views[b]
+    assert va.isVisible() and vb.isVisible() and va.width() > 300 and vb.width() > 300
+    assert va.mapTo(window, QPoint(va.width(), 0)).x() <= vb.mapTo(window, QPoint(0, 0)).x()
+    window.toggle_compare()  # fold back: one pane of tabs
+    qtbot.wait(50)
+    assert not window.area.comparing and len(window.area.visible_views()) == 1
 
 
 def test_hover_describes_a_block(qtbot, window):
@@ -223,16 +213,6 @@ def test_hover_describes_a_block(qtbot, window):
     text = view.describe_block(1, 0)
     assert "block 0" in text and "layer 1" in text and "tokens [0, 16)" in text
     assert "hash" in text and "KiB" in text and "shared by" in text and "score" in text
-
-
-def test_load_failure_is_shown_and_window_stays_usable(qtbot, window, llama_dir, tmp_path):
-    window.load_model(str(tmp_path / "no-such-model"))
-    qtbot.waitUntil(lambda: window.bridge.in_flight() == 0, timeout=WAIT_MS)
-    assert "no-such-model" in (window.last_error or "") or "No model loaded" in window.status.currentMessage()
-    window.load_model(str(llama_dir))
-    qtbot.waitUntil(lambda: window.active_view() is not None, timeout=WAIT_MS)
-    chat(qtbot, window, window.active_view(), "the red code")
-    assert window.active_view().strip.texts
 
 
 def test_stop_button_cancels_generation(qtbot, window):
