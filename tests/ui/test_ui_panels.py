@@ -1,0 +1,144 @@
+"""Block map, report panel, latency legends, names and system prompts (issue 18).
+Offscreen, tiny random model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import WAIT_MS, chat, drag_select, engine_call, settle
+from PySide6.QtCore import QPoint, QPointF, Qt
+from PySide6.QtGui import QWheelEvent
+from PySide6.QtWidgets import QApplication
+
+from kvscope.engine.blocks import TokenState
+from kvscope.ui.block_map import FOLLOW_BLOCKS, BlockMap
+from kvscope.ui.report_panel import verdict
+
+
+def _wheel(widget, delta: int) -> None:
+    pos = QPointF(widget.width() / 2, widget.height() / 2)
+    ev = QWheelEvent(
+        pos,
+        widget.mapToGlobal(pos),
+        QPoint(0, 0),
+        QPoint(0, delta),
+        Qt.MouseButton.NoButton,
+        Qt.KeyboardModifier.NoModifier,
+        Qt.ScrollPhase.NoScrollPhase,
+        False,
+    )
+    QApplication.sendEvent(widget, ev)
+
+
+def test_block_map_follows_the_cache_until_the_person_zooms(qtbot):
+    bm = BlockMap()
+    qtbot.addWidget(bm)
+    bm.resize(600, 200)
+    bm.show()
+    for n in (3, 40, 400, 900):
+        bm.set_states(np.zeros((4, n), np.uint8))
+        x0, x1 = bm.visible_blocks()
+        assert x1 >= n and x0 <= max(0, n - FOLLOW_BLOCKS) + 1, (n, x0, x1)  # the live end is in view
+    _wheel(bm.viewport(), 240)  # the person zooms in
+    assert not bm.follow
+    zoomed = bm.visible_blocks()
+    bm.set_states(np.zeros((4, 1200), np.uint8))
+    assert bm.visible_blocks() == pytest.approx(zoomed)  # their zoom is kept
+    bm.set_follow(True)
+    assert bm.visible_blocks()[1] >= 1200
+
+
+def test_block_map_ticks_are_whole_numbers_that_never_overlap(qtbot):
+    bm = BlockMap()
+    qtbot.addWidget(bm)
+    axis = bm.getPlotItem().getAxis("bottom")
+    for lo, hi, px in ((0, 8, 600), (0.3, 37.7, 500), (0, 2000, 400), (100, 160, 900)):
+        (step, values), = axis.tickValues(lo, hi, px)
+        labels = axis.tickStrings(values, 1, step)
+        assert all(float(v - 0.5).is_integer() for v in values) and all(s.isdigit() for s in labels)
+        assert len(values) <= px // axis.px_per_label + 1
+        assert all(lo <= v <= hi for v in values)
+    left = bm.getPlotItem().getAxis("left")
+    (_, values), = left.tickValues(0, 4, 200)
+    assert left.tickStrings(values, 1, 1) == ["0", "1", "2", "3"]  # every layer, none clipped at the edge
+
+
+def test_hover_text_sits_in_a_fixed_pane(qtbot, window):
+    view = window.active_view()
+    chat(qtbot, window, view, "the locker code is 4 8 1 5", max_tokens=30)
+    map_h, label_h = view.block_map.height(), view.hover_label.height()
+    view._on_block_hovered(1, 0)
+    qtbot.wait(30)
+    assert "block 0" in view.hover_label.text() and view.hover_label.text().count("\n") == 1
+    assert (view.block_map.height(), view.hover_label.height()) == (map_h, label_h)
+
+
+def test_verdict_thresholds():
+    assert verdict({"kl": 0.0, "top1_agree": 1.0})[0] == "exact"
+    assert verdict({"kl": 0.01, "top1_agree": 0.95})[0] == "faithful"
+    assert verdict({"kl": 0.5, "top1_agree": 1.0})[0] == "degraded"
+    assert verdict({"kl": float("nan"), "top1_agree": float("nan")}) is None
+    assert verdict({"path": "x"}) is None
+
+
+def test_report_panel_names_the_operation_and_session_with_a_verdict(qtbot, window, tmp_path):
+    view = window.active_view()
+    chat(qtbot, window, view, "the red code is blue and the locker is green", max_tokens=20)
+    drag_select(qtbot, view.strip, 3, 9)
+    view.actions_.mask()
+    settle(qtbot, window)
+    panel = window.report
+    assert window.tabs.currentWidget() is panel
+    assert "mask" in panel.title.text() and view.name in panel.title.text()
+    assert panel.last_verdict in ("exact", "faithful", "degraded") and panel.last_verdict in panel.verdict_label.text()
+    names = [panel.table.item(r, 0).text() for r in range(panel.table.rowCount())]
+    assert "KL divergence vs recompute (nats)" in names and "kl" not in names and "n_probe" not in names
+    view.actions_.save(tmp_path / "seg.safetensors")
+    settle(qtbot, window)
+    assert "save" in panel.title.text() and panel.last_verdict is None
+    assert "no fidelity measured" in panel.verdict_label.text()
+    assert not panel.isWindow()  # docked in the window, never a window over the work
+
+
+def test_latency_legends_drop_closed_sessions_and_open_ones_never_share_a_colour(qtbot, window):
+    first = window.active_view()
+    for _ in range(2):
+        window.new_session()
+    qtbot.waitUntil(lambda: len(window.views) == 3, timeout=WAIT_MS)
+    for v in list(window.views.values()):
+        chat(qtbot, window, v, "the red code", max_tokens=8)
+    window.redraw()
+    lat = window.latency
+    assert sorted(lat.legend_names()) == sorted(v.name for v in window.views.values())
+    window.close_session(first.sid)
+    qtbot.waitUntil(lambda: first.sid not in window.views, timeout=WAIT_MS)
+    assert first.name not in lat.legend_names("ms") and first.name not in lat.legend_names("mib")
+    for _ in range(6):
+        window.new_session()
+    qtbot.waitUntil(lambda: len(window.views) == 8, timeout=WAIT_MS)
+    for v in window.views.values():
+        lat.colour_of(v.sid)
+    colours = [lat.colours[s] for s in window.views]
+    assert len(set(colours)) == len(colours)
+
+
+def test_names_are_unique_and_new_sessions_take_the_system_prompt(qtbot, window, tmp_path):
+    view = window.active_view()
+    chat(qtbot, window, view, "the red code", max_tokens=5)
+    path = tmp_path / "chat.kvsession"
+    window.export_session(view.sid, path)
+    qtbot.waitUntil(path.exists, timeout=WAIT_MS)
+    window.import_session(path)  # same name as the open session
+    qtbot.waitUntil(lambda: len(window.views) == 2, timeout=WAIT_MS)
+    settle(qtbot, window)
+    names = [engine_call(window, lambda e, s=s: e.session(s).name) for s in window.views]
+    assert len(set(names)) == 2 and view.name in names
+    window.sessions.system.setPlainText("You answer in one word.")
+    qtbot.mouseClick(window.sessions.new_btn, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: len(window.views) == 3, timeout=WAIT_MS)
+    settle(qtbot, window)
+    new = window.active_view()
+    assert new.name == "chat 2"
+    assert engine_call(window, lambda e: e.snapshot(new.sid)).messages[0] == ("system", "You answer in one word.")
+    assert "You answer in one word." in new.system_label.text()
+    assert (engine_call(window, lambda e: e.snapshot(new.sid)).token_state != TokenState.MASKED).all()
