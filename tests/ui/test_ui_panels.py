@@ -53,13 +53,13 @@ def test_block_map_ticks_are_whole_numbers_that_never_overlap(qtbot):
     qtbot.addWidget(bm)
     axis = bm.getPlotItem().getAxis("bottom")
     for lo, hi, px in ((0, 8, 600), (0.3, 37.7, 500), (0, 2000, 400), (100, 160, 900)):
-        (step, values), = axis.tickValues(lo, hi, px)
+        ((step, values),) = axis.tickValues(lo, hi, px)
         labels = axis.tickStrings(values, 1, step)
         assert all(float(v - 0.5).is_integer() for v in values) and all(s.isdigit() for s in labels)
         assert len(values) <= px // axis.px_per_label + 1
         assert all(lo <= v <= hi for v in values)
     left = bm.getPlotItem().getAxis("left")
-    (_, values), = left.tickValues(0, 4, 200)
+    ((_, values),) = left.tickValues(0, 4, 200)
     assert left.tickStrings(values, 1, 1) == ["0", "1", "2", "3"]  # every layer, none clipped at the edge
 
 

@@ -11,7 +11,7 @@ from PySide6.QtWidgets import QApplication
 from kvscope.engine import EngineConfig
 from kvscope.engine.blocks import TokenState
 from kvscope.engine.errors import InvalidRequestError
-from kvscope.engine.events import PrefillChunk, TokenSampled
+from kvscope.engine.events import PrefillChunk
 
 LONG_PROMPT = " ".join(["the red code is blue and the locker is green"] * 60)  # > 256 tokens
 
