@@ -47,7 +47,8 @@ class IndexAxis(pg.AxisItem):
         self.px_per_label = px_per_label
 
     def tickValues(self, minVal: float, maxVal: float, size: float) -> list:  # noqa: N802, N803
-        lo, hi = math.ceil(minVal - 0.5), math.floor(maxVal - 0.5)
+        lo_val, hi_val = sorted((minVal, maxVal))  # an inverted axis (layers) passes them reversed
+        lo, hi = math.ceil(lo_val - 0.5), math.floor(hi_val - 0.5)
         if hi < lo or size <= 0:
             return []
         step = self.step_for(hi - lo + 1, size)

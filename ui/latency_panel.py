@@ -18,7 +18,7 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QHBoxLayout, QSplitter, QTableWidget, QTableWidgetItem, QWidget
 
-from kvscope.engine.events import Event, GenerationFinished, SessionClosed, TokenSampled
+from kvscope.engine.events import Event, GenerationFinished, SessionClosed, SessionCreated, TokenSampled
 from kvscope.engine.snapshot import SessionSnapshot
 
 SESSION_COLOURS = [(90, 170, 255), (255, 150, 60), (120, 220, 120), (240, 90, 200), (240, 230, 90), (160, 140, 255)]
@@ -99,7 +99,9 @@ class LatencyPanel(QWidget):
 
     # ------------------------------------------------------------ inputs
     def on_event(self, ev: Event) -> None:
-        if isinstance(ev, TokenSampled) and ev.index > 0:
+        if isinstance(ev, SessionCreated):
+            self._names[ev.session] = ev.name
+        elif isinstance(ev, TokenSampled) and ev.index > 0:
             s = self.decode_ms.setdefault(ev.session, _Series())
             s.append(s.n, ev.step_ms)
             self._dirty.add(("ms", ev.session))

@@ -21,9 +21,11 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QTextCursor
 from PySide6.QtWidgets import (
     QDoubleSpinBox,
+    QFormLayout,
     QFrame,
     QHBoxLayout,
     QLabel,
+    QMenu,
     QPlainTextEdit,
     QPushButton,
     QScrollArea,
@@ -33,6 +35,7 @@ from PySide6.QtWidgets import (
     QToolButton,
     QVBoxLayout,
     QWidget,
+    QWidgetAction,
 )
 
 from kvscope.engine.blocks import block_states
@@ -54,9 +57,11 @@ from kvscope.ui.live_tokens import LiveTokens
 from kvscope.ui.message_edit import MessageEdit
 from kvscope.ui.palette import reduce_states, state_legend
 from kvscope.ui.span_actions import SpanActions
+from kvscope.ui.status import ElidedLabel
 from kvscope.ui.token_strip import TokenStrip
 
 __all__ = ["SessionView", "reduce_states"]
+HOVER_HINT = "Hover a block of the map to inspect it; click it to select its tokens.\n "
 
 
 def _shown(content: str) -> str:
@@ -79,6 +84,7 @@ class SessionView(QFrame):
         self._pending_chat: list[str] = []  # streamed text not yet in the chat box
         self.generating = False
         self._dirty = False
+        self._last_turn = ""
         self.setFrameShape(QFrame.Shape.StyledPanel)
         self._build(name)
         self.actions_ = SpanActions(self)
@@ -91,17 +97,15 @@ class SessionView(QFrame):
     # ------------------------------------------------------------ layout
     def _build(self, name: str) -> None:
         self.title = QLabel(f"<b>{name}</b>")
-        self.info = QLabel("")
+        self.info = ElidedLabel("")
         self.info.setStyleSheet("color: #888")
-        self.info.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.info.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-        self.system_label = QLabel("")
+        self.system_label = ElidedLabel("")
         self.system_label.setStyleSheet("color: #8a8; font-style: italic")
-        self.system_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         head = QHBoxLayout()
         head.addWidget(self.title)
         head.addWidget(self.system_label, 1)
-        head.addWidget(self.info, 1)
+        head.addWidget(self.info, 2)
         self.chat = QPlainTextEdit(readOnly=True)
         self.chat.setPlaceholderText("The conversation appears here.")
         self.prompt = MessageEdit()
@@ -118,7 +122,7 @@ class SessionView(QFrame):
         self.follow_btn.setToolTip("Keep the newest blocks in view (turns off when you zoom or pan the map)")
         self.follow_btn.toggled.connect(self.block_map.set_follow)
         self.block_map.follow_changed.connect(self.follow_btn.setChecked)
-        self.hover_label = QLabel(" \n ")  # a fixed two-line inspector: hovering never moves the map
+        self.hover_label = QLabel(HOVER_HINT)  # a fixed two-line inspector: hovering never moves the map
         self.hover_label.setStyleSheet("color: #bbb; font-family: monospace")
         self.hover_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
         self.hover_label.setFixedHeight(2 * self.hover_label.fontMetrics().lineSpacing() + 4)
@@ -153,24 +157,40 @@ class SessionView(QFrame):
         lay.addWidget(self.splitter, 1)
 
     def _sampling_row(self) -> QHBoxLayout:
+        """A one-button summary of the sampling settings; the settings open under it."""
         self.temperature = QDoubleSpinBox(minimum=0.0, maximum=2.0, singleStep=0.1, value=0.0, decimals=2)
         self.top_p = QDoubleSpinBox(minimum=0.01, maximum=1.0, singleStep=0.05, value=1.0, decimals=2)
         self.max_tokens = QSpinBox(minimum=1, maximum=8192, value=128)
         self.seed = QSpinBox(minimum=-1, maximum=2**31 - 1, value=-1, specialValueText="random")
-        row = QHBoxLayout()
+        form_box = QWidget()
+        form = QFormLayout(form_box)
         for label, w, tip in (
             ("temperature", self.temperature, "0 = greedy (always the most likely token)"),
             ("top-p", self.top_p, "sample only from the smallest set of tokens with this much probability"),
             ("max tokens", self.max_tokens, "longest answer, in tokens"),
             ("seed", self.seed, "random seed of the sampler (random = a new one each turn)"),
         ):
-            lab = QLabel(label)
-            lab.setToolTip(tip)
             w.setToolTip(tip)
-            row.addWidget(lab)
-            row.addWidget(w)
+            form.addRow(label, w)
+            w.valueChanged.connect(self._show_sampling)
+        menu = QMenu(self)
+        action = QWidgetAction(menu)
+        action.setDefaultWidget(form_box)
+        menu.addAction(action)
+        self.sampling_btn = QToolButton(popupMode=QToolButton.ToolButtonPopupMode.InstantPopup)
+        self.sampling_btn.setMenu(menu)
+        self.sampling_btn.setToolTip("Sampling settings of this session's next turns")
+        self._show_sampling()
+        row = QHBoxLayout()
+        row.addWidget(self.sampling_btn)
         row.addStretch(1)
         return row
+
+    def _show_sampling(self) -> None:
+        p = self.sampling()
+        how = "greedy" if p.temperature == 0 else f"temperature {p.temperature:g} · top-p {p.top_p:g}"
+        seed = "" if p.seed is None else f" · seed {p.seed}"
+        self.sampling_btn.setText(f"sampling: {how}{seed} · max {p.max_tokens} tokens")
 
     def _connect(self) -> None:
         self.send_btn.clicked.connect(self._on_send)
@@ -241,7 +261,7 @@ class SessionView(QFrame):
             self._pending_chat.append(ev.text)
             self._dirty = True
         elif isinstance(ev, GenerationFinished):
-            self.info.setToolTip(f"TTFT {ev.ttft_ms:.0f} ms · {ev.decode_tps:.0f} tok/s · {ev.finish_reason}")
+            self._last_turn = f"last turn: TTFT {ev.ttft_ms:.0f} ms · {ev.decode_tps:.0f} tok/s · {ev.finish_reason}"
             self.bridge.want_snapshot(self.sid)
         elif isinstance(ev, (CacheChanged, SessionChanged)):
             self.bridge.want_snapshot(self.sid)
@@ -256,8 +276,7 @@ class SessionView(QFrame):
         self.title.setText(f"<b>{snap.name}</b>")
         self.title.setToolTip(f"session id {snap.session}")
         system = next((c for r, c in snap.messages if r == "system"), "")
-        self.system_label.setText(f"system: {system.splitlines()[0]}" if system else "")
-        self.system_label.setToolTip(system)
+        self.system_label.set_full_text(f"system: {system}" if system else "")
         if not self.generating and (first or not snap.generating):
             self._show_transcript(snap)
         self._dirty = True
@@ -287,7 +306,8 @@ class SessionView(QFrame):
         self.block_map.set_states(block_states(token_state, snap.block_size))
         self.strip.set_tokens(texts, reduce_states(token_state), positions, snap.block_size)
         self._show_selection(*self.strip.selection)
-        self.info.setText(self.live.header(snap))
+        self.info.set_full_text(self.live.header(snap))
+        self.info.setToolTip(f"{self.info.full_text}\n{self._last_turn}".strip())
         return True
 
     # ------------------------------------------------------------ selection and hover
@@ -324,7 +344,7 @@ class SessionView(QFrame):
 
     def _on_block_hovered(self, layer: int, block: int) -> None:
         text = self.describe_block(layer, block) if block >= 0 else ""
-        self.hover_label.setText(text or " \n ")
+        self.hover_label.setText(text or HOVER_HINT)
         self.hover_label.setToolTip(text)
 
     def describe_block(self, layer: int, block: int) -> str:

@@ -178,7 +178,7 @@ def test_streamed_tokens_are_never_empty_and_the_header_moves_while_streaming(qt
         if not view.generating:  # the turn ended (a random model may say <|im_end|>)
             break
         seen_texts.append(view.strip.texts)
-        headers.append(view.info.text())
+        headers.append(view.info.full_text)
     streamed_empty = sum(1 for t in view.live_texts if t == "")
     window.bridge.cancel(view.sid)
     qtbot.waitUntil(lambda: not view.generating, timeout=WAIT_MS)
@@ -189,4 +189,7 @@ def test_streamed_tokens_are_never_empty_and_the_header_moves_while_streaming(qt
     assert n_tokens == sorted(n_tokens) and n_tokens[-1] > n_tokens[0]
     settle(qtbot, window)
     snap = engine_call(window, lambda e: e.snapshot(view.sid))
-    assert view.info.text().startswith(f"{snap.n_tokens} tokens") and f"next position {snap.offset}" in view.info.text()
+    assert (
+        view.info.full_text.startswith(f"{snap.n_tokens} tokens")
+        and f"next position {snap.offset}" in view.info.full_text
+    )

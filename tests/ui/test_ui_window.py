@@ -200,6 +200,7 @@ def test_many_sessions_fit_1024_wide_and_two_compare_side_by_side(qtbot, window)
     window.compare(a, b)
     qtbot.wait(50)
     va, vb = window.views[a], window.views[b]
+    assert window.minimumSizeHint().width() <= 1024 and window.width() <= 1024  # two side by side still fit
     assert va.isVisible() and vb.isVisible() and va.width() > 300 and vb.width() > 300
     assert va.mapTo(window, QPoint(va.width(), 0)).x() <= vb.mapTo(window, QPoint(0, 0)).x()
     window.toggle_compare()  # fold back: one pane of tabs
