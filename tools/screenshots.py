@@ -4,8 +4,8 @@
 
 Scenes (1280x800): two chats sharing a prefix, four sessions in tabs, a
 masked region, a splice between two sessions side by side with its report,
-a compression decision, a ~2,000-token session with the block map
-following it. Uses the demo model unless
+a compression decision, the prefix tree of four sessions sharing a system
+prompt and notes, a ~2,000-token session with the block map following it. Uses the demo model unless
 `--model` is given. Every step goes through the window's own API (the same
 calls the menus and drag and drop make).
 """
@@ -120,6 +120,14 @@ def _scenes(app: object, win: object, out: Path, model: str | None) -> int:
     win.set_active(b.sid)
     settle(app, win)
     shoot(win, out, "four_sessions.png")
+    win.tabs.setCurrentWidget(win.prefix_tree)
+    settle(app, win)
+    tree = win.prefix_tree.tree
+    if tree.topLevelItemCount():
+        tree.setCurrentItem(tree.topLevelItem(0))
+        tree.itemClicked.emit(tree.topLevelItem(0), 0)
+    settle(app, win)
+    shoot(win, out, "prefix_tree.png")
 
     win.set_active(a.sid)
     a.select(16, 40)
@@ -150,7 +158,7 @@ def _scenes(app: object, win: object, out: Path, model: str | None) -> int:
 
     long = _session(app, win, "long notes")
     long.max_tokens.setValue(60)
-    chat(app, win, long, "Notes:\n" + "\n".join(NOTES.splitlines()[1:]) * 1 + ("\n" + NOTES.split("\n", 1)[1]) * 24)
+    chat(app, win, long, "Notes:\n" + "\n".join(NOTES.splitlines()[1:]) * 1 + ("\n" + NOTES.split("\n", 1)[1]) * 34)
     chat(app, win, long, "What is the code for locker 7?")
     win.tabs.setCurrentWidget(win.latency)
     settle(app, win)

@@ -11,6 +11,7 @@ Promises:
   status bar always visible;
 - redraws on one ~30 Hz timer, each view from its newest snapshot, so a
   fast decode never costs more than one redraw per frame;
+- the prefix tree tab shows every open session's cached blocks as one tree;
 - the progress bar closes at 100 % when its load or turn ends in any way;
 - file work runs on the engine thread through the bridge (`FileActions`);
   errors stay on screen until dismissed, never swallowed.
@@ -42,6 +43,7 @@ from kvscope.ui.decision_panel import DecisionPanel
 from kvscope.ui.edit_menu import EditMenu
 from kvscope.ui.file_actions import MESSAGE_MS, FileActions
 from kvscope.ui.latency_panel import LatencyPanel
+from kvscope.ui.prefix_tree import PrefixTreePanel
 from kvscope.ui.report_panel import ReportPanel
 from kvscope.ui.session_area import SessionArea
 from kvscope.ui.session_view import SessionView
@@ -91,6 +93,7 @@ class MainWindow(QMainWindow):
         dock.setObjectName("sessions")
         dock.setWidget(self.sessions)
         dock.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetMovable)
+        self.sessions.setMaximumWidth(220)
         self.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, dock)
         self.area = SessionArea()
         self.area.tab_chosen.connect(self.set_active)
@@ -101,6 +104,9 @@ class MainWindow(QMainWindow):
         self.tabs.addTab(self.report, "Report")
         self.tabs.addTab(self.decisions, "Decisions")
         self.tabs.addTab(self.latency, "Latency && memory")
+        self.prefix_tree = PrefixTreePanel()
+        self.tabs.addTab(self.prefix_tree, "Prefix tree")
+        self.tabs.currentChanged.connect(lambda _i: self.prefix_tree.refresh())
         vsplit = QSplitter(Qt.Orientation.Vertical)
         vsplit.setChildrenCollapsible(False)
         vsplit.addWidget(self.area)
@@ -312,6 +318,7 @@ class MainWindow(QMainWindow):
             self._add_view(ev.session, ev.name)
         elif isinstance(ev, SessionClosed):
             self._remove_view(ev.session)
+            self.prefix_tree.forget(ev.session)
         elif isinstance(ev, TurnStarted):
             self._update_busy()
             self.edit.refresh()
@@ -342,6 +349,7 @@ class MainWindow(QMainWindow):
         self.area.set_name(view, snap.name)
         self.latency.on_snapshot(snap)
         self.decisions.on_snapshot(snap)
+        self.prefix_tree.on_snapshot(snap)
         if snap.session == self.active:
             self.edit.refresh()
 
@@ -354,7 +362,7 @@ class MainWindow(QMainWindow):
         drawn = sum(v.refresh() for v in self.views.values())
         busy = any(v.generating for v in self.views.values())
         self.redraw_timer.setInterval(REDRAW_BUSY_MS if busy else REDRAW_MS)
-        return drawn + int(self.latency.refresh())
+        return drawn + int(self.latency.refresh()) + int(self.prefix_tree.refresh())
 
     def closeEvent(self, ev: QCloseEvent) -> None:  # noqa: N802
         self.redraw_timer.stop()

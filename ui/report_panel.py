@@ -127,7 +127,8 @@ class ReportPanel(QWidget):
         for r, (k, val) in enumerate(rows):
             name = QTableWidgetItem(human_name(k))
             name.setToolTip(k)
-            value = QTableWidgetItem(format_value(val))
+            shown = f"{val:.1%}" if k == "top1_agree" and isinstance(val, float) else format_value(val)
+            value = QTableWidgetItem(shown)
             if v is not None and k in ("cosine", "kl", "top1_agree"):
                 value.setForeground(QColor(v[1]))
             self.table.setItem(r, 0, name)

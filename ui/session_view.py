@@ -61,7 +61,7 @@ from kvscope.ui.status import ElidedLabel
 from kvscope.ui.token_strip import TokenStrip
 
 __all__ = ["SessionView", "reduce_states"]
-HOVER_HINT = "Hover a block of the map to inspect it; click it to select its tokens.\n "
+HOVER_HINT = "Hover a block to inspect it; click it to select its tokens.\n "
 
 
 def _shown(content: str) -> str:
@@ -85,6 +85,7 @@ class SessionView(QFrame):
         self.generating = False
         self._dirty = False
         self._last_turn = ""
+        self._strip_at_end = True
         self.setFrameShape(QFrame.Shape.StyledPanel)
         self._build(name)
         self.actions_ = SpanActions(self)
@@ -203,6 +204,9 @@ class SessionView(QFrame):
         self.strip.dropped.connect(self.actions_.handle_drop)
         self.strip.menu_requested.connect(self.actions_.show_menu)
         self.strip.cursor_moved.connect(self._ensure_token_visible)
+        bar = self.strip_scroll.verticalScrollBar()
+        bar.valueChanged.connect(self._on_strip_scrolled)
+        bar.rangeChanged.connect(self._on_strip_grew)
         self.strip.drop_refused.connect(self.notice)
         self.block_map.drop_refused.connect(self.notice)
 
@@ -337,6 +341,15 @@ class SessionView(QFrame):
             lo, hi = min(lo, self.strip.selection[0]), max(hi, self.strip.selection[1])
         self.strip.set_selection(lo, hi)
         self._ensure_token_visible(lo)
+
+    def _on_strip_scrolled(self, value: int) -> None:
+        bar = self.strip_scroll.verticalScrollBar()
+        self._strip_at_end = value >= bar.maximum() - self.strip.row_h
+
+    def _on_strip_grew(self, _lo: int, hi: int) -> None:
+        # Like the map, the strip keeps the live end in view unless the person scrolled away.
+        if self._strip_at_end and self.block_map.follow:
+            self.strip_scroll.verticalScrollBar().setValue(hi)
 
     def _ensure_token_visible(self, i: int) -> None:
         rect = self.strip.token_rect(i)

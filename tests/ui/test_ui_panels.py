@@ -142,3 +142,34 @@ def test_names_are_unique_and_new_sessions_take_the_system_prompt(qtbot, window,
     assert engine_call(window, lambda e: e.snapshot(new.sid)).messages[0] == ("system", "You answer in one word.")
     assert "You answer in one word." in new.system_label.text()
     assert (engine_call(window, lambda e: e.snapshot(new.sid)).token_state != TokenState.MASKED).all()
+
+
+def test_prefix_tree_merges_shared_prefixes_and_branches_where_sessions_differ(qtbot, window):
+    from kvscope.ui.prefix_tree import _walk, build_tree
+
+    system = "You are a careful assistant. The red code is blue and the locker code is green. " * 2
+    window.close_session(window.active)
+    qtbot.waitUntil(lambda: not window.views, timeout=WAIT_MS)
+    for i, question in enumerate(("what is the red code", "what is the locker code", "what colour is the water")):
+        window.new_session(system=system)
+        qtbot.waitUntil(lambda i=i: len(window.views) == i + 1, timeout=WAIT_MS)
+        chat(qtbot, window, window.active_view(), question, max_tokens=12)
+    window.tabs.setCurrentWidget(window.prefix_tree)
+    settle(qtbot, window)
+    snaps = {s.name: s for s in (engine_call(window, lambda e, sid=sid: e.snapshot(sid)) for sid in window.views)}
+    root = build_tree(list(snaps.values()))
+    assert len(root.children) == 1 and len(root.children[0].sessions) == 3  # the shared system prompt
+    assert len(root.children[0].children) >= 2  # they branch at their questions
+    bs = window.active_view().block_size
+    for node in list(_walk(root))[1:]:  # oracle: the token ids themselves
+        lo, hi = node.first_block * bs, (node.first_block + node.n_blocks) * bs
+        ids = {tuple(snaps[n].token_ids[lo:hi]) for n in node.sessions}
+        assert len(ids) == 1, "sessions in one node must hold the same tokens"
+        firsts = [
+            tuple(snaps[c.sessions[0]].token_ids[c.first_block * bs : (c.first_block + 1) * bs]) for c in node.children
+        ]
+        assert len(set(firsts)) == len(firsts), "siblings must differ in their first block"
+    tree = window.prefix_tree.tree
+    assert tree.topLevelItemCount() == 1 and tree.topLevelItem(0).text(1).startswith("3:")
+    tree.itemClicked.emit(tree.topLevelItem(0), 0)
+    assert "used by 3 session(s)" in window.prefix_tree.detail.toPlainText()
