@@ -41,6 +41,7 @@ from kvscope.engine.snapshot import SessionSnapshot
 from kvscope.ui.bridge import EngineBridge
 from kvscope.ui.decision_panel import DecisionPanel
 from kvscope.ui.edit_menu import EditMenu
+from kvscope.ui.fidelity_jobs import FidelityJobs
 from kvscope.ui.file_actions import MESSAGE_MS, FileActions
 from kvscope.ui.latency_panel import LatencyPanel
 from kvscope.ui.prefix_tree import PrefixTreePanel
@@ -67,6 +68,7 @@ class MainWindow(QMainWindow):
         self._progress_sid: str | None = None
         self._pending_names: set[str] = set()
         self.files = FileActions(self)
+        self.fidelity = FidelityJobs(bridge, self)
         self.setWindowTitle("kvscope")
         self.resize(1280, 800)
         self._build()
@@ -98,6 +100,10 @@ class MainWindow(QMainWindow):
         self.area = SessionArea()
         self.area.tab_chosen.connect(self.set_active)
         self.report = ReportPanel()
+        self.report.inline_max.setValue(self.fidelity.inline_max_tokens)
+        self.report.inline_max.valueChanged.connect(lambda n: setattr(self.fidelity, "inline_max_tokens", n))
+        self.report.skip_requested.connect(self._skip_measuring)
+        self.fidelity.measured.connect(self._on_measured)
         self.decisions = DecisionPanel(self._apply_policy)
         self.latency = LatencyPanel()
         self.tabs = QTabWidget()
@@ -203,6 +209,8 @@ class MainWindow(QMainWindow):
         view.actions_.report_ready.connect(lambda op, rep, v=view: self._on_report(v, op, rep))
         view.actions_.failed.connect(lambda op, msg, v=view: self.show_error(f"{op} on {v.name} failed: {msg}"))
         view.actions_.submitted.connect(lambda op, v=view: self._say_if_queued(v, op))
+        view.actions_.inline_fidelity = lambda v: self.fidelity.inline(v.snapshot.n_tokens if v.snapshot else 0)
+        view.actions_.measure_later.connect(lambda op, rep, v=view: self.fidelity.queue(v.sid, op, rep))
         self.views[sid] = view
         self.area.add(view)
         self.sessions.add(sid, unique)
@@ -275,9 +283,23 @@ class MainWindow(QMainWindow):
             view.actions_.compress(policy, ratio, budget)
 
     def _on_report(self, view: SessionView, op: str, report: dict) -> None:
-        self.report.show_report(op, view.name, report)
+        measuring = view.sid if view.sid in self.fidelity.pending else None
+        self.report.show_report(op, view.name, report, measuring)
         self.decisions.on_report(view.sid, op, report)
         self.tabs.setCurrentWidget(self.report)
+
+    def _on_measured(self, sid: str, op: str, report: dict) -> None:
+        view = self.views.get(sid)
+        if view is not None:
+            view.actions_.last_report = report
+            self.report.show_report(op, view.name, report, note=" · fidelity measured after the edit")
+
+    def _skip_measuring(self, sid: str) -> None:
+        self.fidelity.skip(sid)
+        view = self.views.get(sid)
+        if view is not None and self.report.last is not None:
+            op, name, report = self.report.last
+            self.report.show_report(op, name, report, note=" · fidelity not measured (skipped)")
 
     def _say_if_queued(self, view: SessionView, op: str) -> None:
         busy = [v.name for v in self.views.values() if v.generating and v is not view]

@@ -9,7 +9,11 @@ Promises:
   fidelity says so in grey rather than inventing a verdict;
 - field names are written for a person (`FIELD_NAMES`), and the fidelity
   rows carry the same good / bad colour as the verdict;
-- it never takes focus and never opens a window over the session.
+- it never takes focus and never opens a window over the session;
+- for an edit whose fidelity is measured after it (long sessions, see
+  `fidelity_jobs.py`) it says "measuring…" with a Skip button, then shows
+  the verdict when the measurement arrives; the size past which that
+  happens is the person's (`inline_max`).
 """
 
 from __future__ import annotations
@@ -17,8 +21,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from PySide6.QtCore import Signal
 from PySide6.QtGui import QColor
-from PySide6.QtWidgets import QLabel, QTableWidget, QTableWidgetItem, QToolButton, QVBoxLayout, QWidget
+from PySide6.QtWidgets import (
+    QHBoxLayout,
+    QLabel,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
 
 from kvscope.ui.dialogs import format_value
 
@@ -83,8 +97,20 @@ def flat_fields(report: dict[str, Any]) -> list[tuple[str, Any]]:
 
 
 class ReportPanel(QWidget):
+    skip_requested = Signal(str)  # session id whose queued measurement to drop
+
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        self.pending_sid: str | None = None
+        self.skip_btn = QToolButton(text="skip measuring")
+        self.skip_btn.setToolTip("Drop this edit's fidelity measurement (a full recompute of the session)")
+        self.skip_btn.clicked.connect(lambda: self.pending_sid and self.skip_requested.emit(self.pending_sid))
+        self.skip_btn.hide()
+        self.inline_max = QSpinBox(minimum=0, maximum=10_000_000, singleStep=256, suffix=" tokens")
+        self.inline_max.setToolTip(
+            "Sessions up to this size measure fidelity inside the edit; longer ones apply the edit at once "
+            "and measure after it, when the engine is idle"
+        )
         self.title = QLabel("No operation yet: select a span and mask, splice, compress…")
         self.title.setWordWrap(True)
         self.verdict_label = QLabel("")
@@ -100,17 +126,33 @@ class ReportPanel(QWidget):
         lay.setContentsMargins(4, 4, 4, 4)
         lay.addWidget(self.title)
         lay.addWidget(self.verdict_label)
-        lay.addWidget(self.details_btn)
+        row = QHBoxLayout()
+        row.addWidget(self.details_btn)
+        row.addWidget(self.skip_btn)
+        row.addStretch(1)
+        row.addWidget(QLabel("measure fidelity inside the edit up to"))
+        row.addWidget(self.inline_max)
+        lay.addLayout(row)
         lay.addWidget(self.table, 1)
         self.last: tuple[str, str, dict[str, Any]] | None = None
         self.last_verdict: str | None = None
 
-    def show_report(self, op: str, session_name: str, report: dict[str, Any]) -> None:
+    def show_report(
+        self, op: str, session_name: str, report: dict[str, Any], measuring_sid: str | None = None, note: str = ""
+    ) -> None:
+        """Show a report; `measuring_sid`: its fidelity is being measured after the edit."""
         self.last = (op, session_name, report)
-        self.title.setText(f"<b>{op}</b> on <b>{session_name}</b>")
+        self.pending_sid = measuring_sid
+        self.skip_btn.setVisible(measuring_sid is not None)
+        self.title.setText(f"<b>{op}</b> on <b>{session_name}</b>{note}")
         v = verdict(report)
         self.last_verdict = v[0] if v else None
-        if v is None:
+        if measuring_sid is not None:
+            self.verdict_label.setText(
+                "<span style='color:#6aa0e0'>● measuring fidelity after the edit…</span> "
+                "<span style='color:#999'>(a full recompute; it waits until the engine is idle)</span>"
+            )
+        elif v is None:
             self.verdict_label.setText(
                 f"<span style='color:#999'>{op} done · no fidelity measured for this operation</span>"
             )

@@ -45,12 +45,15 @@ class SpanActions(QObject):
     report_ready = Signal(str, object)  # operation, report dict
     failed = Signal(str, str)  # operation, message
     submitted = Signal(str)  # operation
+    measure_later = Signal(str, object)  # operation, report without fidelity: measure it off the critical path
 
     def __init__(self, view: SessionView) -> None:
         super().__init__(view)
         self.view = view
         self.last_report: dict[str, Any] | None = None
         self.last_error: str | None = None
+        # Measure fidelity inside the edit (True) or after it (False); the window sets the policy.
+        self.inline_fidelity: Callable[[SessionView], bool] = lambda _view: True
         self.actions: dict[str, QAction] = {}
         labels = {
             "mask": ("Mask span", self.mask),
@@ -92,13 +95,24 @@ class SpanActions(QObject):
         return menu
 
     # ------------------------------------------------------------ operations
-    def run(self, op: str, fn: Callable[[Engine], Any], on_done: Callable[[Any], None] | None = None) -> int:
-        """Run one engine operation for this session and show its report."""
+    def run(
+        self,
+        op: str,
+        fn: Callable[[Engine], Any],
+        on_done: Callable[[Any], None] | None = None,
+        deferred: bool = False,
+    ) -> int:
+        """Run one engine operation for this session and show its report.
+
+        `deferred`: the edit ran without measuring fidelity; `measure_later` asks for it.
+        """
         self.view.activated.emit(self.view.sid)
 
         def done(result: Any) -> None:
             self.last_report = report_dict(result)
             self.last_error = None
+            if deferred:  # first: the report then says "measuring…"
+                self.measure_later.emit(op, self.last_report)
             self.report_ready.emit(op, self.last_report)
             self.view.bridge.want_snapshot(self.view.sid)
             if on_done is not None:
@@ -117,25 +131,30 @@ class SpanActions(QObject):
         lo, hi = self.view.selection()
         return (lo, hi) if hi > lo else None
 
+    def _measured(self, op: str, fn: Callable[[Engine, bool], Any]) -> int:
+        """Run an edit that can measure its fidelity inline or leave it for later."""
+        inline = self.inline_fidelity(self.view)
+        return self.run(op, lambda e: fn(e, inline), deferred=not inline)
+
     def mask(self) -> int | None:
         sid, span = self.view.sid, self._span()
-        return span and self.run("mask", lambda e: e.mask(sid, *span))
+        return span and self._measured("mask", lambda e, f: e.mask(sid, *span, fidelity=f))
 
     def unmask(self) -> int | None:
         sid, span = self.view.sid, self._span()
-        return span and self.run("unmask", lambda e: e.unmask(sid, *span))
+        return span and self._measured("unmask", lambda e, f: e.unmask(sid, *span, fidelity=f))
 
     def compact(self, summary: str | None) -> int | None:
         sid, span = self.view.sid, self._span()
-        return span and self.run("compact", lambda e: e.compact(sid, *span, summary=summary))
+        return span and self._measured("compact", lambda e, f: e.compact(sid, *span, summary=summary, fidelity=f))
 
     def erratum(self, text: str) -> int:
         sid = self.view.sid
-        return self.run("erratum", lambda e: e.erratum(sid, text))
+        return self._measured("erratum", lambda e, f: e.erratum(sid, text, fidelity=f))
 
     def delete(self, shift: bool = True) -> int | None:
         sid, span = self.view.sid, self._span()
-        return span and self.run("delete", lambda e: e.delete_span(sid, *span, shift=shift))
+        return span and self._measured("delete", lambda e, f: e.delete_span(sid, *span, shift=shift, fidelity=f))
 
     def compress(self, policy: str, keep_ratio: float | None = None, budget_tokens: int | None = None) -> int:
         sid = self.view.sid
@@ -153,11 +172,15 @@ class SpanActions(QObject):
 
     def splice(self, src: str, lo: int, hi: int, at: int | None, seam_repair: int = 0) -> int:
         dst = self.view.sid
-        return self.run("splice", lambda e: e.splice(dst, src, lo, hi, at=at, seam_repair=seam_repair))
+        return self._measured(
+            "splice", lambda e, f: e.splice(dst, src, lo, hi, at=at, seam_repair=seam_repair, fidelity=f)
+        )
 
     def splice_file(self, path: str | Path, at: int | None, seam_repair: int = 0) -> int:
         dst = self.view.sid
-        return self.run("splice", lambda e: e.splice_file(dst, Path(path), at=at, seam_repair=seam_repair))
+        return self._measured(
+            "splice", lambda e, f: e.splice_file(dst, Path(path), at=at, seam_repair=seam_repair, fidelity=f)
+        )
 
     # ------------------------------------------------------------ drops
     def handle_drop(self, mime: QMimeData, at: int) -> int | None:

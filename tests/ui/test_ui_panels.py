@@ -173,3 +173,41 @@ def test_prefix_tree_merges_shared_prefixes_and_branches_where_sessions_differ(q
     assert tree.topLevelItemCount() == 1 and tree.topLevelItem(0).text(1).startswith("3:")
     tree.itemClicked.emit(tree.topLevelItem(0), 0)
     assert "used by 3 session(s)" in window.prefix_tree.detail.toPlainText()
+
+
+def test_fidelity_of_a_long_session_is_measured_after_the_edit_and_waits_for_other_work(qtbot, window):
+    view = window.active_view()
+    chat(qtbot, window, view, "the red code is blue and the locker is green", max_tokens=30)
+    twin = engine_call(window, lambda e: e.duplicate_session(view.sid))  # the oracle: the same edit, measured inline
+    inline = engine_call(window, lambda e: e.mask(twin, 3, 9).as_dict())
+    window.report.inline_max.setValue(0)  # every session counts as long
+    qtbot.waitUntil(lambda: len(window.views) == 2, timeout=WAIT_MS)
+    window.set_active(view.sid)
+    view.select(3, 9)
+    other = next(v for s, v in window.views.items() if s != view.sid)
+    measured = []
+    window.fidelity.measured.connect(lambda sid, op, rep: measured.append((sid, op, rep)))
+    finished = []
+    window.bridge.events.connect(lambda b: finished.extend(e for e in b if type(e).__name__ == "GenerationFinished"))
+    view.actions_.mask()
+    other.max_tokens.setValue(20)
+    other.send("what is the colour of the water")  # submitted after the edit, runs before its measurement
+    qtbot.waitUntil(
+        lambda: window.redraw() >= 0 and bool((view.strip.states[3:9] == TokenState.MASKED).all()), timeout=WAIT_MS
+    )
+    assert "measuring fidelity" in window.report.verdict_label.text()
+    qtbot.waitUntil(lambda: bool(measured), timeout=WAIT_MS)
+    assert finished, "the measurement ran before the chat submitted after it"
+    ((sid, op, rep),) = measured
+    assert (sid, op) == (view.sid, "mask")
+    assert rep["kl"] == pytest.approx(inline["kl"], abs=1e-5) and rep["top1_agree"] == inline["top1_agree"]
+    assert window.report.last_verdict is not None and "after the edit" in window.report.title.text()
+    # Skip: a queued measurement is dropped.
+    view.select(12, 14)
+    window.bridge.call(lambda e: __import__("time").sleep(0.5))  # keep the engine busy so it stays queued
+    view.actions_.mask()
+    qtbot.waitUntil(lambda: view.sid in window.fidelity.pending, timeout=WAIT_MS)
+    window.report.skip_btn.click()
+    settle(qtbot, window)
+    qtbot.wait(300)
+    assert len(measured) == 1 and "skipped" in window.report.title.text()
