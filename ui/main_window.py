@@ -19,7 +19,6 @@ Promises:
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from PySide6.QtCore import Qt, QTimer
@@ -44,6 +43,7 @@ from kvscope.ui.edit_menu import EditMenu
 from kvscope.ui.fidelity_jobs import FidelityJobs
 from kvscope.ui.file_actions import MESSAGE_MS, FileActions
 from kvscope.ui.latency_panel import LatencyPanel
+from kvscope.ui.naming import next_chat_name, unique_name
 from kvscope.ui.prefix_tree import PrefixTreePanel
 from kvscope.ui.report_panel import ReportPanel
 from kvscope.ui.session_area import SessionArea
@@ -164,11 +164,7 @@ class MainWindow(QMainWindow):
     # ------------------------------------------------------------ sessions
     def next_name(self) -> str:
         """“chat N” with the smallest N no open session uses."""
-        taken = {v.name for v in self.views.values()} | self._pending_names
-        n = 1
-        while f"chat {n}" in taken:
-            n += 1
-        return f"chat {n}"
+        return next_chat_name({v.name for v in self.views.values()} | self._pending_names)
 
     def new_session(self, name: str | None = None, system: str | None = None) -> int:
         name = name or self.next_name()
@@ -189,15 +185,8 @@ class MainWindow(QMainWindow):
         return self.bridge.call(lambda eng: eng.close_session(SessionId(sid)))
 
     def _unique_name(self, sid: str, name: str) -> str:
-        taken = {v.name for s, v in self.views.items() if s != sid}
         self._pending_names.discard(name)
-        if name not in taken:
-            return name
-        base = re.sub(r" \(\d+\)$", "", name)
-        n = 2
-        while f"{base} ({n})" in taken:
-            n += 1
-        return f"{base} ({n})"
+        return unique_name(name, {v.name for s, v in self.views.items() if s != sid})
 
     def _add_view(self, sid: str, name: str) -> SessionView:
         unique = self._unique_name(sid, name)

@@ -85,13 +85,16 @@ class TokenStrip(QWidget):
         first = self._first_changed(texts, states, block_size)
         if first is None:
             return
+        text_first = self._first_text_changed(texts, block_size)
         self.texts, self.states, self.positions, self.block_size = texts, states, positions, block_size
         row0 = first // block_size
-        for row in [r for r in self._edges if r >= row0]:
+        # Token boxes depend on the text only: a state change (mask, evict) keeps them.
+        text_row0 = self.n_rows if text_first is None else text_first // block_size
+        for row in [r for r in self._edges if r >= text_row0]:
             del self._edges[row]
         lo, hi = self.selection
         self.selection = (min(lo, len(texts)), min(hi, len(texts)))
-        width = max((self._row_edges(r)[-1] for r in range(row0, self.n_rows)), default=LABEL_W) + PAD
+        width = max((self._row_edges(r)[-1] for r in range(text_row0, self.n_rows)), default=LABEL_W) + PAD
         if self.minimumHeight() != max(self.n_rows, 1) * self.row_h or width > self.minimumWidth():
             # Rows wider than the view scroll sideways instead of being cut off.
             self.setMinimumSize(max(width, self.minimumWidth()), max(self.n_rows, 1) * self.row_h)
@@ -99,6 +102,15 @@ class TokenStrip(QWidget):
         # Only rows from the first changed token down are repainted: while a
         # turn streams, that is the last row or two.
         self.update(QRect(0, row0 * self.row_h, self.width(), self.height() - row0 * self.row_h))
+
+    def _first_text_changed(self, texts: tuple[str, ...], block_size: int) -> int | None:
+        """First token index whose text (or row) differs from what is drawn (None: same texts)."""
+        if block_size != self.block_size:
+            return 0
+        n = min(len(texts), len(self.texts))
+        if texts[:n] != self.texts[:n]:
+            return next(i for i in range(n) if texts[i] != self.texts[i])
+        return n if len(texts) != len(self.texts) else None
 
     def _first_changed(self, texts: tuple[str, ...], states: np.ndarray, block_size: int) -> int | None:
         """First token index that differs from what is drawn (None: nothing)."""
