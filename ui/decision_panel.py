@@ -47,7 +47,10 @@ class DecisionPanel(QWidget):
         self.reports: dict[str, dict] = {}
         self.policy = QComboBox()
         self.policy.addItems(list(policy_names()))
-        self.ratio = QDoubleSpinBox(minimum=0.01, maximum=1.0, singleStep=0.05, value=0.5, prefix="keep ")
+        self.ratio = QDoubleSpinBox(
+            minimum=0.01, maximum=1.0, singleStep=0.05, value=0.5, prefix="keep ", suffix=" of the rows"
+        )
+        self.ratio.setToolTip("Share of each layer's cache rows the policy keeps (0.50 = half); the rest are evicted")
         self.use_budget = QCheckBox("budget")
         self.budget = QSpinBox(minimum=1, maximum=1_000_000, value=256, suffix=" tok", enabled=False)
         self.use_budget.toggled.connect(self.budget.setEnabled)
@@ -60,7 +63,7 @@ class DecisionPanel(QWidget):
         controls.addStretch(1)
         self.summary = QLabel("No decision yet.")
         self.summary.setWordWrap(True)
-        self.mask_plot, self.mask_img = _image_plot("keep mask (layer × token)")
+        self.mask_plot, self.mask_img = _image_plot("rows kept (layer × token)")
         self.mask_img.setLookupTable(state_lut())
         self.mask_img.setLevels((0, N_STATES))
         self.score_plot, self.score_img = _image_plot("policy score (layer × token)")

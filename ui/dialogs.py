@@ -100,7 +100,7 @@ class CompressDialog(QDialog):
         self.use_budget.toggled.connect(lambda on: self.ratio.setEnabled(not on))
         form = QFormLayout(self)
         form.addRow("policy", self.policy_box)
-        form.addRow("keep ratio", self.ratio)
+        form.addRow("share of rows kept", self.ratio)
         form.addRow(self.use_budget, self.budget)
         form.addRow(_buttons(self))
 
