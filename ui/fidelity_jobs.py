@@ -8,8 +8,10 @@ and queues the measurement here.
 
 Promises:
 - lower priority than everything else: a queued measurement is sent to
-  the engine thread only when no other call is in flight, one at a time,
-  so chats and edits of any session never wait behind it;
+  the engine thread only when no other call is in flight and no snapshot
+  is waiting (`EngineBridge.idle()`), one at a time, so the edit's own
+  result reaches the screen first and chats and edits of any session
+  never wait behind it;
 - cancellable: `skip(sid)` drops a session's queued measurement; a newer
   edit of the same session replaces the older one (the state measured is
   the newest, and the report says which operation it follows);
@@ -69,7 +71,7 @@ class FidelityJobs(QObject):
         return len(self.pending) + (self.running is not None)
 
     def _maybe_start(self) -> None:
-        if self.running is not None or not self.pending or self.bridge.in_flight():
+        if self.running is not None or not self.pending or not self.bridge.idle():
             return
         sid = next(iter(self.pending))
         op, first = self.pending.pop(sid)

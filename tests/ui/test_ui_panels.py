@@ -185,8 +185,14 @@ def test_fidelity_of_a_long_session_is_measured_after_the_edit_and_waits_for_oth
     window.set_active(view.sid)
     view.select(3, 9)
     other = next(v for s, v in window.views.items() if s != view.sid)
-    measured = []
+    measured, shown_first = [], []
     window.fidelity.measured.connect(lambda sid, op, rep: measured.append((sid, op, rep)))
+    span = [3, 9]
+    window.fidelity.measured.connect(  # the edit's own snapshot came before its measurement
+        lambda *_: shown_first.append(
+            bool((view.snapshot.token_state[:, span[0] : span[1]] == TokenState.MASKED).all())
+        )
+    )
     finished = []
     window.bridge.events.connect(lambda b: finished.extend(e for e in b if type(e).__name__ == "GenerationFinished"))
     view.actions_.mask()
@@ -198,10 +204,19 @@ def test_fidelity_of_a_long_session_is_measured_after_the_edit_and_waits_for_oth
     assert "measuring fidelity" in window.report.verdict_label.text()
     qtbot.waitUntil(lambda: bool(measured), timeout=WAIT_MS)
     assert finished, "the measurement ran before the chat submitted after it"
+    assert shown_first == [True], "the measurement ran before the edit reached the window"
     ((sid, op, rep),) = measured
     assert (sid, op) == (view.sid, "mask")
     assert rep["kl"] == pytest.approx(inline["kl"], abs=1e-5) and rep["top1_agree"] == inline["top1_agree"]
     assert window.report.last_verdict is not None and "after the edit" in window.report.title.text()
+    span[:] = [20, 24]  # an edit with nothing else going on: its result still comes first,
+    # even when the measurement queue is polled right as the edit returns (its worst moment)
+    view.actions_.report_ready.connect(lambda *_: window.fidelity._maybe_start())
+    view.select(*span)
+    view.actions_.mask()
+    qtbot.waitUntil(lambda: len(measured) == 2, timeout=WAIT_MS)
+    assert shown_first == [True, True]
+    measured.pop()
     # Skip: a queued measurement is dropped.
     view.select(12, 14)
     window.bridge.call(lambda e: __import__("time").sleep(0.5))  # keep the engine busy so it stays queued
