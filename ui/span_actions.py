@@ -158,8 +158,11 @@ class SpanActions(QObject):
 
     def compress(self, policy: str, keep_ratio: float | None = None, budget_tokens: int | None = None) -> int:
         sid = self.view.sid
+        # The engine's compress reports its decision, not its fidelity: always measure it after.
         return self.run(
-            "compress", lambda e: _compress(e)(sid, policy, keep_ratio=keep_ratio, budget_tokens=budget_tokens)
+            "compress",
+            lambda e: _compress(e)(sid, policy, keep_ratio=keep_ratio, budget_tokens=budget_tokens),
+            deferred=True,
         )
 
     def save(self, path: str | Path) -> int | None:

@@ -135,6 +135,9 @@ def test_apply_policy_from_decision_panel(qtbot, window):
     assert (snap.token_state == TokenState.EVICTED).any()
     assert view.sid in panel.decisions
     assert panel.decisions[view.sid].policy in panel.summary.text()
+    # Compress reports no fidelity itself: the window measures it after the edit.
+    qtbot.waitUntil(lambda: window.report.last_verdict is not None, timeout=WAIT_MS)
+    assert "compress" in window.report.title.text() and "after the edit" in window.report.title.text()
     assert (view.strip.states == TokenState.EVICTED).any()
     # The keep-mask and score plots show the whole layer x token grid, not a fixed corner.
     n_layers, n_tokens = snap.token_state.shape
