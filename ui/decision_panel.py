@@ -29,7 +29,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from kvscope.engine.blocks import N_STATES
+from kvscope.engine.blocks import N_STATES, TokenState
 from kvscope.engine.events import DecisionApplied, Event
 from kvscope.engine.snapshot import SessionSnapshot
 from kvscope.ui.dialogs import format_value, policy_names
@@ -45,6 +45,7 @@ class DecisionPanel(QWidget):
         self.session: str | None = None
         self.decisions: dict[str, DecisionApplied] = {}
         self.reports: dict[str, dict] = {}
+        self.evicted: dict[str, list[int]] = {}  # per layer, from the newest snapshot
         self.policy = QComboBox()
         self.policy.addItems(list(policy_names()))
         self.ratio = QDoubleSpinBox(
@@ -102,8 +103,10 @@ class DecisionPanel(QWidget):
         self._show_summary()
 
     def on_snapshot(self, snap: SessionSnapshot) -> None:
+        self.evicted[snap.session] = [int(n) for n in (snap.token_state == TokenState.EVICTED).sum(axis=1)]
         if snap.session != self.session:
             return
+        self._show_summary()
         self.mask_img.setImage(snap.token_state.T, autoLevels=False, levels=(0, N_STATES))
         # The plots' ranges were pinned while empty, which turns auto-range off:
         # show the whole layer x token grid of this snapshot.
@@ -128,7 +131,14 @@ class DecisionPanel(QWidget):
             if rep.get(k) is not None
         )
         if ev is None:
-            self.summary.setText(f"No decision yet for {self.session or 'this session'}.")
+            evicted = self.evicted.get(self.session or "", [])
+            if any(evicted):  # e.g. a session reopened after a restart: its evictions are in the cache
+                self.summary.setText(
+                    f"Evicted rows per layer {evicted} ({sum(evicted)} in all), from a decision made before "
+                    "this window opened; the keep mask below is the cache as it is now."
+                )
+            else:
+                self.summary.setText(f"No decision yet for {self.session or 'this session'}.")
             return
         kept, evicted = ev.kept_rows, ev.evicted_rows
         extra = ", ".join(f"{k} {format_value(v)}" for k, v in ev.details.items() if k not in ("kept", "evicted"))

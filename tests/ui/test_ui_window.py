@@ -245,3 +245,28 @@ def test_export_and_import_session(qtbot, window, tmp_path):
     other = next(s for s in window.views if s != first)
     a, b = (engine_call(window, lambda e, s=s: e.snapshot(s)) for s in (first, other))
     assert np.array_equal(a.token_ids, b.token_ids) and a.messages == b.messages
+
+
+def test_after_a_restart_the_decision_panel_still_shows_the_evictions(qtbot, llama_dir, tmp_path):
+    from conftest import close_window, open_window
+
+    from kvscope.engine import EngineConfig
+
+    config = EngineConfig(persist=True, data_dir=str(tmp_path))
+    win = open_window(qtbot, llama_dir, config)
+    try:
+        view = win.active_view()
+        chat(qtbot, win, view, "the red code is blue and the locker is green and the water is hot", max_tokens=30)
+        view.actions_.compress("random", 0.5, None)
+        settle(qtbot, win)
+        evicted = (engine_call(win, lambda e: e.snapshot(view.sid)).token_state == TokenState.EVICTED).sum()
+        assert evicted > 0
+    finally:
+        close_window(win)
+    win = open_window(qtbot, llama_dir, config)  # the saved session reopens
+    try:
+        settle(qtbot, win)
+        assert win.active_view().sid == view.sid
+        assert f"({evicted} in all)" in win.decisions.summary.text()
+    finally:
+        close_window(win)
