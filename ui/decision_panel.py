@@ -46,6 +46,7 @@ class DecisionPanel(QWidget):
         self.decisions: dict[str, DecisionApplied] = {}
         self.reports: dict[str, dict] = {}
         self.evicted: dict[str, list[int]] = {}  # per layer, from the newest snapshot
+        self.names: dict[str, str] = {}
         self.policy = QComboBox()
         self.policy.addItems(list(policy_names()))
         self.ratio = QDoubleSpinBox(
@@ -103,6 +104,7 @@ class DecisionPanel(QWidget):
         self._show_summary()
 
     def on_snapshot(self, snap: SessionSnapshot) -> None:
+        self.names[snap.session] = snap.name
         self.evicted[snap.session] = [int(n) for n in (snap.token_state == TokenState.EVICTED).sum(axis=1)]
         if snap.session != self.session:
             return
@@ -143,7 +145,7 @@ class DecisionPanel(QWidget):
         kept, evicted = ev.kept_rows, ev.evicted_rows
         extra = ", ".join(f"{k} {format_value(v)}" for k, v in ev.details.items() if k not in ("kept", "evicted"))
         self.summary.setText(
-            f"<b>{ev.policy}</b> on {ev.session} · tokens [{ev.token_lo}, {ev.token_hi}) · "
+            f"<b>{ev.policy}</b> on {self.names.get(ev.session, ev.session)} · tokens [{ev.token_lo}, {ev.token_hi}) · "
             f"kept {sum(kept)} / evicted {sum(evicted)} rows · per layer kept {list(kept)}"
             + (f"<br>{asked}" if asked else "")
             + (f"<br><span style='color:#999'>{extra[:400]}</span>" if extra else "")
