@@ -12,9 +12,10 @@ Promises:
   is waiting (`EngineBridge.idle()`), one at a time, so the edit's own
   result reaches the screen first and chats and edits of any session
   never wait behind it;
-- cancellable: `skip(sid)` drops a session's queued measurement; a newer
-  edit of the same session replaces the older one (the state measured is
-  the newest, and the report says which operation it follows);
+- cancellable: `skip(sid)` drops a session's queued measurement (the
+  window calls it for the Skip button, for any newer operation or turn of
+  that session — the state would no longer be the edit's — and when the
+  session closes); a newer deferred edit replaces the older one;
 - results come out as `measured(sid, op, report)` with the same fields as
   an inline report, measured the same way (against a full recompute of
   the visible tokens at their positions).

@@ -198,6 +198,8 @@ class MainWindow(QMainWindow):
         view.actions_.report_ready.connect(lambda op, rep, v=view: self._on_report(v, op, rep))
         view.actions_.failed.connect(lambda op, msg, v=view: self.show_error(f"{op} on {v.name} failed: {msg}"))
         view.actions_.submitted.connect(lambda op, v=view: self._say_if_queued(v, op))
+        # A newer operation changes what a queued measurement would measure: drop it.
+        view.actions_.submitted.connect(lambda _op, v=view: self.fidelity.skip(v.sid))
         view.actions_.inline_fidelity = lambda v: self.fidelity.inline(v.snapshot.n_tokens if v.snapshot else 0)
         view.actions_.measure_later.connect(lambda op, rep, v=view: self.fidelity.queue(v.sid, op, rep))
         self.views[sid] = view
@@ -223,6 +225,7 @@ class MainWindow(QMainWindow):
             self.set_active(next(iter(self.views), None))
         if self._progress_sid == sid:
             self._close_progress()
+        self.fidelity.skip(sid)
         self.compare_action.setChecked(self.area.comparing)
 
     def set_active(self, sid: str | None) -> None:
@@ -331,6 +334,7 @@ class MainWindow(QMainWindow):
             self._remove_view(ev.session)
             self.prefix_tree.forget(ev.session)
         elif isinstance(ev, TurnStarted):
+            self.fidelity.skip(ev.session)  # the turn changes the cache a queued measurement was for
             self._update_busy()
             self.edit.refresh()
             if ev.prefilled_tokens > PROGRESS_MIN_TOKENS:

@@ -226,3 +226,13 @@ def test_fidelity_of_a_long_session_is_measured_after_the_edit_and_waits_for_oth
     settle(qtbot, window)
     qtbot.wait(300)
     assert len(measured) == 1 and "skipped" in window.report.title.text()
+    # A newer operation (here: undo) drops the queued measurement of the state it changes.
+    view.select(14, 16)
+    window.bridge.call(lambda e: __import__("time").sleep(0.5))
+    view.actions_.mask()
+    qtbot.waitUntil(lambda: view.sid in window.fidelity.pending, timeout=WAIT_MS)
+    view.actions_.undo()
+    assert view.sid not in window.fidelity.pending
+    settle(qtbot, window)
+    qtbot.wait(300)
+    assert len(measured) == 1
