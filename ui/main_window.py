@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import Qt, QTimer
-from PySide6.QtGui import QAction, QCloseEvent, QKeySequence
+from PySide6.QtGui import QAction, QCloseEvent, QKeySequence, QShowEvent
 from PySide6.QtWidgets import QApplication, QDockWidget, QMainWindow, QSplitter, QTabWidget, QWidget
 
 from kvscope.engine.events import (
@@ -77,7 +77,7 @@ class MainWindow(QMainWindow):
         bridge.snapshot_ready.connect(self._on_snapshot)
         bridge.call_failed.connect(self._on_call_failed)
         bridge.busy_changed.connect(lambda _busy: self._update_busy())
-        QApplication.instance().focusChanged.connect(self._on_focus_changed)
+        self._focus_hooked = False
         self.redraw_timer = QTimer(self)
         self.redraw_timer.setInterval(REDRAW_MS)
         self.redraw_timer.timeout.connect(self.redraw)
@@ -379,9 +379,17 @@ class MainWindow(QMainWindow):
         self.redraw_timer.setInterval(REDRAW_BUSY_MS if busy else REDRAW_MS)
         return drawn + int(self.latency.refresh()) + int(self.prefix_tree.refresh())
 
+    def showEvent(self, ev: QShowEvent) -> None:  # noqa: N802
+        if not self._focus_hooked:  # follow focus while shown (a closed window may be shown again)
+            QApplication.instance().focusChanged.connect(self._on_focus_changed)
+            self._focus_hooked = True
+        super().showEvent(ev)
+
     def closeEvent(self, ev: QCloseEvent) -> None:  # noqa: N802
         self.redraw_timer.stop()
-        QApplication.instance().focusChanged.disconnect(self._on_focus_changed)
+        if self._focus_hooked:  # a window can be closed more than once
+            QApplication.instance().focusChanged.disconnect(self._on_focus_changed)
+            self._focus_hooked = False
         for v in self.views.values():
             if v.generating:
                 self.bridge.cancel(v.sid)
