@@ -97,3 +97,17 @@ def test_the_token_strip_takes_focus_with_tab_and_scrolls_to_the_cursor(qtbot, w
     assert view.selection() == (n - 1, n)
     bar = view.strip_scroll.verticalScrollBar()
     assert bar.maximum() == 0 or bar.value() > 0  # the last row is scrolled into view
+
+
+def test_clicking_or_typing_into_a_session_makes_it_the_active_one(qtbot, window):
+    a = window.active_view()
+    window.new_session()
+    qtbot.waitUntil(lambda: len(window.views) == 2, timeout=WAIT_MS)
+    b = next(v for v in window.views.values() if v is not a)
+    assert window.active == b.sid
+    window.compare(a.sid, b.sid)
+    qtbot.mouseClick(a.prompt, Qt.MouseButton.LeftButton)  # click into a's message box
+    qtbot.waitUntil(lambda: window.active == a.sid, timeout=WAIT_MS)
+    assert a.name in window.edit_actions["undo"].text()
+    window.area.panes[1].tabBar().tabBarClicked.emit(0)  # b's tab, clicked
+    assert window.active == b.sid
