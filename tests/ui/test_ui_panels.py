@@ -236,3 +236,14 @@ def test_fidelity_of_a_long_session_is_measured_after_the_edit_and_waits_for_oth
     settle(qtbot, window)
     qtbot.wait(300)
     assert len(measured) == 1
+
+
+def test_the_strip_follows_the_live_end_until_the_person_scrolls_away(qtbot, window):
+    view = window.active_view()
+    view.strip_scroll.resize(view.strip_scroll.width(), 120)
+    chat(qtbot, window, view, "the red code is blue " * 20, max_tokens=30)
+    bar = view.strip_scroll.verticalScrollBar()
+    assert bar.maximum() > 0 and bar.value() == bar.maximum()  # the end is in view
+    bar.setValue(0)  # the person scrolls to the top
+    chat(qtbot, window, view, "and the locker is green " * 10, max_tokens=30)
+    assert bar.value() == 0 and bar.maximum() > 0
