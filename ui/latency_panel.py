@@ -179,7 +179,7 @@ def _plot(title: str, x: str, y: str) -> pg.PlotWidget:
     plot = pg.PlotWidget(title=title)
     plot.setLabel("bottom", x)
     plot.setLabel("left", y)
-    plot.addLegend(offset=(-10, 10))
+    plot.addLegend(offset=(-10, 10), colCount=2, labelTextSize="8pt")  # many sessions: two columns
     plot.showGrid(x=True, y=True, alpha=0.2)
     plot.setMinimumHeight(140)
     return plot
