@@ -20,9 +20,8 @@ Promises:
   an inline report, measured the same way (against a full recompute of
   the visible tokens at their positions).
 
-The engine has no method for "measure this session now" yet; `_measure`
-calls the engine's fidelity module (`kvscope.engine.fidelity.measure`) on
-the engine thread through the bridge, as the engine's own edits do.
+`_measure` calls `Engine.measure_fidelity` on the engine thread through
+the bridge, as the engine's own edits measure.
 """
 
 from __future__ import annotations
@@ -92,9 +91,7 @@ class FidelityJobs(QObject):
 
 def _measure(eng: Any, sid: SessionId, op: str, first: dict[str, Any]) -> Any:
     """Measure the session as it is now (engine thread), keeping the edit's own figures."""
-    from kvscope.engine.fidelity import measure
-
     elapsed = first.get("elapsed_ms", 0.0)
     rows = first.get("rows_changed", 0)
     extra = first.get("extra") or {}
-    return measure(eng.model, eng.session(sid), op, 0.0 if math.isnan(elapsed) else elapsed, rows, **extra)
+    return eng.measure_fidelity(sid, op, 0.0 if math.isnan(elapsed) else elapsed, rows, **extra)
