@@ -240,3 +240,42 @@ def test_nul_bytes_and_special_output_targets(lab) -> None:  # type: ignore[no-u
     with pytest.raises(SegmentFileError, match="not a regular file"):
         eng.save_segment(target, 0, 3, fifo)
     assert fifo.is_fifo()
+
+
+def test_special_session_files_and_archive_bombs(tmp_path: Path, llama_dir: Path) -> None:
+    """Finding 7, session side: a FIFO or a symlink as session.json, an archive that expands past the budget."""
+    import zipfile
+
+    from kvscope.engine import EngineConfig, SamplingParams
+    from kvscope.engine.errors import MemoryBudgetError
+
+    data = tmp_path / "data"
+    eng = Engine(EngineConfig(persist=True, data_dir=str(data)))
+    eng.load(llama_dir)
+    for _ in range(3):
+        eng.chat(eng.new_session(), "the code ?", SamplingParams(max_tokens=2))
+    assert eng.persistence is not None
+    eng.persistence.close()
+    (data / "sessions" / "s1" / "session.json").unlink()
+    os.mkfifo(data / "sessions" / "s1" / "session.json")
+    (data / "sessions" / "s2" / "session.json").unlink()
+    (data / "sessions" / "s2" / "session.json").symlink_to(data / "sessions" / "s3" / "session.json")
+    again = Engine(EngineConfig(persist=True, data_dir=str(data), memory_budget_bytes=1 << 20))
+    exc = _with_timeout(lambda: again.load(llama_dir))
+    assert exc is None and again.sessions() == ["s3"]
+    errors = " | ".join(again.load_errors)
+    assert "FIFO" in errors and "symbolic link" in errors
+    bomb = tmp_path / "bomb.kvsession"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("session.json", "{}")
+        zf.writestr("cache-0123456789ab.safetensors", b"\0" * (64 << 20))  # 64 MB of zeros, ~64 KB zipped
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(SegmentFileError, match="would expand to 67108864 bytes"):
+        again.import_session(bomb)
+    assert again.sessions() == ["s3"]
+    with pytest.raises((SegmentFileError, MemoryBudgetError)):
+        with zipfile.ZipFile(bomb, "w") as zf:
+            zf.writestr("session.json", "[" * 100_000 + "]" * 100_000)
+            zf.writestr("cache-0123456789ab.safetensors", b"")
+        again.import_session(bomb)
+    again.persistence.close()  # type: ignore[union-attr]

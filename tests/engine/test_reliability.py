@@ -125,9 +125,13 @@ def test_saved_sessions_of_another_model_stay_on_disk(tmp_path: Path, tiny_model
     a = Engine(EngineConfig(persist=True, data_dir=str(data)))
     a.load(tiny_model_dirs["llama"])
     a.chat(a.new_session(), "the code ?", SamplingParams(max_tokens=2))
+    assert a.persistence is not None
+    a.persistence.close()
     b = _reopen(data, tiny_model_dirs["qwen2"])
     assert b.sessions() == [] and b.load_errors == []
     b.chat(b.new_session(), "another model's chat", SamplingParams(max_tokens=2))  # must not overwrite it
+    assert b.persistence is not None
+    b.persistence.close()
     assert len(_reopen(data, tiny_model_dirs["llama"]).sessions()) == 1
     assert os.listdir(data / "sessions")
 

@@ -179,3 +179,27 @@ def test_invalid_budgets_are_refused(llama_dir: Path) -> None:
     with pytest.raises(MemoryBudgetError) as err:
         eng.append_message(eng.new_session(), "user", "code " * 5000)
     assert " 0 MB" not in str(err.value) and "KB" in str(err.value)
+
+
+def test_cancel_stops_a_long_append_and_changes_nothing(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvscope.engine.generation as generation
+    from kvscope.engine.errors import CancelledError
+
+    eng = Engine()
+    eng.load(llama_dir)
+    sid = eng.new_session()
+    eng.append_message(sid, "user", "the code for locker 7 is 4 8 2 1")
+    before = _state(eng, sid)
+    real, chunks = generation.forward, []
+
+    def forward(*a: object, **k: object) -> object:
+        chunks.append(1)
+        eng.cancel(sid)  # the person presses stop while the first chunk runs
+        return real(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(generation, "forward", forward)
+    with pytest.raises(CancelledError, match="cancelled after 512 of"):
+        eng.append_message(sid, "user", "the code for locker 7 is 4 8 2 1 . " * 300)  # a few chunks of 512
+    assert len(chunks) == 1 and _state(eng, sid) == before
+    monkeypatch.undo()
+    assert eng.append_message(sid, "user", "and the colour ?") > 0
