@@ -98,7 +98,7 @@ def _cache_bytes(s: Session) -> tuple[bytes, str]:
 
     arrays: dict[str, np.ndarray] = {}
     for i, c in enumerate(s.caches):
-        if c.keys is None or c.values is None or c.n_rows == 0:
+        if c.n_rows == 0:
             continue
         k, v = c.state
         arrays[f"{i}.keys"], arrays[f"{i}.values"] = to_numpy(k), to_numpy(v)
@@ -127,10 +127,10 @@ def session_doc(s: Session, fingerprint: str, model_name: str, cache_name: str, 
         "layers": [
             {
                 "offset": c.offset,
-                "next_token": c.next_token,
-                "row_token": c.row_token[: c.n_rows].tolist(),
-                "row_position": c.row_position[: c.n_rows].tolist(),
-                "row_visible": c.row_visible[: c.n_rows].astype(int).tolist(),
+                "next_token": c.n_tokens,
+                "row_token": c.row_token.tolist(),
+                "row_position": c.row_position.tolist(),
+                "row_visible": c.row_visible.astype(int).tolist(),
             }
             for c in s.caches
         ],

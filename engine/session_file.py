@@ -184,6 +184,22 @@ def _cache(
         return out
 
 
+def _layer(
+    name: str, i: int, rows: tuple[list[np.ndarray], int, int], arrays: dict[str, np.ndarray], positions: np.ndarray
+) -> ScopeKVCache:
+    """One layer's cache from its checked rows; the cache itself owns positions (and re-checks them)."""
+    (tok, pos, vis), offset, _ = rows
+    empty = np.zeros((1, 1, 0, 1), np.float32)
+    k, v = (arrays[f"{i}.keys"], arrays[f"{i}.values"]) if len(tok) else (empty, empty)
+    try:
+        c = ScopeKVCache.from_rows(mx.array(k), mx.array(v), tok, vis.astype(bool), positions)
+    except ValueError as exc:
+        raise SegmentFileError(f"session {name}: layer {i} rows are inconsistent ({exc})") from exc
+    if not np.array_equal(c.row_position, pos) or c.offset != offset:
+        raise SegmentFileError(f"session {name}: layer {i} positions disagree with the session's")
+    return c
+
+
 def read_session(
     folder: Path,
     lim: ModelLimits,
@@ -206,17 +222,10 @@ def read_session(
     layers = [_rows(name, i, lay, n) for i, lay in enumerate(doc["layers"])]
     turns = [_turn(name, i, t) for i, t in enumerate(doc["turns"])]
     arrays = _cache(name, folder, doc, [len(r[0]) for r, _, _ in layers], lim, reserve)
-    caches = []
-    for i, ((tok, pos, vis), offset, next_token) in enumerate(layers):
-        c = ScopeKVCache()
-        if len(tok):
-            c.state = (mx.array(arrays[f"{i}.keys"]), mx.array(arrays[f"{i}.values"]))
-            c.row_token[: len(tok)], c.row_position[: len(tok)] = tok, pos
-            c.row_visible[: len(tok)] = vis.astype(bool)
-        c.offset, c.next_token = offset, next_token
-        caches.append(c)
+    positions = np.asarray(doc["positions"], np.int64)
+    caches = [_layer(name, i, rows, arrays, positions) for i, rows in enumerate(layers)]
     s = Session(SessionId(doc["id"]), doc["name"], caches)
-    s.messages, s.tokens, s.origin, s.positions = doc["messages"], doc["tokens"], doc["origin"], doc["positions"]
+    s.messages, s.tokens, s.origin = doc["messages"], doc["tokens"], doc["origin"]
     s.transcript_text, s.edited, s.operations = doc["transcript_text"], doc["edited"], doc["operations"]
     s.turns = turns
     return s
