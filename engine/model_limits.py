@@ -30,13 +30,13 @@ class ModelLimits:
     head_dim: int
     max_position: int = MAX_POSITION
 
-    def bad_token(self, ids: Any) -> Any | None:
-        """The first entry of `ids` that is not a valid token id, else None."""
-        return next((t for t in ids if not (_is_int(t) and 0 <= t < self.vocab_size)), None)
+    def bad_token(self, ids: Any) -> int:
+        """Index of the first entry of `ids` that is not a valid token id, else -1."""
+        return next((i for i, t in enumerate(ids) if not (_is_int(t) and 0 <= t < self.vocab_size)), -1)
 
-    def bad_position(self, positions: Any) -> Any | None:
-        """The first entry that is not a position in [0, max_position), else None."""
-        return next((p for p in positions if not (_is_int(p) and 0 <= p < self.max_position)), None)
+    def bad_position(self, positions: Any) -> int:
+        """Index of the first entry that is not a position in [0, max_position), else -1."""
+        return next((i for i, p in enumerate(positions) if not (_is_int(p) and 0 <= p < self.max_position)), -1)
 
 
 def _is_int(x: Any) -> bool:

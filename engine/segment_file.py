@@ -213,8 +213,10 @@ def _check_model(fname: str, man: dict[str, Any], lim: ModelLimits, rope: dict[s
     if rope is not None and man["rope"] != rope:
         raise SegmentFileError(f"{fname}: RoPE {str(man['rope'])[:200]} differs from the model's {rope}")
     bad = lim.bad_token(man["token_ids"])
-    if bad is not None:
-        raise SegmentFileError(f"{fname}: token id {bad} is outside the model's vocabulary of {lim.vocab_size}")
+    if bad >= 0:
+        raise SegmentFileError(
+            f"{fname}: token id {man['token_ids'][bad]} is outside the model's vocabulary of {lim.vocab_size}"
+        )
 
 
 def _tensors(f: SafetensorsFile, man: dict[str, Any]) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -289,13 +291,14 @@ def check_segment(seg: Segment, lm: LoadedModel) -> None:
     lim, n = limits_of(lm), seg.n_tokens
     if n == 0:
         raise InvalidRequestError("the segment is empty")
-    bad = lim.bad_token([int(t) if isinstance(t, np.integer) else t for t in seg.token_ids])
-    if bad is not None:
+    ids = [int(t) if isinstance(t, np.integer) else t for t in seg.token_ids]
+    bad = lim.bad_token(ids)
+    if bad >= 0:
         raise InvalidRequestError(
-            f"segment token id {str(bad)[:30]} is outside the model's vocabulary of {lim.vocab_size}"
+            f"segment token id {str(ids[bad])[:30]} is outside the model's vocabulary of {lim.vocab_size}"
         )
     pos = np.asarray(seg.positions)
-    if pos.shape != (n,) or pos.dtype.kind not in "iu" or lim.bad_position(pos.tolist()) is not None:
+    if pos.shape != (n,) or pos.dtype.kind not in "iu" or lim.bad_position(pos.tolist()) >= 0:
         raise InvalidRequestError(f"segment positions must be {n} integers in [0, {MAX_POSITION})")
     if n > 1 and not (np.diff(pos) > 0).all():
         raise InvalidRequestError("segment positions must be increasing")

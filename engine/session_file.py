@@ -97,11 +97,12 @@ def _check_tokens(name: str, doc: dict[str, Any], lim: ModelLimits) -> None:
     if len(doc["origin"]) != n or len(doc["positions"]) != n or n >= MAX_POSITION:
         raise SegmentFileError(f"session {name}: tokens, origin and positions disagree")
     bad = lim.bad_token(doc["tokens"])
-    if bad is not None:
+    if bad >= 0:
         raise SegmentFileError(
-            f"session {name}: token id {str(bad)[:30]} is outside the model's vocabulary of {lim.vocab_size}"
+            f"session {name}: token id {str(doc['tokens'][bad])[:30]} is outside the model's vocabulary of "
+            f"{lim.vocab_size}"
         )
-    if lim.bad_position(doc["positions"]) is not None:
+    if lim.bad_position(doc["positions"]) >= 0:
         raise SegmentFileError(f"session {name}: positions must be integers in [0, {MAX_POSITION})")
     if not all(json_int(o) and o in _ORIGINS for o in doc["origin"]):
         raise SegmentFileError(f"session {name}: origin values must be token states {sorted(_ORIGINS)}")
@@ -132,8 +133,8 @@ def _rows(name: str, i: int, lay: Any, n_tokens: int) -> tuple[list[np.ndarray],
     if not isinstance(lay, dict) or set(lay) != keys:
         raise SegmentFileError(f"session {name}: layer {i} record must have exactly {sorted(keys)}")
     lists = [lay[k] for k in ("row_token", "row_position", "row_visible")]
-    if not all(isinstance(v, list) and all(json_int(x) for x in v) for v in lists):
-        raise SegmentFileError(f"session {name}: layer {i} rows must be lists of integers")
+    if not all(isinstance(v, list) and all(json_int(x) and 0 <= x < MAX_POSITION for x in v) for v in lists):
+        raise SegmentFileError(f"session {name}: layer {i} rows must be lists of integers in [0, {MAX_POSITION})")
     tok, pos, vis = (np.asarray(v, np.int64) if v else np.zeros(0, np.int64) for v in lists)
     n = len(tok)
     if len(pos) != n or len(vis) != n or n > n_tokens:

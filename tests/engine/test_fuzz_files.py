@@ -5,10 +5,12 @@ Counts: each `@settings(max_examples=...)` below; docs/reliability.md adds them 
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,25 @@ JSONISH = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
     max_leaves=6,
 )
+
+
+# Outcome of every case, per test (KVSCOPE_FUZZ_REPORT=file.json writes it: docs/reliability.md's table).
+TALLY: collections.Counter[tuple[str, str]] = collections.Counter()
+
+
+def _count(outcome: str) -> None:
+    TALLY[(os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[-1].split("[")[0].split(" ")[0], outcome)] += 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report() -> Iterator[None]:
+    yield
+    out = os.environ.get("KVSCOPE_FUZZ_REPORT")
+    if out:
+        rows: dict[str, dict[str, int]] = {}
+        for (test, outcome), n in sorted(TALLY.items()):
+            rows.setdefault(test, {})[outcome] = n
+        Path(out).write_text(json.dumps(rows, indent=1))
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +88,11 @@ def _try_splice(setup, data: bytes) -> None:  # type: ignore[no-untyped-def]
     except SegmentFileError as exc:
         assert str(exc) and "case.safetensors" in str(exc) or "cannot read" in str(exc)
         assert _state(eng, target) == before
+        _count("rejected")
     else:  # a harmless change (e.g. header padding): the splice is real; take it back
         eng.undo(target)
         assert _state(eng, target) == before
+        _count("accepted (still valid)")
 
 
 def _header(good: bytes) -> tuple[dict, bytes]:
@@ -206,9 +229,11 @@ def _try_session(eng: Engine, case: Path) -> None:
         s = read_session(case, limits_of(eng.model))
     except SegmentFileError as exc:
         assert str(exc).startswith("session ") or "cannot read" in str(exc)
+        _count("rejected")
     else:  # still a valid session: every id inside the vocabulary, every row pointing at a token
         assert len(s.tokens) == len(s.positions) and all(0 <= t < 300 for t in s.tokens)
-        assert all(c.next_token == s.n_tokens and (c.row_token[: c.n_rows] < s.n_tokens).all() for c in s.caches)
+        assert all(c.n_tokens == s.n_tokens and (c.row_token < s.n_tokens).all() for c in s.caches)
+        _count("accepted (still valid)")
 
 
 @pytest.mark.parametrize("turn", [{}, {"prompt_tokens": 3, "cached_tokens": 0, "prefilled_tokens": 3, "extra": 1}])
@@ -311,6 +336,7 @@ def test_json_bombs_everywhere(setup, depth: int, digits: int, where: str, kind:
         (case / "session.json").write_text(text.replace('"edited": ', f'"bomb": {bomb}, "edited": ', 1))
         with pytest.raises(SegmentFileError, match="session .*session.json"):
             read_session(case, limits_of(eng.model))
+        _count("rejected")
         return
     header, data = _header(good)
     if where == "manifest":
