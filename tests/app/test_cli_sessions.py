@@ -115,3 +115,6 @@ def test_invalid_memory_budgets_are_refused_at_the_command_line(
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "memory budget must be a positive" in err or "expected a number of MB" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--memory-budget", budget])  # the server's flag too
+    assert exc.value.code == 2
