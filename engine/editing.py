@@ -327,11 +327,14 @@ class EditingMixin:
         decision = self._guard(
             sid,
             lambda: _or_restore(
-                s, saved, lambda: compress_session(self, sid, policy, keep_ratio, budget_tokens, **params)
+                s,
+                saved,
+                lambda: _then(
+                    compress_session(self, sid, policy, keep_ratio, budget_tokens, **params), self.persist, sid
+                ),
             ),
         )
         s.push_undo("compress", saved, UNDO_DEPTH)
-        self.persist(sid)
         return decision
 
     def replay_decision(self, sid: SessionId, decision: Any) -> None:
@@ -341,9 +344,10 @@ class EditingMixin:
         s = self.session(sid)
         s.require_idle("replaying a decision")
         saved = s.clone()
-        self._guard(sid, lambda: _or_restore(s, saved, lambda: replay_decision(self, sid, decision)))
+        self._guard(
+            sid, lambda: _or_restore(s, saved, lambda: _then(replay_decision(self, sid, decision), self.persist, sid))
+        )
         s.push_undo("replay decision", saved, UNDO_DEPTH)
-        self.persist(sid)
 
     def undo(self, sid: SessionId) -> str:
         """Undo the last reversible edit (until the next chat turn). Returns its name."""
@@ -405,11 +409,19 @@ class EditingMixin:
 
 def _or_restore(s: Session, saved: Session, fn: Callable[[], Any]) -> Any:
     """Run `fn`; if it fails, put the session back as `saved` (an operation is a transaction)."""
+    n_ops = len(s.operations)
     try:
         return fn()
     except BaseException:
         s.restore(saved)
+        del s.operations[n_ops:]
         raise
+
+
+def _then(result: Any, after: Callable[[SessionId], None], sid: SessionId) -> Any:
+    """`result`, once `after(sid)` (the save that ends a transaction) has succeeded."""
+    after(sid)
+    return result
 
 
 def _unrotated(seg: Segment, s: Session, at: int) -> Segment:

@@ -67,6 +67,7 @@ def test_on_a_full_disk_nothing_half_applies(saved, monkeypatch: pytest.MonkeyPa
         "new": lambda: eng.new_session("another"),
         "duplicate": lambda: eng.duplicate_session(sid),
         "append": lambda: eng.append_message(sid, "user", "a document"),
+        "compress": lambda: eng.compress(sid, "streaming_llm", keep_ratio=0.5),
     }
     for what, attempt in attempts.items():
         with pytest.raises(InvalidRequestError, match="could not save .*No space left"):
