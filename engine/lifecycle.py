@@ -96,9 +96,7 @@ class LifecycleMixin:
         try:
             store.save(self._sessions[sid], lm.fingerprint, lm.name)
         except OSError as exc:
-            raise InvalidRequestError(
-                f"could not save session {sid} to {store.root}: {exc.strerror or exc}; the change was not applied"
-            ) from exc
+            raise InvalidRequestError(f"could not save session {sid} to {store.root}: {exc.strerror or exc}") from exc
 
     def forget_saved(self, sid: SessionId) -> None:
         if self.persistence is not None and self.persistence.writable:
