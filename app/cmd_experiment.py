@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from kvscope.app.common import add_model_arg, start_engine
-from kvscope.engine.experiments import Tally, erratum_vs_overwrite, mask_vs_restart
 from kvscope.engine.tasks import make_episodes
+from kvscope.lab.experiments import Tally, erratum_vs_overwrite, mask_vs_restart
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

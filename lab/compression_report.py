@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from kvscope.engine.policies.bench import BenchConfig, Row
+from kvscope.lab.compression_bench import BenchConfig, Row
 
 
 def _pct(x: float) -> str:
@@ -123,7 +123,7 @@ on held-out recall episodes (`kvscope.engine.tasks`, kind `recall`): a fact
 such as *The phone extension of Maya is 017.* hides at a given depth among
 distractor facts and filler; the question comes as its own user turn.
 
-How one episode runs (`engine/policies/bench.py`): the context is prefilled
+How one episode runs (`lab/compression_bench.py`): the context is prefilled
 once into kvscope caches; every policy and keep ratio then works on a copy:
 score the visible rows, evict (`ScopeKVCache.keep_rows`: positions stay, so
 generation continues at the right RoPE positions), optionally quantize, feed

@@ -14,7 +14,7 @@ Two modes, saying what the policy may see:
     question (query-aware): compress the whole prompt but its last token;
              the observation window of SnapKV & co. then holds the question.
 
-Knows nothing about files or the command line (see `bench_report`).
+Knows nothing about files or the command line (see `compression_report`).
 """
 
 from __future__ import annotations

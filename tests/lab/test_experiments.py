@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kvscope.engine import Engine
-from kvscope.engine.experiments import erratum_vs_overwrite, mask_vs_restart
 from kvscope.engine.tasks import make_episodes
+from kvscope.lab.experiments import erratum_vs_overwrite, mask_vs_restart
 
 
 @pytest.fixture(scope="module")
