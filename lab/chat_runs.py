@@ -115,12 +115,10 @@ def token_rows(caches: list[ScopeKVCache], lo: int, hi: int) -> list[tuple[np.nd
     """Per layer, (keys, values) of logical tokens [lo, hi) as (heads, n, dim) float32 numpy."""
     out = []
     for c in caches:
-        keys, values = c.state
-        rows = np.nonzero((c.row_token[: c.n_rows] >= lo) & (c.row_token[: c.n_rows] < hi))[0]
-        if len(rows) != hi - lo:
+        keys, values, tokens, _ = c.rows_of(lo, hi)
+        if len(tokens) != hi - lo:
             raise ValueError(f"tokens [{lo}, {hi}) are not all stored in the cache")
-        idx = mx.array(rows.astype(np.int32))
-        out.append((np.array(keys[0][:, idx, :].astype(mx.float32)), np.array(values[0][:, idx, :].astype(mx.float32))))
+        out.append((np.array(keys[0].astype(mx.float32)), np.array(values[0].astype(mx.float32))))
     return out
 
 
@@ -128,15 +126,12 @@ def write_rows(dst: list[ScopeKVCache], src: list[ScopeKVCache], lo: int, hi: in
     """Copy the K/V of tokens [lo, hi) from `src` into `dst` for `layers` (same positions in both)."""
     for layer in layers:
         d, s = dst[layer], src[layer]
-        d_rows = np.nonzero((d.row_token[: d.n_rows] >= lo) & (d.row_token[: d.n_rows] < hi))[0]
-        s_rows = np.nonzero((s.row_token[: s.n_rows] >= lo) & (s.row_token[: s.n_rows] < hi))[0]
-        if len(d_rows) != hi - lo or len(s_rows) != hi - lo:
+        keys, values, s_tokens, _ = s.rows_of(lo, hi)
+        if len(s_tokens) != hi - lo or len(d.rows_of(lo, hi)[2]) != hi - lo:
             raise ValueError(f"tokens [{lo}, {hi}) must be stored in both caches")
-        if not np.array_equal(d.row_position[d_rows], s.row_position[s_rows]):
+        if not np.array_equal(d.token_positions[lo:hi], s.token_positions[lo:hi]):
             raise ValueError(f"tokens [{lo}, {hi}) sit at different positions in the two caches")
-        keys, values = s.state
-        idx = mx.array(s_rows.astype(np.int32))
-        d.replace_rows(d_rows, keys[..., idx, :], values[..., idx, :])
+        d.overwrite_rows(lo, keys, values)
 
 
 class _Recorder:

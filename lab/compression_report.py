@@ -161,7 +161,7 @@ distractor facts and filler; the question comes as its own user turn.
 
 How one episode runs (`lab/compression_bench.py`): the context is prefilled
 once into kvscope caches; every policy and keep ratio then works on a copy:
-score the visible rows, evict (`ScopeKVCache.keep_rows`: positions stay, so
+score the visible rows, evict (`ScopeKVCache.evict_tokens`: positions stay, so
 generation continues at the right RoPE positions), optionally quantize, feed
 the rest of the prompt, teacher-force the answer for its log-prob and
 greedy-decode it. The full cache runs through the same code.

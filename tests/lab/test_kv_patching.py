@@ -37,8 +37,7 @@ def test_write_rows_refuses_rows_at_other_positions(llama_dir: Path) -> None:
     feed(lm, a, list(range(10, 30)))
     feed(lm, b, list(range(10, 31)))
     for c in b:
-        c.set_visible(0, 1, False)
-        c.keep_rows(np.arange(c.n_rows) > 0)  # token 0 evicted: the rest keep their positions
+        c.evict_tokens(np.array([0]))  # token 0 evicted: the rest keep their positions
     write_rows(a, b, 5, 8, [0, 1])  # same tokens, same positions: allowed
     k_a, k_b = token_rows(a, 5, 8)[1][0], token_rows(b, 5, 8)[1][0]
     assert np.array_equal(k_a, k_b)
@@ -46,9 +45,9 @@ def test_write_rows_refuses_rows_at_other_positions(llama_dir: Path) -> None:
         write_rows(a, b, 0, 3, [0])
     # Tokens 5..7 stored 10 positions later (as after a splice): their keys were rotated elsewhere.
     moved = fresh_caches(lm)
-    feed(lm, moved, [10])
+    feed(lm, moved, list(range(10, 15)))
     for c, src in zip(moved, a):
-        keys, values = src.state
-        c.insert_rows(1, keys[..., 5:8, :], values[..., 5:8, :], np.arange(5, 8), np.arange(15, 18))
+        keys, values, _, _ = src.rows_of(5, 8)
+        c.insert_tokens(5, keys, values, np.arange(15, 18), np.ones(3, bool))
     with pytest.raises(ValueError, match="different positions"):
         write_rows(a, moved, 5, 8, [0])

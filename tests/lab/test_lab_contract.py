@@ -1,0 +1,22 @@
+"""The engine-never-imports-the-lab contract holds on the real tree and breaks on a planted import."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+
+from lint_imports import run  # noqa: E402
+
+
+def test_the_engine_importing_the_lab_breaks_the_contract(tmp_path: Path) -> None:
+    for folder in ("engine", "ui", "app", "assets", "lab"):
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("models", "__pycache__"))
+    blocks = tmp_path / "engine" / "blocks.py"
+    blocks.write_text("from kvscope.lab import stats  # noqa\n" + blocks.read_text())
+    res = run(tmp_path, ROOT / "pyproject.toml")
+    assert res.returncode != 0
+    assert "The engine never imports the lab" in res.stdout and "kvscope.engine.blocks -> kvscope.lab.stats" in res.stdout
