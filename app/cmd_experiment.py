@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                 default="omits",
                 help="the summary omits the asked fact (default) or contains it (sanity check)",
             )
-        if name in ("leakage", "kv-patching"):
+        if name in ("leakage", "kv-patching", "erratum"):
             q.add_argument("--png", type=Path, help="also draw the result with 95%% intervals (needs matplotlib)")
         q.set_defaults(func=RUNNERS[name])
 
@@ -133,7 +133,7 @@ def run_kv_patching(args: argparse.Namespace) -> int:
 
 
 def run_erratum(args: argparse.Namespace) -> int:
-    from kvscope.lab.experiment_report import tally_table
+    from kvscope.lab.experiment_report import patching_table, plot_patching, tally_table
     from kvscope.lab.experiments import erratum_vs_overwrite
     from kvscope.lab.kv_patching import PatchConfig, run_patching
 
@@ -147,20 +147,11 @@ def run_erratum(args: argparse.Namespace) -> int:
         "accuracy = the corrected verdict, through the Engine (greedy reply)\n"
     )
     print(tally_table(tallies))
-    keep = (
-        "clean (no correction)",
-        "erratum",
-        "field, all layers",
-        "downstream, all layers",
-        "recompute (counterfactual)",
-    )
-    print("\nThe same edits as causal shares of the decision (logit difference at the stated value):\n")
-    print("| condition | n | share of LD recovered [bootstrap 95%] | states the new value [Wilson 95%] |")
-    print("|---|---|---|---|")
-    for r in patched.rows():
-        if r.condition in keep:
-            print(f"| {r.condition} | {r.share.n} | {r.share.fmt()} | {r.picks_new.fmt()} |")
-    print("\n(overwrite span = the field's own rows recomputed = 'field, all layers')")
+    print("\nThe same edits as causal shares of the decision (overwrite span = 'field, all layers'):\n")
+    print(patching_table(patched))
+    if args.png is not None:
+        drawn = plot_patching(patched, args.png)
+        print(f"\nwrote {args.png}" if drawn else "\n(no plot: matplotlib is not installed)")
     return 0
 
 

@@ -31,3 +31,12 @@ def test_kv_patching_prints_a_table_with_n_and_intervals(llama_dir, capsys: pyte
     out = capsys.readouterr().out
     assert "| both, all layers | 10 | 100% [100–100] |" in out
     assert "McNemar" in out and "share of LD recovered [bootstrap 95%]" in out
+
+
+def test_erratum_prints_engine_accuracies_and_causal_shares_on_the_same_edits(  # type: ignore[no-untyped-def]
+    llama_dir, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["experiment", "erratum", "--model", str(llama_dir), "--n", "10", "--context", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "| full recompute | 10 |" in out and "| overwrite span | 10 |" in out
+    assert "| field, all layers | 10 |" in out and "Paired: erratum vs overwrite span, McNemar" in out

@@ -19,4 +19,6 @@ def test_the_engine_importing_the_lab_breaks_the_contract(tmp_path: Path) -> Non
     blocks.write_text("from kvscope.lab import stats  # noqa\n" + blocks.read_text())
     res = run(tmp_path, ROOT / "pyproject.toml")
     assert res.returncode != 0
-    assert "The engine never imports the lab" in res.stdout and "kvscope.engine.blocks -> kvscope.lab.stats" in res.stdout
+    assert (
+        "The engine never imports the lab" in res.stdout and "kvscope.engine.blocks -> kvscope.lab.stats" in res.stdout
+    )
