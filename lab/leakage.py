@@ -172,6 +172,7 @@ class LeakResult:
     n_layers: int
     episodes: list[LeakEpisode]
     outcomes: list[dict[str, LeakOutcome]] = field(default_factory=list)
+    _probe_cache: dict[tuple[tuple[int, ...], int, int], list[ProbeRow]] = field(default_factory=dict, repr=False)
 
     def behaviour(self) -> list[BehaviourRow]:
         rows = []
@@ -209,6 +210,12 @@ class LeakResult:
             digits: which digits of the number to decode, pooled (0 = the
                 first, the one the last probed position is about to say).
         """
+        key = (digits, folds, len(self.outcomes))
+        if key not in self._probe_cache:
+            self._probe_cache[key] = self._probe(digits, folds)
+        return self._probe_cache[key]
+
+    def _probe(self, digits: tuple[int, ...], folds: int) -> list[ProbeRow]:
         values = np.array([[int(ep.value[j]) for j in digits] for ep in self.episodes])
         shuffled = values[np.random.default_rng(self.config.seed + 1).permutation(len(values))]
         rows = []
