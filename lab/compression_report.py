@@ -196,6 +196,8 @@ POLICY_NOTES = """## Policies (defaults)
 | `snapkv` | attention of the last `window` queries, mean-pooled over `kernel` rows; the window is always kept | `window=32`, `kernel=5` |
 | `key_norm` | keys with the lowest L2 norm (per KV head, averaged) | `sinks=0`, `recent=0` |
 | `random` | uniform random rows (seeded) — the baseline | `seed` |
+| `keydiff` | keys least like the layer's mean key direction, per KV head (query-agnostic) | `sinks=0`, `recent=0` |
+| `tova` | attention of the last query, averaged over heads | `sinks=0`, `recent=1` |
 | `pyramidkv` | SnapKV scores; a fixed pyramid of per-layer budgets (layer 0 keeps most) with the same total | `beta=20` |
 | `dynamickv` | SnapKV scores; per-layer budgets proportional to the rows each layer needs to cover `mass` of its attention on this input | `mass=0.9` |
 | `quantize` | every row, K/V quantized to 8 or 4 bits (mlx affine, group 64), dequantized in place | `bits` |

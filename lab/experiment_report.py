@@ -105,6 +105,7 @@ def plot_leakage(result: LeakResult, path: Path) -> bool:
             err = [[100 * (e.value - e.lo) for _, e in pts], [100 * (e.hi - e.value) for _, e in pts]]
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=cond)
         ax.axhline(10, color="black", lw=1, ls="--", label="chance")
+        ax.set_xticks(range(result.n_layers))
         ax.set_xlabel("layer")
         ax.set_title(title)
         ax.grid(alpha=0.3)
