@@ -41,12 +41,16 @@ def format_table(rows: list[Row], config: BenchConfig) -> str:
     return "\n".join(lines)
 
 
+LAYERWISE = ("pyramidkv", "dynamickv")  # SnapKV scores with per-layer budgets: compared against snapkv
+
+
 def paired_comparisons(rows: list[Row]) -> str:
     """At each keep ratio, the two most accurate eviction policies compared on the same episodes.
 
     Returns markdown: one line per ratio with both accuracies, the McNemar
     discordant counts and p, and which other policies' Wilson intervals
-    overlap the leader's (those cannot be told apart from it on this run).
+    overlap the leader's (those cannot be told apart from it on this run);
+    then each layer-wise policy against uniform SnapKV on the same episodes.
     """
     lines = []
     ratios = sorted({r.keep_ratio for r in rows if r.keep_ratio is not None}, reverse=True)
@@ -66,6 +70,14 @@ def paired_comparisons(rows: list[Row]) -> str:
             f"- keep {ratio:.1%}: **{a.label}** {a.accuracy_ci.fmt()} vs **{b.label}** {b.accuracy_ci.fmt()}, "
             f"McNemar {test.fmt()} ({verdict}); intervals overlapping the leader's: {', '.join(tied) or 'none'}."
         )
+        uniform = next((r for r in at if r.label == "snapkv"), None)
+        for layered in (r for r in at if r.label in LAYERWISE and uniform is not None):
+            assert uniform is not None
+            t = mcnemar(layered.correct, uniform.correct)
+            lines.append(
+                f"  - layer-wise vs uniform at equal bytes: **{layered.label}** {layered.accuracy_ci.fmt()} vs "
+                f"snapkv {uniform.accuracy_ci.fmt()}, McNemar {t.fmt()}."
+            )
     return "\n".join(lines)
 
 
