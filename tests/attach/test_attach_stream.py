@@ -1,0 +1,184 @@
+"""The subscriber over real ZMQ sockets on loopback: late start, gaps, restarts, bad messages.
+
+A lossy relay makes gaps deterministic: kvscope's publisher keeps the batches
+(and serves replay); the test forwards only some of them on its own PUB socket.
+"""
+
+from __future__ import annotations
+
+import zmq
+
+from kvscope.attach.remote_cache import RemoteCache
+from kvscope.attach.subscriber import Received, Subscriber
+from kvscope.engine.kv_events import WireAllBlocksCleared, WireBlockRemoved, WireBlockStored, encode_batch, encode_seq
+from kvscope.engine.kv_publisher import ZmqPublisher
+
+LOOP = "tcp://127.0.0.1:*"
+
+
+def stored(i: int, parent: int | None = None) -> WireBlockStored:
+    return WireBlockStored((f"{i:016x}",), None if parent is None else f"{parent:016x}", (i, i, i, i), 4)
+
+
+def buffered(pub: ZmqPublisher) -> list[tuple[int, bytes]]:
+    """Every batch `pub` keeps, fetched through its replay socket like any consumer."""
+    d = zmq.Context.instance().socket(zmq.DEALER)
+    d.connect(pub.replay_endpoint)
+    d.send_multipart((b"", encode_seq(0)))
+    out = []
+    for _ in range(10_000):
+        assert d.poll(10_000), "no replay answer"
+        _, seq, payload = d.recv_multipart()
+        n = int.from_bytes(seq, "big", signed=True)
+        if n == -1:
+            break
+        out.append((n, payload))
+    d.close(0)
+    return out
+
+
+def publish_n(pub: ZmqPublisher, events: list) -> None:  # type: ignore[type-arg]
+    """Publish one batch per event (waiting for each to go out)."""
+    for e in events:
+        pub.publish([e])
+        assert pub.flush()
+
+
+def drain(sub: Subscriber, until: int, polls: int = 200) -> list[Received]:
+    """Poll until `until` batches were handed out (bounded in count)."""
+    got: list[Received] = []
+    for _ in range(polls):
+        got += sub.poll(50)
+        if sub.stats.applied >= until:
+            break
+    return got
+
+
+def relay(topic: bytes = b"kv") -> tuple[zmq.Socket, str]:  # type: ignore[type-arg]
+    s = zmq.Context.instance().socket(zmq.PUB)
+    s.bind(LOOP)
+    return s, s.getsockopt(zmq.LAST_ENDPOINT).decode()
+
+
+def test_late_subscriber_catches_up_from_replay_and_drops_live_duplicates() -> None:
+    pub = ZmqPublisher(LOOP, LOOP, topic="kv")
+    try:
+        publish_n(pub, [stored(1), stored(2, 1), stored(3, 2)])
+        sub = Subscriber(pub.endpoint, pub.replay_endpoint, topic="kv")
+        got = drain(sub, 3)
+        assert [r.batch.seq for r in got] == [0, 1, 2] and all(r.replayed for r in got)
+        publish_n(pub, [stored(4, 3)])
+        got = drain(sub, 4)
+        assert [r.batch.seq for r in got] == [3]
+        assert sub.stats.lost == 0 and sub.stats.applied == 4
+        sub.close()
+    finally:
+        pub.close()
+
+
+def test_a_gap_is_filled_from_replay_with_every_batch_once() -> None:
+    pub = ZmqPublisher("tcp://127.0.0.1:*", LOOP, topic="kv")
+    out, ep = relay()
+    try:
+        publish_n(pub, [stored(1), stored(2, 1)])
+        sub = Subscriber(ep, pub.replay_endpoint, topic="kv")
+        first = drain(sub, 2)  # initial replay: 0, 1
+        frames = dict(buffered(pub))
+        for _ in range(200):  # the relay's subscription settles: re-send seq 1 (a duplicate) until one arrives
+            out.send_multipart((b"kv", encode_seq(1), frames[1]))
+            sub.poll(20)
+            if sub.stats.received:
+                break
+        assert sub.stats.duplicates >= 1
+        publish_n(pub, [stored(3, 2), WireBlockRemoved((f"{1:016x}",)), stored(5)])
+        frames = dict(buffered(pub))
+        out.send_multipart((b"kv", encode_seq(4), frames[4]))  # 2 and 3 are lost on the way
+        got = first + drain(sub, 5)
+        assert [r.batch.seq for r in got] == [0, 1, 2, 3, 4]
+        assert sub.stats.gaps == 1 and sub.stats.lost == 0
+        cache = RemoteCache()
+        for r in got:
+            cache.apply_all(r.batch.events)
+        assert sorted(b.block_hash for b in cache.blocks()) == [f"{i:016x}" for i in (2, 3, 5)]
+        sub.close()
+    finally:
+        out.close(0)
+        pub.close()
+
+
+def test_without_replay_a_gap_is_counted_as_lost() -> None:
+    out, ep = relay()
+    sub = Subscriber(ep, None, topic="kv")
+    payload = encode_batch([stored(1)], 0.0)
+    try:
+        for _ in range(200):
+            out.send_multipart((b"kv", encode_seq(0), payload))
+            sub.poll(20)
+            if sub.stats.received:
+                break
+        out.send_multipart((b"kv", encode_seq(5), payload))
+        drain(sub, 2)
+        assert sub.stats.gaps == 1 and sub.stats.lost == 4
+    finally:
+        sub.close()
+        out.close(0)
+
+
+def test_a_restarted_publisher_starts_a_new_epoch_and_clears() -> None:
+    pub = ZmqPublisher(LOOP, LOOP, topic="kv")
+    ep, rep = pub.endpoint, pub.replay_endpoint
+    publish_n(pub, [stored(1), stored(2, 1), stored(3, 2)])
+    sub = Subscriber(ep, rep, topic="kv")
+    drain(sub, 3)
+    publish_n(pub, [stored(4, 3)])
+    drain(sub, 4)  # a live batch: seq 3
+    pub.close()
+    pub2 = ZmqPublisher(ep, rep, topic="kv", bind=True)  # the same endpoints, a new process's seq from 0
+    try:
+        got: list[Received] = []
+        for _ in range(20):
+            publish_n(pub2, [stored(9)])
+            got += drain(sub, sub.stats.applied + 1, polls=10)
+            if any(r.restarted for r in got):
+                break
+        assert sub.stats.restarts == 1
+        assert got[0].restarted and got[0].batch.seq == 0
+        cache = RemoteCache()
+        for r in got:
+            if r.restarted:
+                cache.clear()
+            cache.apply_all(r.batch.events)
+        assert {b.block_hash for b in cache.blocks()} == {f"{9:016x}"}
+        sub.close()
+    finally:
+        pub2.close()
+
+
+def test_bad_messages_are_counted_never_raised() -> None:
+    out, ep = relay()
+    sub = Subscriber(ep, None, topic="kv")
+    try:
+        for _ in range(200):
+            out.send_multipart((b"kv", b"short", b"x"))
+            sub.poll(20)
+            if sub.stats.received:
+                break
+        out.send_multipart((b"kv", encode_seq(0), b"\xc1"))
+        out.send_multipart((b"kv", b"only two frames"))
+        for _ in range(50):
+            sub.poll(20)
+            if sub.stats.received >= sub.stats.bad_messages >= 3:
+                break
+        assert sub.stats.bad_messages >= 3 and sub.stats.applied == 0
+        assert "not msgpack" in sub.stats.last_error or "frames" in sub.stats.last_error
+    finally:
+        sub.close()
+        out.close(0)
+
+
+def test_all_blocks_cleared_empties_the_cache() -> None:
+    cache = RemoteCache()
+    cache.apply_all([stored(1), stored(2, 1)])
+    assert len(cache) == 2
+    cache.apply(WireAllBlocksCleared())
+    assert len(cache) == 0 and cache.counters.cleared_events == 1
