@@ -5,7 +5,8 @@
 
 Prints one summary line per engine whenever it changes, and at the end
 (--duration, --until-blocks or Ctrl-C) the blocks as JSON (--json) and the
-cached prefix each engine holds for --prompt. Wiring only: the work is in
+cached prefix each engine holds for --prompt. --window shows the engines in
+a window instead (kvscope.ui.attach_view). Wiring only: the work is in
 kvscope.attach.
 """
 
@@ -36,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: until Ctrl-C)")
     p.add_argument("--until-blocks", type=int, metavar="N", help="stop once every engine holds >= N blocks")
     p.add_argument("--record", metavar="FILE", help="also write every message received, raw, to FILE (JSON lines)")
+    p.add_argument("--window", action="store_true", help="show the engines in a window (read-only views)")
     p.add_argument("--json", metavar="FILE", help="write the engines' blocks as JSON at the end ('-': stdout)")
     p.set_defaults(func=_run)
 
@@ -62,7 +64,10 @@ def _run(args: argparse.Namespace) -> int:
         for i, ep in enumerate(args.endpoints):
             replay = args.replay[i] if i < len(args.replay) else None
             clients.append(AttachClient(ep, replay, args.topic, bind=args.bind, record=recorder))
-        _follow(clients, args)
+        if args.window:
+            _window(clients, args)
+        else:
+            _follow(clients, args)
     except ValueError as exc:
         print(f"kvscope attach: {exc}", file=sys.stderr)
         return 2
@@ -110,6 +115,20 @@ def _follow(clients: list[Any], args: argparse.Namespace) -> None:
         if any(c.error for c in clients):
             return
         time.sleep(0.05)
+
+
+def _window(clients: list[Any], args: argparse.Namespace) -> None:
+    from PySide6.QtCore import QTimer
+    from PySide6.QtWidgets import QApplication
+
+    from kvscope.ui.attach_view import AttachWindow, load_tokenizer_async
+
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    win = AttachWindow(clients, load_tokenizer_async(args.tokenizer))
+    win.show()
+    if args.duration > 0:
+        QTimer.singleShot(int(args.duration * 1000), win.close)
+    app.exec()
 
 
 def _write_json(clients: list[Any], path: str, decode: Callable[[list[int]], str] | None) -> None:

@@ -2,6 +2,7 @@
 
     live SUB  ..., 7, 8, [gap] 12, 13 ...      replay DEALER -> ROUTER
                          \\_ request [b"", 9] -> 9, 10, 11, 12, ..., END(-1)
+    replies: [b"", topic, seq, payload] (vLLM 0.32) or [b"", seq, payload] (older)
 
 Promises:
 - `poll` returns batches in sequence order, each at most once: a gap in
@@ -9,7 +10,10 @@ Promises:
   live batches that a replay already delivered are dropped as duplicates;
 - the first thing it does (and again after a publisher restart) is ask the
   replay socket for everything from seq 0, so a subscriber started late, or
-  killed and restarted, rebuilds the cache the engine holds;
+  killed and restarted, rebuilds the cache the engine holds; when the live
+  stream is quiet for `idle_replay_s` it asks again from the next seq, so a
+  batch the PUB socket dropped (before the subscription reached it) is not
+  missing until the next one arrives;
 - a publisher restart (a live seq at or below the last live one, or below
   the next expected one without being a batch the replay delivered: a new
   vLLM process counts from 0 again) is reported as `restarted` on the batch
@@ -78,6 +82,7 @@ class Subscriber:
         replay_timeout_s: float = 5.0,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         record: Callable[[list[bytes]], None] | None = None,
+        idle_replay_s: float = 2.0,
     ) -> None:
         self.endpoint = endpoint
         self.replay_endpoint = replay_endpoint
@@ -85,6 +90,8 @@ class Subscriber:
         self.replay_timeout_s = replay_timeout_s
         self.stats = StreamStats()
         self._record = record  # sees every live message as received
+        self.idle_replay_s = idle_replay_s
+        self._last_heard = time.monotonic()
         self._ctx = context or zmq.Context.instance()
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
@@ -113,8 +120,15 @@ class Subscriber:
         if not self._seq.started:
             self._seq.started = True
             out.extend(self._replay_from(0))
+            self._last_heard = time.monotonic()
         if not self._sub.poll(timeout_ms):
+            if self.replay_endpoint and time.monotonic() - self._last_heard > self.idle_replay_s:
+                # Quiet: ask whether batches went out that never reached us (a PUB drops
+                # what it sends before our subscription reaches it, and after a restart).
+                self._last_heard = time.monotonic()
+                out.extend(self._replay_from(self._seq.next))
             return out
+        self._last_heard = time.monotonic()
         for _ in range(max_messages):
             try:
                 frames = self._sub.recv_multipart(zmq.NOBLOCK)
@@ -185,11 +199,13 @@ class Subscriber:
                 self._drop_replay_socket()  # late answers must not mix with the next request's
                 return out
             frames = dealer.recv_multipart()
-            if len(frames) != 3:
+            # vLLM >= 0.1x: [b"", topic, seq, payload]; earlier: [b"", seq, payload]
+            if len(frames) not in (3, 4) or frames[0]:
                 self.stats.bad_messages += 1
                 continue
+            topic, seq_bytes, payload = (b"", *frames[1:]) if len(frames) == 3 else frames[1:]
             try:
-                seq = decode_seq(frames[1])
+                seq = decode_seq(seq_bytes)
             except WireFormatError:
                 self.stats.bad_messages += 1
                 continue
@@ -200,13 +216,14 @@ class Subscriber:
             if seq > self._seq.next:  # the engine's buffer no longer holds these
                 self.stats.lost += seq - self._seq.next
             try:
-                ts, rank, events = decode_payload(frames[2])
+                ts, rank, events = decode_payload(payload)
             except WireFormatError as exc:
                 self.stats.bad_messages += 1
                 self.stats.last_error = str(exc)
                 self._seq.next = seq + 1
                 continue
-            out.append(self._hand_out(WireBatch(seq, self.topic, ts, rank, events), replayed=True))
+            name = topic.decode("utf-8", "replace") or self.topic
+            out.append(self._hand_out(WireBatch(seq, name, ts, rank, events), replayed=True))
 
     def _replay_socket(self) -> zmq.Socket[bytes]:
         if self._dealer is None:

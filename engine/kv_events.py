@@ -8,7 +8,8 @@ The format is vLLM's (`vllm/distributed/kv_events.py`, `ZmqEventPublisher`)::
     event   (msgpack) {"type": "BlockStored", "block_hashes": [...], ...}   tagged map
                       ["BlockStored", block_hashes, parent, token_ids, ...] tagged array
                       (older vLLM releases: array_like structs; read, never written)
-    replay  (ROUTER)  request [b"", start seq]  ->  [b"", seq, payload] ... [b"", -1, b""]
+    replay  (ROUTER)  request [b"", start seq]  ->  [b"", topic, seq, payload] ... [b"", b"", -1, b""]
+                      (older vLLM: [b"", seq, payload] ... [b"", -1, b""])
 
 Promises:
 - `encode_batch` writes what vLLM's own msgspec structs write (same field

@@ -11,7 +11,8 @@ Promises:
   or is ipc/inproc and connects otherwise (`bind=` overrides, e.g. to bind
   one loopback port); sequence numbers start at 0 and
   count batches; a replay request `[b"", start seq]` gets every buffered
-  batch from `start` on, then `[b"", -1, b""]`;
+  batch from `start` on as `[b"", topic, seq, payload]`, then
+  `[b"", b"", -1, b""]` (vLLM 0.32's replies);
 - a bad endpoint fails in the constructor with `InvalidRequestError`;
 - `close()` sends what is queued (bounded wait) and releases the sockets.
 
@@ -188,8 +189,8 @@ class ZmqPublisher(KVEventPublisher):
         first = int.from_bytes(start, "big", signed=True)
         for seq, payload in list(self._buffer):
             if seq >= first:
-                self._replay.send_multipart((client, b"", encode_seq(seq), payload))
-        self._replay.send_multipart((client, b"", encode_seq(END_SEQ), b""))
+                self._replay.send_multipart((client, b"", self._topic, encode_seq(seq), payload))
+        self._replay.send_multipart((client, b"", b"", encode_seq(END_SEQ), b""))
 
     def _drain_replay(self) -> None:
         """Answer replay requests that arrived while closing (bounded)."""

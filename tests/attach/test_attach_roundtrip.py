@@ -59,7 +59,7 @@ def plain_consumer_blocks(replay_endpoint: str) -> dict[str, tuple[str | None, t
     blocks: dict[str, tuple[str | None, tuple[int, ...]]] = {}
     for _ in range(100_000):
         assert d.poll(10_000)
-        _, seq, payload = d.recv_multipart()
+        _, _topic, seq, payload = d.recv_multipart()  # vLLM 0.32's replay reply
         if int.from_bytes(seq, "big", signed=True) == -1:
             break
         for ev in dec.decode(payload).events:
@@ -97,7 +97,9 @@ def wait_same(client: AttachClient, want: dict, polls: int = 400) -> None:  # ty
 
 
 def test_engine_events_reach_attach_and_a_plain_vllm_consumer(llama_dir: Path) -> None:
-    cfg = EngineConfig(block_size=8, kv_events="tcp://127.0.0.1:*", kv_events_replay="tcp://127.0.0.1:*", kv_events_topic="kv@t")
+    cfg = EngineConfig(
+        block_size=8, kv_events="tcp://127.0.0.1:*", kv_events_replay="tcp://127.0.0.1:*", kv_events_topic="kv@t"
+    )
     eng = Engine(cfg)
     pub = eng.kv_publisher
     client = AttachClient(pub.endpoint, pub.replay_endpoint, topic="kv@")  # type: ignore[attr-defined]

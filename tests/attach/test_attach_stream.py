@@ -6,6 +6,8 @@ A lossy relay makes gaps deterministic: kvscope's publisher keeps the batches
 
 from __future__ import annotations
 
+import threading
+
 import zmq
 
 from kvscope.attach.remote_cache import RemoteCache
@@ -28,7 +30,7 @@ def buffered(pub: ZmqPublisher) -> list[tuple[int, bytes]]:
     out = []
     for _ in range(10_000):
         assert d.poll(10_000), "no replay answer"
-        _, seq, payload = d.recv_multipart()
+        _, _topic, seq, payload = d.recv_multipart()
         n = int.from_bytes(seq, "big", signed=True)
         if n == -1:
             break
@@ -182,3 +184,46 @@ def test_all_blocks_cleared_empties_the_cache() -> None:
     assert len(cache) == 2
     cache.apply(WireAllBlocksCleared())
     assert len(cache) == 0 and cache.counters.cleared_events == 1
+
+
+def test_reads_the_older_three_frame_replay_replies_and_counts_junk() -> None:
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.bind(LOOP)
+    ep = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+    payload = encode_batch([stored(1)], 1.0)
+
+    def serve() -> None:  # an older vLLM's replay: [b"", seq, payload] ... [b"", -1, b""]
+        if router.poll(10_000):
+            client, _, _start = router.recv_multipart()
+            router.send_multipart((client, b"junk", b"reply"))
+            router.send_multipart((client, b"", encode_seq(0), payload))
+            router.send_multipart((client, b"", encode_seq(-1), b""))
+
+    t = threading.Thread(target=serve)
+    t.start()
+    out, live = relay()
+    sub = Subscriber(live, ep)
+    try:
+        got = sub.poll(10)  # the initial replay
+        t.join(10)
+        assert [(r.batch.seq, r.replayed) for r in got] == [(0, True)]
+        assert got[0].batch.events == (stored(1),) and sub.stats.bad_messages == 1
+    finally:
+        sub.close()
+        out.close(0)
+        router.close(0)
+
+
+def test_a_batch_dropped_before_subscribing_is_fetched_when_the_stream_goes_quiet() -> None:
+    pub = ZmqPublisher(LOOP, LOOP, topic="kv")
+    out, silent = relay()  # the live stream never carries anything
+    sub = Subscriber(silent, pub.replay_endpoint, idle_replay_s=0.2)
+    try:
+        assert sub.poll(10) == []  # the initial replay: nothing published yet
+        publish_n(pub, [stored(1)])
+        got = drain(sub, 1)
+        assert [(r.batch.seq, r.replayed) for r in got] == [(0, True)] and sub.stats.lost == 0
+    finally:
+        sub.close()
+        out.close(0)
+        pub.close()

@@ -163,7 +163,10 @@ def test_restarted_subscriber_catches_up_through_replay(
         sys.executable, "-m", "kvscope.app.cli", "attach", "--bind", server.events, "--replay", server.replay,
         "--topic", "kv@", "--duration", "15", "--interval", "5", "--json", str(out),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    finally:  # the next test follows the server with a new subscriber
+        state["client"] = AttachClient(server.events, server.replay, topic="kv@", bind=True)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     eng = json.loads(out.read_text())["engines"][0]
     stream, blocks = eng["stream"], {b["hash"]: b for b in eng["blocks"]}
@@ -179,7 +182,6 @@ def test_restarted_subscriber_catches_up_through_replay(
     kept = set(before) & set(blocks)
     assert all((blocks[h]["parent"], tuple(blocks[h]["token_ids"])) == before[h] for h in kept)
     assert len(gone) <= eng["counters"]["blocks_removed"]  # only what the server evicted meanwhile is missing
-    state["client"] = AttachClient(server.events, server.replay, topic="kv@", bind=True)
 
 
 def test_reset_prefix_cache_clears_the_view(server: vs.VllmServer, state: dict[str, Any]) -> None:
