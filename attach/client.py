@@ -76,8 +76,8 @@ class AttachClient:
                 received = self._sub.poll(100)
                 if not received:
                     continue
-                with self._lock:
-                    for r in received:
+                for r in received:  # the lock per batch: a reader waits for one batch at most
+                    with self._lock:
                         if r.restarted:
                             self._cache.clear()
                         self._cache.apply_all(r.batch.events, r.batch.ts)

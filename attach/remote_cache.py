@@ -26,6 +26,7 @@ Not thread-safe: its owner (`AttachClient`) serialises access.
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -146,7 +147,7 @@ class RemoteCache:
                 return None
             base = p.content_key.encode()
         h = hashlib.blake2b(base, digest_size=12)
-        h.update(b"".join(t.to_bytes(8, "little", signed=True) for t in toks))
+        h.update(array("q", toks).tobytes())
         return h.hexdigest()
 
     def _remove(self, e: WireBlockRemoved) -> None:

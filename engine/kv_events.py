@@ -120,6 +120,7 @@ class BlockStored(_Event):
 class BlockRemoved(_Event):
     block_hashes: list[int | bytes]
     medium: str | None
+    group_idx: int | None = None
 
 
 class AllBlocksCleared(_Event):
@@ -133,6 +134,7 @@ class _Batch(msgspec.Struct, array_like=True, omit_defaults=True):
 
 
 _encoder = msgspec.msgpack.Encoder()
+_fast_decoder = msgspec.msgpack.Decoder(_Batch)
 
 
 def hash_to_wire(h: str) -> int | bytes:
@@ -228,6 +230,15 @@ def decode_payload(payload: bytes) -> tuple[float, int | None, tuple[WireEvent, 
     """`(ts, data_parallel_rank, events)` of one msgpack EventBatch."""
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise WireFormatError(f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit")
+    try:  # fast path: today's vLLM layout, validated in C by msgspec
+        b = _fast_decoder.decode(payload)
+        return float(b.ts), b.data_parallel_rank, tuple(_from_struct(e) for e in b.events)
+    except (msgspec.DecodeError, ValueError):
+        return decode_payload_lenient(payload)  # an older layout, or something to name event by event
+
+
+def decode_payload_lenient(payload: bytes) -> tuple[float, int | None, tuple[WireEvent, ...]]:
+    """`decode_payload` without the fast path: every layout, each event checked on its own."""
     try:
         obj = msgspec.msgpack.decode(payload)
     except msgspec.DecodeError as exc:
@@ -243,6 +254,28 @@ def decode_payload(payload: bytes) -> tuple[float, int | None, tuple[WireEvent, 
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
         raise WireFormatError(f"data_parallel_rank must be an int, not {type(rank).__name__}")
     return float(ts), rank, tuple(decode_event(e) for e in events)
+
+
+def _from_struct(e: BlockStored | BlockRemoved | AllBlocksCleared) -> WireEvent:
+    if isinstance(e, BlockStored):
+        n = len(e.block_hashes)
+        if e.block_size <= 0 or (e.token_ids and len(e.token_ids) != e.block_size * n):
+            raise ValueError("inconsistent BlockStored")
+        return WireBlockStored(
+            tuple(hash_from_wire(h) for h in e.block_hashes),
+            None if e.parent_block_hash is None else hash_from_wire(e.parent_block_hash),
+            tuple(e.token_ids),
+            e.block_size,
+            e.medium,
+            e.lora_name,
+            e.lora_id,
+            e.group_idx,
+            e.kv_cache_spec_kind,
+            e.session_id,
+        )
+    if isinstance(e, BlockRemoved):
+        return WireBlockRemoved(tuple(hash_from_wire(h) for h in e.block_hashes), e.medium, e.group_idx)
+    return WireAllBlocksCleared()
 
 
 def decode_event(raw: object) -> WireEvent:

@@ -131,11 +131,14 @@ class AttachView(QWidget):
                 self._last_applied = -1  # redraw the text with words
             else:
                 self.detail.setPlainText(f"tokenizer not loaded: {fut.exception()}")
-        grid = self.client.read(lambda c, s: build_grid(c, s))
-        counters = (grid.blocks_stored, grid.blocks_removed)
-        self._rates.append(counters)
+        stored, removed, applied = self.client.read(
+            lambda c, s: (c.counters.blocks_stored, c.counters.blocks_removed, s.applied)
+        )
+        self._rates.append((stored, removed))
         self._draw_rates()
-        applied = int(grid.stream["applied"])
+        if applied == self._last_applied and self.grid is not None and not self.client.error:
+            return  # nothing new: no rebuild, no redraw
+        grid = self.client.read(lambda c, s: build_grid(c, s))
         self.grid = grid
         err = f"<br><b style='color:#e66'>error: {self.client.error}</b>" if self.client.error else ""
         left = f" ({grid.rows_left_out} more chains not drawn)" if grid.rows_left_out else ""
@@ -145,11 +148,10 @@ class AttachView(QWidget):
             f"<span style='color:#888'>seq {s['last_seq']} · batches {s['applied']} · replayed {s['replayed']} · "
             f"gaps {s['gaps']} · lost {s['lost']} · restarts {s['restarts']} · bad messages {s['bad_messages']}</span>{err}"
         )
-        if applied != self._last_applied:
-            self._last_applied = applied
-            self.map.set_states(grid.states)
-            self._show_cell(*self._selected)
-            self._update_prompt_hit()
+        self._last_applied = applied
+        self.map.set_states(grid.states)
+        self._show_cell(*self._selected)
+        self._update_prompt_hit()
 
     def _draw_rates(self) -> None:
         if len(self._rates) < 2:

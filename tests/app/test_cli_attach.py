@@ -16,7 +16,9 @@ from kvscope.engine.kv_publisher import ZmqPublisher
 
 
 def kvscope(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kvscope.app.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "kvscope.app.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture
