@@ -29,10 +29,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     p.add_argument("endpoints", nargs="+", metavar="ENDPOINT", help="ZMQ PUB endpoint(s), e.g. tcp://127.0.0.1:5557")
     p.add_argument("--replay", nargs="+", default=[], metavar="ENDPOINT", help="replay (ROUTER) endpoint per ENDPOINT")
+    p.add_argument(
+        "--metrics", nargs="+", default=[], metavar="URL", help="vLLM /metrics URL per ENDPOINT: hit rate, usage"
+    )
     p.add_argument("--topic", default="", help="topic prefix to subscribe to (default: all)")
     p.add_argument("--bind", action="store_true", help="bind the endpoints (the publisher connects), as vLLM expects")
     p.add_argument("--tokenizer", metavar="MODEL", help="model folder whose tokenizer turns token ids into text")
-    p.add_argument("--prompt", action="append", default=[], help="report each engine's cached prefix for this text")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        help="report each engine's cached prefix for this user message (or JSON list of messages), chat template applied",
+    )
     p.add_argument("--interval", type=float, default=1.0, help="seconds between summary lines (default 1)")
     p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: until Ctrl-C)")
     p.add_argument("--until-blocks", type=int, metavar="N", help="stop once every engine holds >= N blocks")
@@ -44,11 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def _run(args: argparse.Namespace) -> int:
     from kvscope.attach import AttachClient
-    from kvscope.attach.fleet import common_content, prefix_hits
+    from kvscope.attach.fleet import common_content, prefix_hits, prompt_tokens
+    from kvscope.attach.metrics import MetricsPoller
     from kvscope.attach.recording import Recorder
 
-    if len(args.replay) > len(args.endpoints):
-        print("kvscope attach: more --replay endpoints than ENDPOINTs", file=sys.stderr)
+    if len(args.replay) > len(args.endpoints) or len(args.metrics) > len(args.endpoints):
+        print("kvscope attach: more --replay endpoints or --metrics URLs than ENDPOINTs", file=sys.stderr)
         return 2
     if args.prompt and not args.tokenizer:
         print("kvscope attach: --prompt needs --tokenizer to turn the text into token ids", file=sys.stderr)
@@ -63,7 +72,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         for i, ep in enumerate(args.endpoints):
             replay = args.replay[i] if i < len(args.replay) else None
-            clients.append(AttachClient(ep, replay, args.topic, bind=args.bind, record=recorder))
+            client = AttachClient(ep, replay, args.topic, bind=args.bind, record=recorder)
+            clients.append(client)
+            if i < len(args.metrics):
+                client.metrics = MetricsPoller(args.metrics[i])
         if args.window:
             _window(clients, args)
         else:
@@ -82,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
     if len(clients) > 1:
         print(f"blocks held by all {len(clients)} engines: {len(common_content(clients))}", file=out)
     for text in args.prompt:
-        ids = tok.encode(text) if tok is not None else []
+        ids = prompt_tokens(tok, text) if tok is not None else []
         hits = ", ".join(f"{name}: {n} tokens" for name, n in prefix_hits(clients, ids))
         print(f"cached prefix of {len(ids)}-token prompt {text[:40]!r}: {hits}", file=out)
     if args.json:
@@ -139,6 +151,7 @@ def _write_json(clients: list[Any], path: str, decode: Callable[[list[int]], str
                 "endpoint": c.endpoint,
                 "replay_endpoint": c.replay_endpoint,
                 "error": c.error,
+                "metrics": _metrics_json(c.metrics),
                 **c.read(lambda cache, stats: {"stream": stats.as_dict(), **cache.to_json(decode)}),
             }
             for c in clients
@@ -150,6 +163,21 @@ def _write_json(clients: list[Any], path: str, decode: Callable[[list[int]], str
     else:
         with open(path, "w", encoding="utf-8") as f:
             f.write(text + "\n")
+
+
+def _metrics_json(poller: Any) -> dict[str, Any] | None:
+    if poller is None:
+        return None
+    samples = poller.samples()
+    last = samples[-1] if samples else None
+    return {
+        "url": poller.url,
+        "error": poller.error,
+        "queries": last.queries if last else None,
+        "hits": last.hits if last else None,
+        "kv_cache_usage": last.usage if last else None,
+        "hit_rate_10s": poller.hit_rate(),
+    }
 
 
 def _load_tokenizer(name: str) -> Any:

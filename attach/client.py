@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
+from kvscope.attach.metrics import MetricsPoller
 from kvscope.attach.remote_cache import RemoteCache
 from kvscope.attach.subscriber import StreamStats, Subscriber
 
@@ -41,6 +42,7 @@ class AttachClient:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.error: str | None = None
+        self.metrics: MetricsPoller | None = None  # the server's /metrics, when given
         self.batches = 0
         self.last_ts = 0.0
         self._thread = threading.Thread(target=self._run, name=f"kvscope-attach {self.name}", daemon=True)
@@ -61,7 +63,8 @@ class AttachClient:
                     f"restarts {s.restarts}, bad messages {s.bad_messages})"
                 )
             err = f"; error: {self.error}" if self.error else ""
-            return f"{self.name}: {c.summary()}; {stream}{err}"
+            metrics = f"; {self.metrics.summary()}" if self.metrics is not None else ""
+            return f"{self.name}: {c.summary()}; {stream}{metrics}{err}"
 
         return self.read(line)
 
@@ -91,3 +94,5 @@ class AttachClient:
     def close(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
         self._thread.join(timeout_s)
+        if self.metrics is not None:
+            self.metrics.close()

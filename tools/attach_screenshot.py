@@ -10,6 +10,7 @@ does not), draws the window offscreen, saves the PNG, stops the server by its pi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -35,11 +36,13 @@ QUESTIONS = [
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "docs" / "screenshots" / "attach_vllm.png"))
+    ap.add_argument("--metrics-out", help="also save the server's /metrics text here (a test fixture)")
     args = ap.parse_args()
     py = os.environ["KVSCOPE_VLLM_PYTHON"]
     from PySide6.QtWidgets import QApplication
 
     from kvscope.attach import AttachClient
+    from kvscope.attach.metrics import MetricsPoller
     from kvscope.ui.attach_view import AttachWindow, load_tokenizer_async
 
     app = QApplication.instance() or QApplication([])
@@ -47,12 +50,22 @@ def main() -> None:
     try:
         print(f"vLLM ready after {vs.wait_ready(srv):.0f} s", file=sys.stderr)
         client = AttachClient(srv.events, srv.replay, topic="kv@", bind=True, name=f"vLLM {srv.base}")
+        client.metrics = MetricsPoller(srv.base + "/metrics", interval_s=0.5)
         win = AttachWindow([client], load_tokenizer_async(str(vs.DEMO_MODEL)))
         win.resize(1300, 860)
         win.show()
         for q in QUESTIONS:
             srv.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}], max_tokens=24)
-        srv.chat([{"role": "system", "content": "Notes: the red shelf holds 12 jars."}, {"role": "user", "content": "How many jars?"}])
+            srv.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}], max_tokens=24)
+            for _ in range(3):  # a scrape between requests: the hit-rate plot gets points
+                app.processEvents()
+                time.sleep(0.25)
+        srv.chat(
+            [
+                {"role": "system", "content": "Notes: the red shelf holds 12 jars."},
+                {"role": "user", "content": "How many jars?"},
+            ]
+        )
         view = win.views[0]
         for _ in range(400):  # bounded: the view has the blocks and the tokenizer
             app.processEvents()
@@ -60,13 +73,17 @@ def main() -> None:
             if view.tokenizer is not None and view.grid is not None and view.grid.n_blocks >= 6:
                 break
             time.sleep(0.05)
-        view.prompt.setText(SYSTEM + " What is the code")
+        view.prompt.setText(
+            json.dumps([{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Where is Mira?"}])
+        )
         view._selected = (1, 2)
         view._show_cell(1, 2)
         for _ in range(20):
             app.processEvents()
             time.sleep(0.05)
         win.grab().save(args.out)
+        if args.metrics_out:
+            Path(args.metrics_out).write_text(srv.get_text("/metrics"))
         print(f"saved {args.out}: {client.summary()}", file=sys.stderr)
         win.close()
     finally:

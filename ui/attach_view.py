@@ -47,7 +47,8 @@ from PySide6.QtWidgets import (
 
 from kvscope.attach import AttachClient
 from kvscope.attach.chain_grid import ChainGrid, build_grid
-from kvscope.attach.fleet import common_content
+from kvscope.attach.fleet import common_content, prompt_tokens
+from kvscope.attach.metrics import MetricsPoller
 from kvscope.ui.block_map import BlockMap
 
 REFRESH_MS = 250
@@ -79,6 +80,7 @@ class AttachView(QWidget):
         self._last_applied = -1
         self._rates: deque[tuple[int, int]] = deque(maxlen=RATE_SAMPLES)
         self._selected = (-1, -1)
+        self._shape: tuple[int, ...] = (0, 0)
         self._build()
         self.timer = QTimer(self)
         self.timer.setInterval(REFRESH_MS)
@@ -112,10 +114,20 @@ class AttachView(QWidget):
         self.removed_curve = self.rates.plot(pen=pg.mkPen((200, 60, 60), width=2), name="removed")
         self.rates.setMinimumHeight(90)
         split.addWidget(self.rates)
+        self.hits = pg.PlotWidget()  # the server's /metrics, when given: hit rate per scrape interval
+        self.hits.setBackground((24, 24, 28))
+        self.hits.setLabel("left", "prefix hit %")
+        self.hits.setYRange(0, 100)
+        self.hit_curve = self.hits.plot(pen=pg.mkPen((240, 220, 60), width=2), symbol="o", symbolSize=4)
+        self.hits.setVisible(self.client.metrics is not None)
+        self.hits.setMinimumHeight(80)
+        split.addWidget(self.hits)
         split.setSizes([400, 120, 110])
         lay.addWidget(split, 1)
         self.prompt = QLineEdit()
-        self.prompt.setPlaceholderText("paste a prompt: how much of it would this engine find cached?")
+        self.prompt.setPlaceholderText(
+            'a user message, or a JSON list of {"role", "content"}: how much of it would this engine find cached?'
+        )
         self.prompt.textChanged.connect(self._update_prompt_hit)
         self.prompt_hit = QLabel()
         lay.addWidget(self.prompt)
@@ -136,6 +148,7 @@ class AttachView(QWidget):
         )
         self._rates.append((stored, removed))
         self._draw_rates()
+        self._draw_hit_rate()
         if applied == self._last_applied and self.grid is not None and not self.client.error:
             return  # nothing new: no rebuild, no redraw
         grid = self.client.read(lambda c, s: build_grid(c, s))
@@ -143,13 +156,19 @@ class AttachView(QWidget):
         err = f"<br><b style='color:#e66'>error: {self.client.error}</b>" if self.client.error else ""
         left = f" ({grid.rows_left_out} more chains not drawn)" if grid.rows_left_out else ""
         s = grid.stream
+        metrics = f"<br>{self.client.metrics.summary()}" if self.client.metrics is not None else ""
         self.header.setText(
             f"<b>{self.client.name}</b> (read-only){left}<br>{grid.summary}<br>"
             f"<span style='color:#888'>seq {s['last_seq']} · batches {s['applied']} · replayed {s['replayed']} · "
-            f"gaps {s['gaps']} · lost {s['lost']} · restarts {s['restarts']} · bad messages {s['bad_messages']}</span>{err}"
+            f"gaps {s['gaps']} · lost {s['lost']} · restarts {s['restarts']} · bad messages {s['bad_messages']}</span>"
+            f"{metrics}{err}"
         )
         self._last_applied = applied
         self.map.set_states(grid.states)
+        if grid.states.shape != self._shape:  # show every chain whole until the shape changes again
+            self._shape = grid.states.shape
+            rows, cols = self._shape
+            self.map.getViewBox().setRange(xRange=(0, max(cols, 4)), yRange=(0, max(rows, 1)), padding=0.02)
         self._show_cell(*self._selected)
         self._update_prompt_hit()
 
@@ -161,6 +180,19 @@ class AttachView(QWidget):
         x = np.arange(len(per_s)) * REFRESH_MS / 1000.0
         self.stored_curve.setData(x, np.maximum(per_s[:, 0], 0))
         self.removed_curve.setData(x, np.maximum(per_s[:, 1], 0))
+
+    def _draw_hit_rate(self) -> None:
+        poller = self.client.metrics
+        if poller is None:
+            return
+        samples = poller.samples()
+        if len(samples) < 2:
+            return
+        t = np.array([x.t for x in samples])
+        q = np.diff([x.queries for x in samples])
+        h = np.diff([x.hits for x in samples])
+        rate = np.where(q > 0, 100.0 * h / np.maximum(q, 1e-9), np.nan)
+        self.hit_curve.setData(t[1:] - t[0], rate, connect="finite")
 
     # ------------------------------------------------------------ details
     def _decode(self, ids: list[int]) -> str:
@@ -201,7 +233,7 @@ class AttachView(QWidget):
         if self.tokenizer is None:
             self.prompt_hit.setText("give a tokenizer (the served model's folder) to match prompts")
             return
-        ids = list(self.tokenizer.encode(text))
+        ids = prompt_tokens(self.tokenizer, text)
         n = self.client.read(lambda c, _s: c.match(ids))
         self.prompt_hit.setText(f"cached prefix here: {n} of {len(ids)} tokens")
 
@@ -229,6 +261,9 @@ class AttachDialog(QDialog):
         form.addRow("topic prefix", self.topic)
         form.addRow("", self.bind)
         form.addRow("tokenizer", self.tokenizer)
+        self.metrics = QLineEdit("")
+        self.metrics.setPlaceholderText("http://127.0.0.1:8000/metrics (optional): hit rate, usage")
+        form.addRow("server /metrics", self.metrics)
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
@@ -236,12 +271,20 @@ class AttachDialog(QDialog):
 
     def make_view(self) -> AttachView:
         """The client and its view; ValueError (shown by the caller) for a bad endpoint."""
-        client = AttachClient(
-            self.endpoint.text().strip(),
-            self.replay.text().strip() or None,
-            self.topic.text(),
-            bind=self.bind.isChecked(),
-        )
+        url = self.metrics.text().strip()
+        poller = MetricsPoller(url) if url else None  # a bad URL fails before any socket opens
+        try:
+            client = AttachClient(
+                self.endpoint.text().strip(),
+                self.replay.text().strip() or None,
+                self.topic.text(),
+                bind=self.bind.isChecked(),
+            )
+        except ValueError:
+            if poller is not None:
+                poller.close()
+            raise
+        client.metrics = poller
         return AttachView(client, load_tokenizer_async(self.tokenizer.text().strip() or None))
 
 

@@ -9,10 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from kvscope.attach.fleet import prompt_tokens
 from kvscope.attach.recording import read_recording
 from kvscope.engine import demo_model_path
 from kvscope.engine.kv_events import WireBlockRemoved, WireBlockStored
 from kvscope.engine.kv_publisher import ZmqPublisher
+
+
+PROMPT = "The code for locker 7 is 4821. Team Falcon meets in room 212, every day at noon."
 
 
 def kvscope(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -26,7 +30,7 @@ def two_engines() -> tuple[ZmqPublisher, ZmqPublisher, list[int]]:
     from mlx_lm.utils import load_tokenizer
 
     tok = load_tokenizer(demo_model_path())
-    ids = tok.encode("The code for locker 7 is 4821. Team Falcon meets in room 212, every day at noon.")
+    ids = prompt_tokens(tok, PROMPT)  # what a chat server sees: the template around the message
     assert len(ids) >= 8
     a = ZmqPublisher("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", topic="kv@a")
     b = ZmqPublisher("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", topic="kv@b")
@@ -49,14 +53,14 @@ def test_attach_two_engines_json_common_blocks_and_prefix_hits(
     r = kvscope(
         "attach", a.endpoint, b.endpoint, "--replay", str(a.replay_endpoint), str(b.replay_endpoint),
         "--topic", "kv@", "--until-blocks", "2", "--duration", "60", "--json", "-", "--record", str(rec),
-        "--tokenizer", str(demo_model_path()), "--prompt", "The code for locker 7 is 4821. Team Falcon meets",
+        "--tokenizer", str(demo_model_path()), "--prompt", PROMPT,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     ea, eb = doc["engines"]
     assert [x["hash"] for x in ea["blocks"]] == ["00000000000000a1", "00000000000000a2"]
     assert ea["blocks"][1]["parent"] == "00000000000000a1" and ea["blocks"][0]["media"] == ["GPU"]
-    assert "locker" in ea["blocks"][0]["text"]  # token ids decoded with --tokenizer
+    assert ea["blocks"][0]["text"].startswith("<|im_start|>")  # token ids decoded with --tokenizer
     assert eb["counters"]["removed_unknown"] == 1 and eb["stream"]["lost"] == 0
     assert "blocks held by all 2 engines: 1" in r.stderr  # a1 and b1: the same tokens, different hashes
     hits = next(line for line in r.stderr.splitlines() if line.startswith("cached prefix"))

@@ -194,3 +194,20 @@ def test_reset_prefix_cache_clears_the_view(server: vs.VllmServer, state: dict[s
     held = client.read(lambda c, _s: {b.block_hash for b in c.blocks()})
     chain = client.read(lambda c, _s: prompt_chain(c, t))
     assert {b.block_hash for b in chain} <= held and len(held) <= len(t) // BS + 1  # only the new request's
+
+
+def test_metrics_hit_rate_agrees_with_the_events(server: vs.VllmServer, state: dict[str, Any]) -> None:
+    from kvscope.attach.metrics import scrape
+
+    client: AttachClient = state["client"]
+    t = server.chat_tokens(chat(SYSTEM, ASK_CODE))
+    wait_for(client, lambda c: c.match(t) == len(t) // BS * BS, "the cached prompt")  # from the previous test
+    cached = client.read(lambda c, _s: c.match(t))
+    before = scrape(server.base + "/metrics")
+    server.chat(chat(SYSTEM, ASK_CODE))
+    after = scrape(server.base + "/metrics")
+    hits, queries = after["hits"] - before["hits"], after["queries"] - before["queries"]
+    print(f"\n/metrics for a repeated {len(t)}-token prompt: {hits:.0f} of {queries:.0f} tokens hit", file=sys.stderr)
+    assert queries == len(t)
+    # the events' view predicts the hit: full cached blocks, less the last token vLLM always recomputes
+    assert hits == min(cached, (len(t) - 1) // BS * BS)

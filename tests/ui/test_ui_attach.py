@@ -10,6 +10,7 @@ import pytest
 from PySide6.QtWidgets import QMainWindow, QMessageBox
 
 from kvscope.attach import AttachClient
+from kvscope.attach.fleet import prompt_tokens
 from kvscope.engine import demo_model_path
 from kvscope.engine.blocks import TokenState
 from kvscope.engine.kv_events import WireAllBlocksCleared, WireBlockStored
@@ -52,7 +53,8 @@ def wait_applied(qtbot: Any, view: AttachView, n: int) -> None:
 
 
 def test_view_draws_chains_shared_prefix_and_block_text(qtbot: Any, pub: ZmqPublisher, tok: Any) -> None:
-    ids = list(tok.encode("The code for locker 7 is 4821. Team Falcon meets in room 212 today."))
+    text = "The code for locker 7 is 4821. Team Falcon meets in room 212 today."
+    ids = prompt_tokens(tok, text)  # the chat template around the message, as a server sees it
     for ev in tree_events(ids):
         pub.publish([ev])
         assert pub.flush()
@@ -70,7 +72,7 @@ def test_view_draws_chains_shared_prefix_and_block_text(qtbot: Any, pub: ZmqPubl
         assert "4 blocks (16 tokens) in 2 chains" in view.header.text()
         view._show_cell(0, 0)
         assert tok.decode(ids[:4]) in view.detail.toPlainText() and h(1) in view.detail.toPlainText()
-        view.prompt.setText("The code for locker 7 is 4821. Team Falcon meets in room 212 today.")
+        view.prompt.setText(text)
         assert view.prompt_hit.text() == f"cached prefix here: 12 of {len(ids)} tokens"
         pub.publish([WireAllBlocksCleared()])
         assert pub.flush()
@@ -120,3 +122,28 @@ def test_attach_window_counts_blocks_held_in_common(qtbot: Any, pub: ZmqPublishe
         assert not any(c.alive for c in clients)
     finally:
         other.close()
+
+
+def test_main_window_file_menu_attaches_a_docked_engine(
+    qtbot: Any, window: Any, pub: ZmqPublisher, monkeypatch: Any
+) -> None:
+    from PySide6.QtWidgets import QDialog, QDockWidget
+
+    def accept(dlg: AttachDialog) -> int:  # the person types the endpoints and presses OK
+        dlg.endpoint.setText(pub.endpoint)
+        dlg.replay.setText(str(pub.replay_endpoint))
+        dlg.bind.setChecked(False)
+        return QDialog.DialogCode.Accepted
+
+    monkeypatch.setattr(AttachDialog, "exec", accept)
+    file_menu = next(a.menu() for a in window.menuBar().actions() if a.text() == "&File")
+    action = next(a for a in file_menu.actions() if a.text() == "Attach to engine…")
+    pub.publish(tree_events(list(range(12))))
+    assert pub.flush()
+    action.trigger()
+    docks = [d for d in window.findChildren(QDockWidget) if isinstance(d.widget(), AttachView)]
+    assert len(docks) == 1 and docks[0].windowTitle() == f"Attached: {pub.endpoint}"
+    view = docks[0].widget()
+    wait_applied(qtbot, view, 1)
+    assert "4 blocks (16 tokens) in 2 chains" in view.header.text()
+    view.close_client()
