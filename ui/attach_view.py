@@ -122,7 +122,7 @@ class AttachView(QWidget):
         self.hits.setVisible(self.client.metrics is not None)
         self.hits.setMinimumHeight(80)
         split.addWidget(self.hits)
-        split.setSizes([400, 120, 110])
+        split.setSizes([380, 110, 100, 100])
         lay.addWidget(split, 1)
         self.prompt = QLineEdit()
         self.prompt.setPlaceholderText(

@@ -15,7 +15,6 @@ from kvscope.engine import demo_model_path
 from kvscope.engine.kv_events import WireBlockRemoved, WireBlockStored
 from kvscope.engine.kv_publisher import ZmqPublisher
 
-
 PROMPT = "The code for locker 7 is 4821. Team Falcon meets in room 212, every day at noon."
 
 

@@ -131,6 +131,14 @@ def test_engine_events_reach_attach_and_a_plain_vllm_consumer(llama_dir: Path) -
         assert attached_blocks(client) == {} == engine_blocks(eng)
         assert client.read(lambda c, _s: c.counters.blocks_removed) == len(want)
         assert plain_consumer_blocks(pub.replay_endpoint) == {}  # type: ignore[attr-defined]
+
+        c = eng.new_session("c", system=SYSTEM)
+        eng.chat(c, "one more", p)
+        wait_same(client, engine_blocks(eng))
+        assert attached_blocks(client)
+        eng.load(llama_dir)  # a (re)load drops the old model's blocks: AllBlocksCleared
+        wait_same(client, {})
+        assert attached_blocks(client) == {} and client.read(lambda c, _s: c.counters.cleared_events) == 1
     finally:
         client.close()
         pub.close()
