@@ -5,14 +5,14 @@
     row 2  [x1][x2]                several requests hit), the rest COMPUTED
 
 Promises: plain numpy and strings (no references into the cache), built in
-one pass under the client's lock; at most `max_rows` rows (longest chains
-first) and `max_cols` blocks per row, and says how many it left out.
+one pass under the client's lock, in time linear in the blocks plus the
+drawn cells; at most `max_rows` rows (the deepest chains first) and
+`max_cols` blocks per row, and says how many chains it left out.
 Colours are the window's TokenState values, so the legend holds.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +29,7 @@ class CellInfo:
     token_ids: tuple[int, ...]
     media: tuple[str, ...]
     reuses: int
-    n_rows: int  # chains that hold this block
+    shared: bool  # in more than one chain (a prefix several requests hold)
 
 
 @dataclass(frozen=True)
@@ -56,18 +56,22 @@ class ChainGrid:
 
 
 def build_grid(cache: RemoteCache, stats: StreamStats, max_rows: int = 256, max_cols: int = 4096) -> ChainGrid:
-    chains = cache.chains()
-    counts: Counter[str] = Counter(b.block_hash for ch in chains for b in ch)
-    shown = chains[:max_rows]
+    n_chains = len(cache.leaves())
+    shown = cache.chains(limit=max_rows)
     cols = min(max((len(c) for c in shown), default=0), max_cols)
     states = np.full((len(shown), cols), TokenState.EMPTY, np.uint8)
     cells: list[tuple[CellInfo, ...]] = []
     for r, ch in enumerate(shown):
+        # A block is in several chains iff a block at or below it on this chain branches.
+        shared = [False] * len(ch)
+        below = False
+        for i in range(len(ch) - 1, -1, -1):
+            below = below or cache.n_children(ch[i]) > 1
+            shared[i] = below
         row = []
         for c, b in enumerate(ch[:cols]):
-            n = counts[b.block_hash]
-            states[r, c] = TokenState.SHARED if n > 1 else TokenState.COMPUTED
-            row.append(CellInfo(b.block_hash, b.parent, b.token_ids, tuple(sorted(b.media)), b.reuses, n))
+            states[r, c] = TokenState.SHARED if shared[c] else TokenState.COMPUTED
+            row.append(CellInfo(b.block_hash, b.parent, b.token_ids, tuple(sorted(b.media)), b.reuses, shared[c]))
         cells.append(tuple(row))
     return ChainGrid(
         states,
@@ -75,7 +79,7 @@ def build_grid(cache: RemoteCache, stats: StreamStats, max_rows: int = 256, max_
         len(cache),
         cache.n_tokens(),
         cache.block_size or 0,
-        len(chains) - len(shown),
+        n_chains - len(shown),
         cache.summary(),
         stats.as_dict(),
         cache.counters.blocks_stored,

@@ -26,6 +26,7 @@ Not thread-safe: its owner (`AttachClient`) serialises access.
 from __future__ import annotations
 
 import hashlib
+import heapq
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -55,6 +56,7 @@ class RemoteBlock:
     lora_name: str | None
     stored_ts: float
     content_key: str | None  # None: tokens unknown or a parent missing when stored
+    depth: int = 0  # blocks above it when it was stored (orders the chains; not updated on evictions)
     reuses: int = 0
 
 
@@ -127,8 +129,18 @@ class RemoteCache:
                 b.media.add(medium)
                 self.counters.reuses += 1
             else:
+                above = self._blocks.get((group, parent)) if parent is not None else None
                 self._blocks[key] = RemoteBlock(
-                    h, parent, toks, bs, group, {medium}, e.lora_name, ts, self._content_key(group, parent, toks)
+                    h,
+                    parent,
+                    toks,
+                    bs,
+                    group,
+                    {medium},
+                    e.lora_name,
+                    ts,
+                    self._content_key(group, parent, toks),
+                    above.depth + 1 if above is not None else 0,
                 )
                 self._children.setdefault((group, parent or ""), set()).add(h)
                 if toks:
@@ -210,9 +222,15 @@ class RemoteCache:
         out.reverse()
         return out
 
-    def chains(self) -> list[list[RemoteBlock]]:
-        """One root-to-leaf chain per leaf, longest first: the rows of the attach view."""
-        return sorted((self.chain(leaf) for leaf in self.leaves()), key=lambda c: (-len(c), c[0].stored_ts))
+    def chains(self, limit: int | None = None) -> list[list[RemoteBlock]]:
+        """One root-to-leaf chain per leaf, longest first (the `limit` deepest only): the view's rows."""
+        leaves = self.leaves()
+        if limit is not None and len(leaves) > limit:
+            leaves = heapq.nlargest(limit, leaves, key=lambda b: (b.depth, -b.stored_ts))
+        return sorted((self.chain(leaf) for leaf in leaves), key=lambda c: (-len(c), c[0].stored_ts))
+
+    def n_children(self, b: RemoteBlock) -> int:
+        return len(self._children.get((b.group, b.block_hash), ()))
 
     def match(self, token_ids: list[int] | tuple[int, ...], group: int = 0) -> int:
         """Tokens of `token_ids` a request would find cached (full blocks, by content)."""

@@ -6,10 +6,10 @@
     [ stored/s, removed/s over time ]   [ prompt -> cached prefix here  ]
 
 Promises:
-- the view only reads: a 4 Hz timer takes one `ChainGrid` from the
-  `AttachClient` (plain arrays, built under the client's lock), so the
-  receive thread is never held up by drawing and the Qt thread never waits
-  on a socket;
+- the view only reads: a 4 Hz timer has one `ChainGrid` built from the
+  `AttachClient` on a worker thread (plain arrays, under the client's lock)
+  and draws the finished one, so the receive thread is never held up by
+  drawing and the Qt thread neither builds grids nor waits on a socket;
 - the tokenizer (optional) loads on a worker thread; until then token ids are
   shown as numbers;
 - `attach_engine(window)` (File -> Attach to engine…) asks for the endpoints
@@ -53,6 +53,7 @@ from kvscope.ui.block_map import BlockMap
 
 REFRESH_MS = 250
 RATE_SAMPLES = 240  # one minute at 4 Hz
+RATE_EVERY = 4  # redraw the rate plots every 4th tick (1 Hz)
 
 
 def load_tokenizer_async(folder: str | None) -> Future[Any] | None:
@@ -81,6 +82,8 @@ class AttachView(QWidget):
         self._rates: deque[tuple[int, int]] = deque(maxlen=RATE_SAMPLES)
         self._selected = (-1, -1)
         self._shape: tuple[int, ...] = (0, 0)
+        self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvscope-attach-grid")
+        self._building: Future[tuple[int, ChainGrid]] | None = None
         self._build()
         self.timer = QTimer(self)
         self.timer.setInterval(REFRESH_MS)
@@ -112,6 +115,8 @@ class AttachView(QWidget):
         self.rates.setLabel("left", "blocks / s")
         self.stored_curve = self.rates.plot(pen=pg.mkPen((60, 179, 113), width=2), name="stored")
         self.removed_curve = self.rates.plot(pen=pg.mkPen((200, 60, 60), width=2), name="removed")
+        self.rates.setXRange(0, RATE_SAMPLES * REFRESH_MS / 1000.0, padding=0)
+        self.rates.setLabel("bottom", "s")
         self.rates.setMinimumHeight(90)
         split.addWidget(self.rates)
         self.hits = pg.PlotWidget()  # the server's /metrics, when given: hit rate per scrape interval
@@ -149,9 +154,13 @@ class AttachView(QWidget):
         self._rates.append((stored, removed))
         self._draw_rates()
         self._draw_hit_rate()
-        if applied == self._last_applied and self.grid is not None and not self.client.error:
-            return  # nothing new: no rebuild, no redraw
-        grid = self.client.read(lambda c, s: build_grid(c, s))
+        if self._building is None and (applied != self._last_applied or self.grid is None or self.client.error):
+            # the grid is built off the Qt thread; this tick or a later one draws it
+            self._building = self._builder.submit(lambda: (applied, self.client.read(lambda c, s: build_grid(c, s))))
+        if self._building is None or not self._building.done():
+            return
+        fut, self._building = self._building, None
+        applied, grid = fut.result()
         self.grid = grid
         err = f"<br><b style='color:#e66'>error: {self.client.error}</b>" if self.client.error else ""
         left = f" ({grid.rows_left_out} more chains not drawn)" if grid.rows_left_out else ""
@@ -173,7 +182,8 @@ class AttachView(QWidget):
         self._update_prompt_hit()
 
     def _draw_rates(self) -> None:
-        if len(self._rates) < 2:
+        # once a second, on a fixed time axis: re-laying out pyqtgraph's axes costs more than the data
+        if len(self._rates) < 2 or len(self._rates) % RATE_EVERY:
             return
         arr = np.array(self._rates, np.float64)
         per_s = np.diff(arr, axis=0) * (1000.0 / REFRESH_MS)
@@ -183,7 +193,7 @@ class AttachView(QWidget):
 
     def _draw_hit_rate(self) -> None:
         poller = self.client.metrics
-        if poller is None:
+        if poller is None or len(self._rates) % RATE_EVERY:
             return
         samples = poller.samples()
         if len(samples) < 2:
@@ -219,7 +229,8 @@ class AttachView(QWidget):
         before = self.grid.chain_tokens(row, col - 1) if self.grid is not None and col > 0 else []
         text = (
             f"block {col} of chain {row}: {cell.block_hash}  parent {cell.parent or '(root)'}\n"
-            f"media {', '.join(cell.media)} · in {cell.n_rows} chain(s) · reused {cell.reuses}x · "
+            f"media {', '.join(cell.media)} · {'shared by several chains' if cell.shared else 'in one chain'} · "
+            f"reused {cell.reuses}x · "
             f"{len(cell.token_ids)} tokens\n\n"
             f"…{self._decode(before[-48:])}⟦{self._decode(list(cell.token_ids))}⟧"
         )
@@ -239,6 +250,7 @@ class AttachView(QWidget):
 
     def close_client(self) -> None:
         self.timer.stop()
+        self._builder.shutdown(wait=True)
         self.client.close()
 
 

@@ -7,11 +7,13 @@ A lossy relay makes gaps deterministic: kvscope's publisher keeps the batches
 from __future__ import annotations
 
 import threading
+import time
 
 import zmq
 
 from kvscope.attach.remote_cache import RemoteCache
 from kvscope.attach.subscriber import Received, Subscriber
+from kvscope.engine.errors import InvalidRequestError
 from kvscope.engine.kv_events import WireAllBlocksCleared, WireBlockRemoved, WireBlockStored, encode_batch, encode_seq
 from kvscope.engine.kv_publisher import ZmqPublisher
 
@@ -135,7 +137,14 @@ def test_a_restarted_publisher_starts_a_new_epoch_and_clears() -> None:
     publish_n(pub, [stored(4, 3)])
     drain(sub, 4)  # a live batch: seq 3
     pub.close()
-    pub2 = ZmqPublisher(ep, rep, topic="kv", bind=True)  # the same endpoints, a new process's seq from 0
+    pub2 = None
+    for _ in range(100):  # ZMQ releases a closed socket's port on its I/O thread: retry the bind (bounded)
+        try:
+            pub2 = ZmqPublisher(ep, rep, topic="kv", bind=True)  # the same endpoints, a new seq from 0
+            break
+        except InvalidRequestError:
+            time.sleep(0.05)
+    assert pub2 is not None
     try:
         got: list[Received] = []
         for _ in range(20):
