@@ -14,7 +14,9 @@ Promises:
   batch from `start` on as `[b"", topic, seq, payload]`, then
   `[b"", b"", -1, b""]` (vLLM 0.32's replies);
 - a bad endpoint fails in the constructor with `InvalidRequestError`;
-- `close()` sends what is queued (bounded wait) and releases the sockets.
+- `close()` sends what is queued (bounded wait) and releases the sockets;
+  events published after it are counted (`dropped_after_close`), not raised
+  into the engine.
 
 Knows nothing about the engine beyond its event classes; the wire format is
 `kv_events`'s.
@@ -115,6 +117,7 @@ class ZmqPublisher(KVEventPublisher):
         self._pending = 0  # events queued and not yet sent
         self._sent = threading.Condition()
         self._closed = False
+        self.dropped_after_close = 0
         self._thread = threading.Thread(target=self._run, name="kvscope-kv-events", daemon=True)
         self._thread.start()
         atexit.register(self.close)
@@ -124,8 +127,9 @@ class ZmqPublisher(KVEventPublisher):
         return self._seq
 
     def publish(self, events: Sequence[WireEvent]) -> None:
-        if self._closed:
-            raise InvalidRequestError("the KV event publisher is closed")
+        if self._closed:  # e.g. the engine still working while the process exits: never raise into it
+            self.dropped_after_close += len(events)
+            return
         if events:
             with self._sent:
                 self._pending += len(events)

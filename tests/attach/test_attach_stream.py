@@ -236,3 +236,22 @@ def test_a_batch_dropped_before_subscribing_is_fetched_when_the_stream_goes_quie
         sub.close()
         out.close(0)
         pub.close()
+
+
+def test_publishing_after_close_is_counted_not_raised() -> None:
+    pub = ZmqPublisher(LOOP, None)
+    publish_n(pub, [stored(1)])
+    pub.close()
+    pub.publish([stored(2), stored(3)])  # the engine may still emit while the process exits
+    assert pub.dropped_after_close == 2 and pub.sent_batches == 1
+
+
+def test_a_bad_publisher_endpoint_is_a_clear_error() -> None:
+    import pytest
+
+    from kvscope.engine import Engine, EngineConfig
+
+    with pytest.raises(InvalidRequestError, match="KV events endpoint 'nonsense'"):
+        ZmqPublisher("nonsense")
+    with pytest.raises(InvalidRequestError, match="KV events endpoint"):
+        Engine(EngineConfig(kv_events="tcp://127.0.0.1:*", kv_events_replay="tcp://999.0.0.1:1"))
