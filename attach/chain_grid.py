@@ -44,6 +44,7 @@ class ChainGrid:
     stream: dict[str, int | str]
     blocks_stored: int
     blocks_removed: int
+    hot: tuple[tuple[str, int, int], ...] = ()  # (hash prefix, reuses, children) of the hottest blocks
 
     def cell(self, row: int, col: int) -> CellInfo | None:
         if 0 <= row < len(self.cells) and 0 <= col < len(self.cells[row]):
@@ -84,4 +85,5 @@ def build_grid(cache: RemoteCache, stats: StreamStats, max_rows: int = 256, max_
         stats.as_dict(),
         cache.counters.blocks_stored,
         cache.counters.blocks_removed,
+        tuple((b.block_hash[:8], b.reuses, cache.n_children(b)) for b in cache.hot(3)),
     )

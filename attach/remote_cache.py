@@ -253,11 +253,8 @@ class RemoteCache:
     def hot(self, n: int = 5) -> list[RemoteBlock]:
         """The most reused blocks (reported again by the engine), then the most shared."""
 
-        def fanout(b: RemoteBlock) -> int:
-            return len(self._children.get((b.group, b.block_hash), ()))
-
-        ranked = sorted(self._blocks.values(), key=lambda b: (-b.reuses, -fanout(b), b.stored_ts))
-        return [b for b in ranked[:n] if b.reuses or fanout(b) > 1]
+        ranked = heapq.nsmallest(n, self._blocks.values(), key=lambda b: (-b.reuses, -self.n_children(b), b.stored_ts))
+        return [b for b in ranked if b.reuses or self.n_children(b) > 1]
 
     # ------------------------------------------------------------ output
     def summary(self) -> str:
@@ -271,7 +268,7 @@ class RemoteCache:
         )
 
     def to_json(self, decode: Callable[[list[int]], str] | None = None) -> dict[str, Any]:
-        """Every block (parents first within a chain), the chains and the counters."""
+        """Every block (parents first within a chain), the chains, the hot blocks and the counters."""
         blocks = []
         for b in sorted(self._blocks.values(), key=lambda b: b.stored_ts):
             d: dict[str, Any] = {
@@ -294,5 +291,10 @@ class RemoteCache:
             "n_tokens": self.n_tokens(),
             "blocks": blocks,
             "chains": [[b.block_hash for b in ch] for ch in self.chains()],
+            "hot": [
+                {"hash": b.block_hash, "reuses": b.reuses, "children": self.n_children(b)}
+                | ({"text": decode(list(b.token_ids))} if decode is not None and b.token_ids else {})
+                for b in self.hot()
+            ],
             "counters": self.counters.as_dict(),
         }

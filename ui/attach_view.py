@@ -164,13 +164,15 @@ class AttachView(QWidget):
         self.grid = grid
         err = f"<br><b style='color:#e66'>error: {self.client.error}</b>" if self.client.error else ""
         left = f" ({grid.rows_left_out} more chains not drawn)" if grid.rows_left_out else ""
+        hot = " · ".join(f"{h} (reused {r}×, {k} branches)" for h, r, k in grid.hot)
+        hot = f"<br><span style='color:#e6a028'>hot: {hot}</span>" if hot else ""
         s = grid.stream
         metrics = f"<br>{self.client.metrics.summary()}" if self.client.metrics is not None else ""
         self.header.setText(
             f"<b>{self.client.name}</b> (read-only){left}<br>{grid.summary}<br>"
             f"<span style='color:#888'>seq {s['last_seq']} · batches {s['applied']} · replayed {s['replayed']} · "
             f"gaps {s['gaps']} · lost {s['lost']} · restarts {s['restarts']} · bad messages {s['bad_messages']}</span>"
-            f"{metrics}{err}"
+            f"{hot}{metrics}{err}"
         )
         self._last_applied = applied
         self.map.set_states(grid.states)

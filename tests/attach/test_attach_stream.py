@@ -255,3 +255,15 @@ def test_a_bad_publisher_endpoint_is_a_clear_error() -> None:
         ZmqPublisher("nonsense")
     with pytest.raises(InvalidRequestError, match="KV events endpoint"):
         Engine(EngineConfig(kv_events="tcp://127.0.0.1:*", kv_events_replay="tcp://999.0.0.1:1"))
+
+
+def test_hot_blocks_are_the_reused_then_the_branching_ones() -> None:
+    cache = RemoteCache()
+    cache.apply_all([stored(1), stored(2, 1), stored(3, 1), stored(4)])
+    cache.apply(stored(4))  # reported again: vLLM's kv_cache_report_mode "full" on a hit
+    assert [b.block_hash for b in cache.hot()] == [f"{4:016x}", f"{1:016x}"]
+    assert cache.to_json()["hot"] == [
+        {"hash": f"{4:016x}", "reuses": 1, "children": 0},
+        {"hash": f"{1:016x}", "reuses": 0, "children": 2},
+    ]
+    assert cache.counters.reuses == 1 and len(cache) == 4  # a reuse is not a second block

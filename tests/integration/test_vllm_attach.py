@@ -211,3 +211,28 @@ def test_metrics_hit_rate_agrees_with_the_events(server: vs.VllmServer, state: d
     assert queries == len(t)
     # the events' view predicts the hit: full cached blocks, less the last token vLLM always recomputes
     assert hits == min(cached, (len(t) - 1) // BS * BS)
+
+
+def test_full_report_mode_marks_the_reused_prefix_hot(server: vs.VllmServer, state: dict[str, Any]) -> None:
+    client: AttachClient = state["client"]
+    t = server.chat_tokens(chat(SYSTEM, ASK_CODE))
+    hashes = client.read(lambda c, _s: [b.block_hash for b in prompt_chain(c, t)])  # cached by the tests before
+    assert len(hashes) == len(t) // BS
+    stored_before = client.read(lambda c, _s: c.counters.blocks_stored)
+    body = {
+        "model": server.model,
+        "messages": chat(SYSTEM, ASK_CODE),
+        "max_tokens": 4,
+        "temperature": 0.0,
+        "vllm_xargs": {"kv_cache_report_mode": "full"},  # vLLM re-reports the blocks a request hits
+    }
+    server.post("/v1/chat/completions", body)
+
+    def reused(c: RemoteCache) -> bool:
+        return all((b := c.get(h)) is not None and b.reuses >= 1 for h in hashes)
+
+    wait_for(client, reused, "the re-reported prefix")
+    hot = client.read(lambda c, _s: [b.block_hash for b in c.hot(len(hashes))])
+    print(f"\nfull report mode: {client.summary()}", file=sys.stderr)
+    assert set(hot) == set(hashes)  # the hottest blocks are exactly the prefix this request hit
+    assert client.read(lambda c, _s: c.counters.blocks_stored) == stored_before  # re-reports are not new blocks

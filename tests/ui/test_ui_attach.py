@@ -70,6 +70,7 @@ def test_view_draws_chains_shared_prefix_and_block_text(qtbot: Any, pub: ZmqPubl
         assert grid.states.tolist() == [[TokenState.SHARED, TokenState.SHARED, TokenState.COMPUTED]] * 2
         assert view.map.image.image is not None and view.map.image.image.shape == (3, 2)  # col-major: blocks x rows
         assert "4 blocks (16 tokens) in 2 chains" in view.header.text()
+        assert "hot: 00000000 (reused 0×, 2 branches)" in view.header.text()  # block 2: where they branch
         view._show_cell(0, 0)
         assert tok.decode(ids[:4]) in view.detail.toPlainText() and h(1) in view.detail.toPlainText()
         view.prompt.setText(text)
