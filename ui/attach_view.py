@@ -339,6 +339,11 @@ class AttachWindow(QMainWindow):
         box = QWidget()
         lay = QVBoxLayout(box)
         lay.addWidget(split, 1)
+        self.prompt = QLineEdit()  # one prompt for every engine: which would hit, and how much
+        self.prompt.setPlaceholderText("a prompt for every engine: the cached prefix each would find")
+        self.prompt.textChanged.connect(lambda text: [v.prompt.setText(text) for v in self.views])
+        self.prompt.setVisible(len(self.views) > 1)
+        lay.addWidget(self.prompt)
         self.common = QLabel()
         lay.addWidget(self.common)
         self.setCentralWidget(box)

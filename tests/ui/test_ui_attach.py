@@ -20,6 +20,18 @@ from kvscope.ui.attach_view import AttachDialog, AttachView, AttachWindow, attac
 LOOP = "tcp://127.0.0.1:*"
 
 
+class _IdsTokenizer:
+    """Token ids written as numbers: a stand-in tokenizer without a chat template."""
+
+    chat_template = None
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(map(str, ids))
+
+
 def h(i: int) -> str:
     return f"{i:016x}"
 
@@ -113,12 +125,19 @@ def test_attach_window_counts_blocks_held_in_common(qtbot: Any, pub: ZmqPublishe
         other.publish([WireBlockStored(("ab" * 16,), None, (0, 1, 2, 3), 4)])
         assert pub.flush() and other.flush()
         clients = [AttachClient(p.endpoint, p.replay_endpoint) for p in (pub, other)]
-        win = AttachWindow(clients)
+        fut: Future[Any] = Future()
+        fut.set_result(_IdsTokenizer())
+        win = AttachWindow(clients, fut)
         qtbot.addWidget(win)
         for v in win.views:
             wait_applied(qtbot, v, 1)
         win.refresh_common()
         assert "blocks held by all 2 engines (same tokens from the root): 1" in win.common.text()
+        win.prompt.setText("0 1 2 3 4 5 6 7 8 9 10 11 12")  # one prompt, every engine answers
+        assert [v.prompt_hit.text() for v in win.views] == [
+            "cached prefix here: 12 of 13 tokens",
+            "cached prefix here: 4 of 13 tokens",
+        ]
         win.close()
         assert not any(c.alive for c in clients)
     finally:
