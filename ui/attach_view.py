@@ -79,6 +79,7 @@ class AttachView(QWidget):
         self.tokenizer: Any = None
         self.grid: ChainGrid | None = None
         self._last_applied = -1
+        self.applied = 0  # batches the drawn grid holds (applied to the cache, not only received)
         self._rates: deque[tuple[int, int]] = deque(maxlen=RATE_SAMPLES)
         self._selected = (-1, -1)
         self._shape: tuple[int, ...] = (0, 0)
@@ -149,14 +150,16 @@ class AttachView(QWidget):
             else:
                 self.detail.setPlainText(f"tokenizer not loaded: {fut.exception()}")
         stored, removed, applied = self.client.read(
-            lambda c, s: (c.counters.blocks_stored, c.counters.blocks_removed, s.applied)
+            lambda c, s: (c.counters.blocks_stored, c.counters.blocks_removed, self.client.batches)
         )
         self._rates.append((stored, removed))
         self._draw_rates()
         self._draw_hit_rate()
         if self._building is None and (applied != self._last_applied or self.grid is None or self.client.error):
             # the grid is built off the Qt thread; this tick or a later one draws it
-            self._building = self._builder.submit(lambda: (applied, self.client.read(lambda c, s: build_grid(c, s))))
+            self._building = self._builder.submit(
+                lambda: self.client.read(lambda c, s: (self.client.batches, build_grid(c, s)))
+            )
         if self._building is None or not self._building.done():
             return
         fut, self._building = self._building, None
@@ -174,7 +177,7 @@ class AttachView(QWidget):
             f"gaps {s['gaps']} · lost {s['lost']} · restarts {s['restarts']} · bad messages {s['bad_messages']}</span>"
             f"{hot}{metrics}{err}"
         )
-        self._last_applied = applied
+        self._last_applied = self.applied = applied
         self.map.set_states(grid.states)
         if grid.states.shape != self._shape:  # show every chain whole until the shape changes again
             self._shape = grid.states.shape

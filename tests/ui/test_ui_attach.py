@@ -59,9 +59,7 @@ def tree_events(ids: list[int]) -> list[WireBlockStored]:
 
 
 def wait_applied(qtbot: Any, view: AttachView, n: int) -> None:
-    qtbot.waitUntil(
-        lambda: (view.refresh(), view.grid is not None and view.grid.stream["applied"] >= n)[1], timeout=20_000
-    )
+    qtbot.waitUntil(lambda: (view.refresh(), view.grid is not None and view.applied >= n)[1], timeout=20_000)
 
 
 def test_view_draws_chains_shared_prefix_and_block_text(qtbot: Any, pub: ZmqPublisher, tok: Any) -> None:
