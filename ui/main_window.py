@@ -32,6 +32,7 @@ from kvscope.ui.bridge import EngineBridge
 from kvscope.ui.decision_panel import DecisionPanel
 from kvscope.ui.dialogs import OpenModelDialog
 from kvscope.ui.latency_panel import LatencyPanel
+from kvscope.ui.requests_panel import RequestsPanel
 from kvscope.ui.session_view import SessionView
 from kvscope.ui.sessions_panel import SessionsPanel
 from kvscope.ui.span_actions import SHORTCUTS
@@ -91,6 +92,9 @@ class MainWindow(QMainWindow):
         self.tabs = QTabWidget()
         self.tabs.addTab(self.decisions, "Decisions")
         self.tabs.addTab(self.latency, "Latency && memory")
+        self.requests = RequestsPanel(self.bridge)  # kvscope serve: requests as sessions
+        self.requests.session_selected.connect(self.open_session)
+        self.tabs.addTab(self.requests, "Requests")
         vsplit = QSplitter(Qt.Orientation.Vertical)
         vsplit.addWidget(self.splitter)
         vsplit.addWidget(self.tabs)
@@ -205,6 +209,12 @@ class MainWindow(QMainWindow):
             self.bridge.want_snapshot(SessionId(sid))
         self.decisions.set_session(sid)
 
+    def open_session(self, sid: str, name: str) -> None:
+        """Show a session that has no view yet (a served request) and make it active."""
+        if sid not in self.views:
+            self._add_view(sid, name)
+        self.set_active(sid)
+
     def active_view(self) -> SessionView | None:
         return self.views.get(self.active or "")
 
@@ -221,7 +231,8 @@ class MainWindow(QMainWindow):
     def _dispatch(self, ev: Event) -> None:
         sid = getattr(ev, "session", None)
         if isinstance(ev, SessionCreated):
-            self._add_view(ev.session, ev.name)
+            if not self.requests.hides(ev.session, ev.name):  # a served request opens when selected
+                self._add_view(ev.session, ev.name)
         elif isinstance(ev, SessionClosed):
             self._remove_view(ev.session)
         elif isinstance(ev, TurnStarted) and ev.prefilled_tokens > 256:
@@ -305,6 +316,7 @@ class MainWindow(QMainWindow):
 
     def closeEvent(self, ev: QCloseEvent) -> None:  # noqa: N802
         self.redraw_timer.stop()
+        self.requests.stop()
         for v in self.views.values():
             if v.generating:
                 self.bridge.cancel(v.sid)

@@ -86,3 +86,20 @@ def test_attach_bad_arguments_give_a_clear_error(
 
     assert main([*args, "--duration", "0.1"]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["chat", "gui", "serve"])
+def test_kv_events_options_reach_the_engine_config(command: str) -> None:
+    from kvscope.app.cli import build_parser
+    from kvscope.app.common import kv_events_config
+    from kvscope.engine import EngineConfig
+
+    args = build_parser().parse_args(
+        [command, "--kv-events", "tcp://127.0.0.1:5557", "--kv-events-replay", "tcp://127.0.0.1:5558"]
+    )
+    cfg = EngineConfig.from_dict(kv_events_config(args))
+    assert (cfg.kv_events, cfg.kv_events_replay, cfg.kv_events_topic) == (
+        "tcp://127.0.0.1:5557",
+        "tcp://127.0.0.1:5558",
+        "kv@kvscope",
+    )
