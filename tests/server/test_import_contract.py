@@ -13,7 +13,7 @@ from lint_imports import run  # noqa: E402
 
 
 def _tree(tmp: Path) -> Path:
-    for folder in ("engine", "ui", "app", "server", "assets"):
+    for folder in ("engine", "ui", "app", "server", "attach", "assets"):
         shutil.copytree(ROOT / folder, tmp / folder, ignore=shutil.ignore_patterns("models", "__pycache__"))
     return tmp
 
