@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
-from kvscope.app.common import add_model_arg, start_engine
-from kvscope.engine import Engine, SamplingParams
+from kvscope.app.common import add_kv_events_args, add_model_arg, kv_events_config, start_engine
+from kvscope.engine import Engine, EngineConfig, SamplingParams
 from kvscope.engine.events import Event, SessionId, TokenSampled
 from kvscope.engine.turns import TurnResult
 
@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--system", help="system prompt")
     _add_sampling(p)
     p.add_argument("--trace", help="write a Chrome/Perfetto trace of the chat to this file")
+    add_kv_events_args(p)
     p.set_defaults(func=run_chat)
 
     p = sub.add_parser("info", help="device, dtype, BLAS, model layout")
@@ -73,7 +74,13 @@ def _report(res: TurnResult) -> None:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    eng = start_engine(args)
+    eng = start_engine(args, EngineConfig.from_dict(kv_events_config(args)))
+    if args.kv_events:
+        pub = eng.kv_publisher
+        print(
+            f"kvscope: KV events on {getattr(pub, 'endpoint', '')}, replay {getattr(pub, 'replay_endpoint', None)}",
+            file=sys.stderr,
+        )
     sid = eng.new_session(system=args.system)
     _stream_to_stdout(eng, sid)
     params = sampling_from(args)

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from kvscope.app.common import add_model_arg, memory_budget_mb
+from kvscope.app.common import add_kv_events_args, add_model_arg, kv_events_config, memory_budget_mb
 
 _MB = 1024 * 1024
 
@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="MB",
         help="cap on the request sessions' cache; the least recently used unpinned ones are closed past it",
     )
+    add_kv_events_args(p)
     p.set_defaults(func=run_serve)
 
 
@@ -48,7 +49,10 @@ def run_serve(args: argparse.Namespace) -> int:
         model_alias=args.model,
         log_level="info",
     )
-    config = {"memory_budget_bytes": int(args.memory_budget * _MB) if args.memory_budget is not None else None}
+    config = {
+        "memory_budget_bytes": int(args.memory_budget * _MB) if args.memory_budget is not None else None,
+        **kv_events_config(args),
+    }
     if args.gui:
         from kvscope.app.gui import launch
 

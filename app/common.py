@@ -33,3 +33,23 @@ def start_engine(args: argparse.Namespace, config: EngineConfig | None = None) -
         print(f"kvscope: no --model given, using the bundled demo model ({demo_model_path()})", file=sys.stderr)
         eng.load(None)
     return eng
+
+
+def add_kv_events_args(p: argparse.ArgumentParser) -> None:
+    """--kv-events: the engine publishes its block events in vLLM's format (docs/attach.md)."""
+    p.add_argument(
+        "--kv-events",
+        metavar="ENDPOINT",
+        help="publish block events as vLLM KV events on this ZMQ endpoint (binds if it has '*', else connects)",
+    )
+    p.add_argument("--kv-events-replay", metavar="ENDPOINT", help="ZMQ ROUTER endpoint for replay requests")
+    p.add_argument("--kv-events-topic", default="kv@kvscope", metavar="TOPIC", help="topic of the messages")
+
+
+def kv_events_config(args: argparse.Namespace) -> dict[str, str | None]:
+    """The EngineConfig fields for the --kv-events options."""
+    return {
+        "kv_events": args.kv_events,
+        "kv_events_replay": args.kv_events_replay,
+        "kv_events_topic": args.kv_events_topic,
+    }

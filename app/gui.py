@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from kvscope.app.common import memory_budget_mb
+from kvscope.app.common import add_kv_events_args, kv_events_config, memory_budget_mb
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -28,6 +28,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument(
         "--memory-budget", type=memory_budget_mb, help="cap on cache memory in MB (default: half the RAM)"
     )
+    add_kv_events_args(parser)
     return parser
 
 
@@ -41,6 +42,7 @@ def launch_from_args(args: argparse.Namespace) -> int:
         "persist": not args.no_persist,
         "data_dir": args.data_dir,
         "memory_budget_bytes": int(args.memory_budget * 1024 * 1024) if args.memory_budget is not None else None,
+        **kv_events_config(args),
     }
     return launch(args.model, args.quit_after_ms, args.prompt, config)
 

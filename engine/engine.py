@@ -40,6 +40,7 @@ from kvscope.engine.events import (
 from kvscope.engine.fidelity import FidelityReport, measure
 from kvscope.engine.generation import SamplingParams
 from kvscope.engine.kv_cache import ScopeKVCache
+from kvscope.engine.kv_publisher import publisher_from_config
 from kvscope.engine.lifecycle import LifecycleMixin, physical_memory_bytes
 from kvscope.engine.model_loading import LoadedModel, load_model
 from kvscope.engine.persistence import SessionStore
@@ -58,6 +59,9 @@ class EngineConfig:
     memory_budget_bytes: int | None = None  # None: half of physical memory
     persist: bool = False  # save sessions after every turn / edit and reopen them
     data_dir: str | None = None  # None: KVSCOPE_HOME or the platform's user data folder
+    kv_events: str | None = None  # publish block events in vLLM's format to this ZMQ endpoint
+    kv_events_replay: str | None = None  # ZMQ ROUTER endpoint for replay requests
+    kv_events_topic: str = ""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EngineConfig:
@@ -84,6 +88,7 @@ class Engine(EditingMixin, LifecycleMixin):
         self.persistence = SessionStore(Path(cfg.data_dir) if cfg.data_dir else None) if cfg.persist else None
         self.load_errors: list[str] = []
         self.auto_compress: AutoCompress | None = None  # default for new sessions
+        self.kv_publisher = publisher_from_config(cfg.kv_events, cfg.kv_events_replay, cfg.kv_events_topic, self.bus)
 
     # ------------------------------------------------------------ model
     def load(self, id_or_path: str | os.PathLike[str] | None = None) -> LoadedModel:
@@ -91,6 +96,8 @@ class Engine(EditingMixin, LifecycleMixin):
         lm = self._guard(None, lambda: load_model(id_or_path))
         for sid in list(self._sessions):
             self._drop(sid)
+        if self.store is not None:
+            self.store.clear()  # the old model's blocks are gone (consumers of the events learn it)
         self.lm = lm
         self._pieces = {}
         self.store = PrefixStore(

@@ -37,6 +37,7 @@ from kvscope.engine.events import (
     TurnStarted,
 )
 from kvscope.engine.snapshot import SessionSnapshot
+from kvscope.ui.attach_view import attach_engine
 from kvscope.ui.bridge import EngineBridge
 from kvscope.ui.decision_panel import DecisionPanel
 from kvscope.ui.edit_menu import EditMenu
@@ -135,6 +136,7 @@ class MainWindow(QMainWindow):
         _act(self, file, "Export session…", self.files.ask_export_session)
         _act(self, file, "Import segment…", self.files.ask_import_segment)
         _act(self, file, "Import session…", self.files.ask_import_session)
+        _act(self, file, "Attach to engine…", lambda: attach_engine(self))  # vLLM KV events, read-only view
         file.addSeparator()
         _act(self, file, "Quit", self.close, QKeySequence.StandardKey.Quit)
         sess = self.menuBar().addMenu("&Session")

@@ -1,0 +1,300 @@
+"""RemoteCache: a serving engine's prefix cache, rebuilt from its KV events.
+
+    BlockStored(hashes=[h3, h4], parent=h2, tokens=t3+t4)
+        h1 -- h2 -- h3 -- h4          blocks keyed by (group, hash); parent links;
+               \\
+                h5                     a branch = two children of one block
+
+Promises:
+- `apply` takes decoded wire events in stream order and keeps: every cached
+  block (hash, parent, token ids, block size, media, LoRA name, group), the
+  children of each block, and counters of what happened, including events it
+  could not apply (removal of a block it never saw, unknown or malformed
+  events) — those are counted, never raised;
+- a block stored again (vLLM's `kv_cache_report_mode: full` reports reused
+  blocks) is counted as a reuse, not doubled;
+- a block lives while it is on at least one medium;
+- `content_key` identifies a block by the token ids from the root to its end,
+  so engines with different hash schemes (two vLLM processes with different
+  seeds, vLLM and kvscope) are compared by what they hold;
+- `match(token_ids)` is the cached prefix, in tokens, a request with those
+  tokens would hit (walking by token content, as the engine walks by hash).
+
+Not thread-safe: its owner (`AttachClient`) serialises access.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+from array import array
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvscope.engine.kv_events import (
+    WireAllBlocksCleared,
+    WireBlockRemoved,
+    WireBlockStored,
+    WireEvent,
+    WireUnknown,
+)
+
+BlockKey = tuple[int, str]  # (KV cache group, block hash)
+DEFAULT_MEDIUM = "GPU"  # vLLM's name for its main KV cache, also on its CPU backend
+
+
+@dataclass(slots=True)
+class RemoteBlock:
+    block_hash: str
+    parent: str | None
+    token_ids: tuple[int, ...]  # empty when the engine did not send them
+    block_size: int
+    group: int
+    media: set[str]
+    lora_name: str | None
+    stored_ts: float
+    content_key: str | None  # None: tokens unknown or a parent missing when stored
+    depth: int = 0  # blocks above it when it was stored (orders the chains; not updated on evictions)
+    reuses: int = 0
+
+
+@dataclass(slots=True)
+class Counters:
+    events: int = 0
+    stored_events: int = 0
+    removed_events: int = 0
+    cleared_events: int = 0
+    blocks_stored: int = 0
+    blocks_removed: int = 0
+    reuses: int = 0
+    removed_unknown: int = 0  # BlockRemoved for a block never seen (stored before attaching)
+    bad_events: Counter[str] = field(default_factory=Counter)  # "type: reason" -> count
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__slots__ if k != "bad_events"}
+        out["bad_events"] = dict(self.bad_events)
+        out["bad_events_total"] = sum(self.bad_events.values())
+        return out
+
+
+class RemoteCache:
+    """The prefix tree of one remote engine (one data-parallel rank)."""
+
+    def __init__(self) -> None:
+        self._blocks: dict[BlockKey, RemoteBlock] = {}
+        self._children: dict[BlockKey, set[str]] = {}
+        self._by_content: dict[tuple[int, str | None, tuple[int, ...]], str] = {}  # (group, parent, tokens) -> hash
+        self.block_size: int | None = None
+        self.counters = Counters()
+
+    # ------------------------------------------------------------ changes
+    def apply(self, event: WireEvent, ts: float = 0.0) -> None:
+        c = self.counters
+        c.events += 1
+        if isinstance(event, WireBlockStored):
+            c.stored_events += 1
+            self._store(event, ts)
+        elif isinstance(event, WireBlockRemoved):
+            c.removed_events += 1
+            self._remove(event)
+        elif isinstance(event, WireAllBlocksCleared):
+            c.cleared_events += 1
+            self.clear()
+        elif isinstance(event, WireUnknown):
+            c.bad_events[f"{event.type_name}: {event.reason}"] += 1
+
+    def apply_all(self, events: Iterable[WireEvent], ts: float = 0.0) -> None:
+        for e in events:
+            self.apply(e, ts)
+
+    def clear(self) -> None:
+        self._blocks.clear()
+        self._children.clear()
+        self._by_content.clear()
+
+    def _store(self, e: WireBlockStored, ts: float) -> None:
+        group = e.group_idx or 0
+        medium = e.medium or DEFAULT_MEDIUM
+        self.block_size = e.block_size
+        parent = e.parent_block_hash
+        bs = e.block_size
+        for i, h in enumerate(e.block_hashes):
+            key = (group, h)
+            toks = e.token_ids[i * bs : (i + 1) * bs] if e.token_ids else ()
+            b = self._blocks.get(key)
+            if b is not None:
+                b.reuses += 1
+                b.media.add(medium)
+                self.counters.reuses += 1
+            else:
+                above = self._blocks.get((group, parent)) if parent is not None else None
+                self._blocks[key] = RemoteBlock(
+                    h,
+                    parent,
+                    toks,
+                    bs,
+                    group,
+                    {medium},
+                    e.lora_name,
+                    ts,
+                    self._content_key(group, parent, toks),
+                    above.depth + 1 if above is not None else 0,
+                )
+                self._children.setdefault((group, parent or ""), set()).add(h)
+                if toks:
+                    self._by_content[(group, parent, toks)] = h
+                self.counters.blocks_stored += 1
+            parent = h
+
+    def _content_key(self, group: int, parent: str | None, toks: tuple[int, ...]) -> str | None:
+        if not toks:
+            return None
+        if parent is None:
+            base = b""
+        else:
+            p = self._blocks.get((group, parent))
+            if p is None or p.content_key is None:
+                return None
+            base = p.content_key.encode()
+        h = hashlib.blake2b(base, digest_size=12)
+        h.update(array("q", toks).tobytes())
+        return h.hexdigest()
+
+    def _remove(self, e: WireBlockRemoved) -> None:
+        group = e.group_idx or 0
+        for h in e.block_hashes:
+            key = (group, h)
+            b = self._blocks.get(key)
+            if b is None:
+                self.counters.removed_unknown += 1
+                continue
+            if e.medium is not None:
+                b.media.discard(e.medium)
+                if b.media:
+                    continue
+            del self._blocks[key]
+            kids = self._children.get((group, b.parent or ""))
+            if kids is not None:
+                kids.discard(h)
+                if not kids:
+                    del self._children[(group, b.parent or "")]
+            if b.token_ids and self._by_content.get((group, b.parent, b.token_ids)) == h:
+                del self._by_content[(group, b.parent, b.token_ids)]
+            self.counters.blocks_removed += 1
+
+    # ------------------------------------------------------------ queries
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def get(self, h: str, group: int = 0) -> RemoteBlock | None:
+        return self._blocks.get((group, h))
+
+    def blocks(self) -> list[RemoteBlock]:
+        return list(self._blocks.values())
+
+    def children(self, h: str | None, group: int = 0) -> list[str]:
+        return sorted(self._children.get((group, h or ""), ()))
+
+    def n_tokens(self) -> int:
+        return sum(b.block_size for b in self._blocks.values())
+
+    def roots(self) -> list[RemoteBlock]:
+        """Blocks whose parent is not cached: the first block of a prompt, or an orphan."""
+        return [b for b in self._blocks.values() if b.parent is None or (b.group, b.parent) not in self._blocks]
+
+    def leaves(self) -> list[RemoteBlock]:
+        return [b for b in self._blocks.values() if not self._children.get((b.group, b.block_hash))]
+
+    def chain(self, leaf: RemoteBlock) -> list[RemoteBlock]:
+        """Root-first blocks from the first cached ancestor down to `leaf`."""
+        out = [leaf]
+        seen = {leaf.block_hash}
+        b = leaf
+        while b.parent is not None:
+            p = self._blocks.get((b.group, b.parent))
+            if p is None or p.block_hash in seen:
+                break
+            seen.add(p.block_hash)
+            out.append(p)
+            b = p
+        out.reverse()
+        return out
+
+    def chains(self, limit: int | None = None) -> list[list[RemoteBlock]]:
+        """One root-to-leaf chain per leaf, longest first (the `limit` deepest only): the view's rows."""
+        leaves = self.leaves()
+        if limit is not None and len(leaves) > limit:
+            leaves = heapq.nlargest(limit, leaves, key=lambda b: (b.depth, -b.stored_ts))
+        return sorted((self.chain(leaf) for leaf in leaves), key=lambda c: (-len(c), c[0].stored_ts))
+
+    def n_children(self, b: RemoteBlock) -> int:
+        return len(self._children.get((b.group, b.block_hash), ()))
+
+    def match(self, token_ids: list[int] | tuple[int, ...], group: int = 0) -> int:
+        """Tokens of `token_ids` a request would find cached (full blocks, by content)."""
+        bs = self.block_size
+        if not bs:
+            return 0
+        parent: str | None = None
+        n = 0
+        for i in range(len(token_ids) // bs):
+            h = self._by_content.get((group, parent, tuple(token_ids[i * bs : (i + 1) * bs])))
+            if h is None:
+                break
+            parent = h
+            n += bs
+        return n
+
+    def content_keys(self) -> set[str]:
+        return {b.content_key for b in self._blocks.values() if b.content_key}
+
+    def hot(self, n: int = 5) -> list[RemoteBlock]:
+        """The most reused blocks (reported again by the engine), then the most shared."""
+
+        ranked = heapq.nsmallest(n, self._blocks.values(), key=lambda b: (-b.reuses, -self.n_children(b), b.stored_ts))
+        return [b for b in ranked if b.reuses or self.n_children(b) > 1]
+
+    # ------------------------------------------------------------ output
+    def summary(self) -> str:
+        c = self.counters
+        bad = sum(c.bad_events.values())
+        return (
+            f"{len(self._blocks)} blocks ({self.n_tokens()} tokens) in {len(self.leaves())} chains; "
+            f"stored {c.blocks_stored} removed {c.blocks_removed} reused {c.reuses} cleared {c.cleared_events}"
+            + (f"; unknown removals {c.removed_unknown}" if c.removed_unknown else "")
+            + (f"; bad events {bad}" if bad else "")
+        )
+
+    def to_json(self, decode: Callable[[list[int]], str] | None = None) -> dict[str, Any]:
+        """Every block (parents first within a chain), the chains, the hot blocks and the counters."""
+        blocks = []
+        for b in sorted(self._blocks.values(), key=lambda b: b.stored_ts):
+            d: dict[str, Any] = {
+                "hash": b.block_hash,
+                "parent": b.parent,
+                "group": b.group,
+                "block_size": b.block_size,
+                "token_ids": list(b.token_ids),
+                "media": sorted(b.media),
+                "lora_name": b.lora_name,
+                "reuses": b.reuses,
+                "content_key": b.content_key,
+            }
+            if decode is not None and b.token_ids:
+                d["text"] = decode(list(b.token_ids))
+            blocks.append(d)
+        return {
+            "block_size": self.block_size,
+            "n_blocks": len(self._blocks),
+            "n_tokens": self.n_tokens(),
+            "blocks": blocks,
+            "chains": [[b.block_hash for b in ch] for ch in self.chains()],
+            "hot": [
+                {"hash": b.block_hash, "reuses": b.reuses, "children": self.n_children(b)}
+                | ({"text": decode(list(b.token_ids))} if decode is not None and b.token_ids else {})
+                for b in self.hot()
+            ],
+            "counters": self.counters.as_dict(),
+        }

