@@ -77,6 +77,7 @@ class EditingMixin:
     ) -> FidelityReport:
         s = self.session(sid)
         s.require_idle(label)
+        self._guard(sid, lambda: check_compatible(self.model, label))  # refused before anything changes
 
         def run() -> FidelityReport:
             saved = s.clone()
@@ -265,6 +266,7 @@ class EditingMixin:
         s = self.session(sid)
 
         def run() -> Path:
+            check_compatible(self.model, "segment files")
             seg = extract_segment(s, lo, hi, self.model.tokenizer.decode(s.tokens[lo:hi]))
             return write_segment(self.model, seg, path)
 

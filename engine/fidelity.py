@@ -20,6 +20,7 @@ import numpy as np
 
 from kvscope.engine import chat
 from kvscope.engine.generation import forward, prefill
+from kvscope.engine.caches.layout import make_session_caches
 from kvscope.engine.kv_cache import ScopeKVCache
 from kvscope.engine.model_loading import LoadedModel
 from kvscope.engine.session import Session
@@ -56,7 +57,10 @@ def probe_tokens(lm: LoadedModel, s: Session) -> list[int]:
 
 
 def visible_tokens(s: Session) -> list[int]:
-    c = s.caches[0]
+    """Tokens a full-attention cache still shows (all tokens when the model has none)."""
+    c = next((c for c in s.caches if isinstance(c, ScopeKVCache)), None)
+    if c is None:
+        return list(s.tokens)
     vis = np.sort(c.row_token[: c.n_rows][c.row_visible[: c.n_rows]])
     return [s.tokens[i] for i in vis]
 
@@ -73,7 +77,7 @@ def compare_logits(ref: mx.array, got: mx.array) -> tuple[float, float, float]:
 
 
 def recompute_logits(lm: LoadedModel, tokens: list[int], probe: list[int], chunk: int = 512) -> mx.array:
-    caches = [ScopeKVCache() for _ in range(lm.n_layers)]
+    caches = make_session_caches(lm.model)  # the model's own layout (sliding, recurrent...)
     prefill(lm.model, caches, tokens, chunk)
     return forward(lm.model, probe, caches)[0]
 

@@ -79,6 +79,8 @@ class LifecycleMixin:
         if self.persistence is None or sid not in self._sessions:
             return
         lm = self.model
+        if lm.support is not None and not lm.support.allows("persistence"):
+            return  # `kvscope info` says why: this model's caches are not saved
         try:
             self.persistence.save(self._sessions[sid], lm.fingerprint, lm.name)
         except OSError as exc:

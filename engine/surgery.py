@@ -31,7 +31,7 @@ from kvscope.engine.errors import InvalidRequestError
 from kvscope.engine.generation import forward
 from kvscope.engine.kv_cache import ScopeKVCache
 from kvscope.engine.model_loading import LoadedModel
-from kvscope.engine.rope import reposition_keys
+from kvscope.engine.rope import reposition_rows
 from kvscope.engine.session import Session
 
 
@@ -104,7 +104,7 @@ def _first_row_at_or_after(c: ScopeKVCache, token: int) -> int:
     return int(np.searchsorted(c.row_token[: c.n_rows], token, side="left"))
 
 
-def _shift_rows(lm: LoadedModel, c: ScopeKVCache, r0: int, d_tokens: int, d_pos: int) -> None:
+def _shift_rows(lm: LoadedModel, c: ScopeKVCache, r0: int, d_tokens: int, d_pos: int, layer: int) -> None:
     """Move storage rows r0.. by d_tokens logical indices and d_pos positions."""
     n = c.n_rows
     if r0 >= n:
@@ -112,7 +112,9 @@ def _shift_rows(lm: LoadedModel, c: ScopeKVCache, r0: int, d_tokens: int, d_pos:
     assert c.keys is not None
     c.row_token[r0:n] += d_tokens
     if d_pos and r0 < n:
-        c.keys[..., r0:n, :] = reposition_keys(lm, c.keys[..., r0:n, :], d_pos)
+        assert c.values is not None
+        k, v = reposition_rows(lm, layer, c.keys[..., r0:n, :], c.values[..., r0:n, :], d_pos)
+        c.keys[..., r0:n, :], c.values[..., r0:n, :] = k, v
         c.row_position[r0:n] += d_pos
 
 
@@ -123,10 +125,10 @@ def delete_span(lm: LoadedModel, s: Session, lo: int, hi: int, shift: bool = Tru
     end = s.caches[0].offset
     gap = (s.positions[hi] if hi < s.n_tokens else end) - s.positions[lo]
     d_pos = -gap if shift else 0
-    for c in s.caches:
+    for i, c in enumerate(s.caches):
         tok = c.row_token[: c.n_rows]
         c.keep_rows((tok < lo) | (tok >= hi))
-        _shift_rows(lm, c, _first_row_at_or_after(c, hi), -n_del, d_pos)
+        _shift_rows(lm, c, _first_row_at_or_after(c, hi), -n_del, d_pos, i)
         c.next_token -= n_del
         c.offset += d_pos
     del s.tokens[lo:hi], s.origin[lo:hi], s.positions[lo:hi]
@@ -150,15 +152,15 @@ def insert_segment(
     new_pos = seg.positions + delta
     for i, c in enumerate(s.caches):
         r0 = _first_row_at_or_after(c, at)
-        _shift_rows(lm, c, r0, m, extent if at < s.n_tokens else 0)
-        keys = reposition_keys(lm, seg.keys[i], delta)
+        _shift_rows(lm, c, r0, m, extent if at < s.n_tokens else 0, i)
+        keys, values = reposition_rows(lm, i, seg.keys[i], seg.values[i], delta)
         if c.keys is None:
-            c.update_and_fetch(keys, seg.values[i])
+            c.update_and_fetch(keys, values)
             c.row_position[:m] = new_pos
             c.row_token[:m] = np.arange(at, at + m)
             c.next_token, c.offset = m, int(new_pos[-1]) + 1
         else:
-            c.insert_rows(r0, keys, seg.values[i], np.arange(at, at + m), new_pos)
+            c.insert_rows(r0, keys, values, np.arange(at, at + m), new_pos)
             c.next_token += m
             c.offset += extent
         c.row_visible[r0 : r0 + m] = seg.visible[i]

@@ -86,6 +86,8 @@ def _reuse_prefix(session: Session, store: PrefixStore, prompt: list[int]) -> in
 
 def share_prefix(session: Session, store: PrefixStore, lm: LoadedModel) -> None:
     """Offer the session's plain full blocks to the prefix store."""
+    if lm.support is not None and not lm.support.allows("prefix reuse"):
+        return  # the store holds attention rows only: a recurrent or windowed layer cannot be rebuilt from them
     n = session.plain_prefix_len()
     n -= n % store.block_size
     if n == 0:
@@ -114,7 +116,8 @@ def run_turn(
     before = (session.n_tokens, session.transcript_text, len(session.messages))
     t_start = time.perf_counter()
     session.trim_to(keep)
-    cached = keep + (_reuse_prefix(session, store, new_tokens) if keep == 0 else 0)
+    reuse = keep == 0 and (lm.support is None or lm.support.allows("prefix reuse"))
+    cached = keep + (_reuse_prefix(session, store, new_tokens) if reuse else 0)
     to_prefill = new_tokens[cached - keep :]
     if not to_prefill:  # everything was cached: feed the last token again
         session.trim_to(session.n_tokens - 1)

@@ -1,0 +1,230 @@
+"""mlx-lm's own cache classes, adopted: the model's cache with kvscope's bookkeeping.
+
+`adopt(cache)` turns a cache from the model's `make_cache()` (a
+`RotatingKVCache`, `ArraysCache`/`MambaCache`, `ChunkedKVCache`,
+`QuantizedKVCache`, `CacheList`, ...) into an instance of a subclass of its
+own class that also carries what the session, generation loop and window
+read from every layer: `next_token` (tokens absorbed), `offset`, `n_rows`,
+`row_token` / `row_position` / `row_visible`, `copy`, `trim`.
+
+Promises:
+- the model sees its own cache class (isinstance checks and every method of
+  mlx-lm's protocol keep working), so greedy tokens equal plain mlx-lm;
+- `begin_feed(n)` is called before each forward pass that feeds `n` tokens;
+  a recurrent state is checkpointed there (array references: mlx-lm
+  replaces state arrays, it never writes into them), so `trim` back to a
+  checkpoint is exact;
+- `trim` that cannot be exact raises `UnsupportedModelError`, never
+  silently keeps a state that absorbed dropped tokens;
+- rows: a KV kind reports the tokens it still holds (a sliding window holds
+  the last `max_size`); a recurrent state holds no rows (`n_rows == 0`) and
+  reports its bytes and the last token it absorbed.
+
+Knows nothing about sessions, blocks or the window.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import ArraysCache, CacheList, RotatingKVCache
+
+from kvscope.engine.errors import UnsupportedModelError
+
+_I64 = np.int64
+_CHECKPOINTS = 8  # recurrent states kept for trim (the speculative decode step needs 1)
+
+
+def _arrays(tree: Any) -> list[mx.array]:
+    if isinstance(tree, mx.array):
+        return [tree]
+    if isinstance(tree, (list, tuple)):
+        return [a for t in tree for a in _arrays(t)]
+    return []
+
+
+class AdoptedCache:
+    """Mixin over an mlx-lm cache class; see the module docstring."""
+
+    kind = "other"
+    next_token: int
+    _checkpoints: deque[tuple[int, Any]]
+
+    def _init_scope(self) -> None:
+        self.next_token = 0
+        self._checkpoints = deque(maxlen=_CHECKPOINTS)
+
+    # ------------------------------------------------------------ feeding
+    def begin_feed(self, n: int) -> None:
+        """The next forward pass feeds `n` tokens (called by the generation loop)."""
+        if self.kind == "recurrent":
+            self._checkpoints.append((self.next_token, self._state_refs()))
+        elif n > 1 and self.kind in ("sliding", "chunked"):
+            # A chunk may push rows out of the window: keep what trim needs.
+            self._checkpoints.append((self.next_token, self._state_copy()))
+        self.next_token += n
+
+    def _state_refs(self) -> Any:
+        return list(self.cache) if isinstance(self, ArraysCache) else None
+
+    def _state_copy(self) -> Any:
+        state = self.state  # type: ignore[attr-defined]
+        return tuple(mx.array(s) if isinstance(s, mx.array) else s for s in state)
+
+    # ------------------------------------------------------------ protocol the session reads
+    @property
+    def last_token_absorbed(self) -> int:
+        """Logical index of the last token this layer has seen (-1: none)."""
+        return self.next_token - 1
+
+    def _held(self) -> int:
+        if self.kind in ("recurrent", "other"):
+            return 0
+        size = int(self.size()) if hasattr(self, "size") else 0  # type: ignore[attr-defined]
+        return min(size, self.next_token)
+
+    @property
+    def n_rows(self) -> int:
+        return self._held()
+
+    @property
+    def row_token(self) -> np.ndarray:
+        n = self._held()
+        return np.arange(self.next_token - n, self.next_token, dtype=_I64)
+
+    @property
+    def row_position(self) -> np.ndarray:
+        return self.row_token
+
+    @property
+    def row_visible(self) -> np.ndarray:
+        return np.ones(self._held(), bool)
+
+    @property
+    def n_visible(self) -> int:
+        return self._held()
+
+    @property
+    def is_plain(self) -> bool:
+        return False
+
+    def set_visible(self, token_lo: int, token_hi: int, visible: bool) -> int:
+        """Recurrent and other kinds have no rows to hide: nothing changes (the caller labels it)."""
+        if self.kind == "recurrent":
+            return 0
+        raise UnsupportedModelError(f"masking rows of a {self.kind} cache ({type(self).__name__}) is not supported")
+
+    def keep_rows(self, keep: np.ndarray) -> None:
+        if np.asarray(keep, bool).all():
+            return
+        raise UnsupportedModelError(f"dropping rows of a {self.kind} cache ({type(self).__name__}) is not supported")
+
+    def trim(self, n: int) -> int:
+        """Drop the last `n` tokens: exact (native trim or a checkpoint) or refused."""
+        n = min(n, self.next_token)
+        if n <= 0:
+            return 0
+        target = self.next_token - n
+        for tok, saved in reversed(self._checkpoints):
+            if tok == target:
+                self._restore(saved)
+                while self._checkpoints and self._checkpoints[-1][0] >= target:
+                    self._checkpoints.pop()
+                self.next_token = target
+                return n
+        if self.kind in ("attention", "chunked", "quantized") or (
+            self.kind == "sliding" and self._sliding_trim_exact(n)
+        ):
+            super().trim(n)  # type: ignore[misc]
+            self.next_token = target
+            return n
+        raise UnsupportedModelError(
+            f"cannot take back the last {n} tokens of a {self.kind} cache ({type(self).__name__}): "
+            "its state has absorbed them and no checkpoint is kept at that token"
+        )
+
+    def _sliding_trim_exact(self, n: int) -> bool:
+        # One in-place row after the window filled: the slot it overwrote is
+        # out of every later query's window, so dropping the row is exact.
+        return bool(self.offset < self.max_size or n == 1)  # type: ignore[attr-defined]
+
+    def _restore(self, saved: Any) -> None:
+        if self.kind == "recurrent":
+            self.cache = list(saved)
+        else:
+            self.state = saved  # type: ignore[attr-defined]
+
+    def copy(self) -> AdoptedCache:
+        other = copy.copy(self)
+        if isinstance(self, ArraysCache):
+            other.cache = list(self.cache)  # arrays are replaced, never written into
+        elif isinstance(self, CacheList):
+            other.caches = tuple(c.copy() for c in self.caches)
+        else:
+            other.state = self._state_copy()  # type: ignore[attr-defined]
+        other._checkpoints = deque(self._checkpoints, maxlen=_CHECKPOINTS)
+        return other
+
+
+class _StateExtras:
+    """`offset` and `keys` for caches that have none (recurrent states, cache lists)."""
+
+    @property
+    def keys(self) -> list[mx.array]:
+        """The state's arrays, so a caller can `mx.eval` them as it does K rows."""
+        return _arrays(self.state)  # type: ignore[attr-defined]
+
+    @property
+    def offset(self) -> int:
+        return self.next_token  # type: ignore[attr-defined, no-any-return]
+
+    @offset.setter
+    def offset(self, v: int) -> None:
+        self.next_token = v  # type: ignore[attr-defined]
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def kind_of(cache: Any) -> str:
+    """The kvscope cache kind of an mlx-lm cache instance."""
+    name = type(cache).__name__
+    if isinstance(cache, ArraysCache):
+        return "recurrent"
+    if isinstance(cache, RotatingKVCache):
+        return "sliding"
+    if name == "ChunkedKVCache":
+        return "chunked"
+    if name == "QuantizedKVCache":
+        return "quantized"
+    if name in ("KVCache", "ScopeKVCache"):
+        return "attention"
+    return "other"
+
+
+def adopt(cache: Any) -> AdoptedCache:
+    """`cache` (from the model's make_cache) as an instance of its adopted subclass."""
+    base = type(cache)
+    sub = _SUBCLASSES.get(base)
+    kind = kind_of(cache)
+    if sub is None:
+        bases: tuple[type, ...] = (AdoptedCache, base)
+        if kind in ("recurrent", "other") and not hasattr(base, "keys"):
+            bases = (_StateExtras, AdoptedCache, base)
+        sub = type(f"Scope{base.__name__}", bases, {"kind": kind})
+        _SUBCLASSES[base] = sub
+    cache.__class__ = sub
+    assert isinstance(cache, AdoptedCache)
+    cache._init_scope()
+    return cache
+
+
+def note_feed(caches: list[Any], n: int) -> None:
+    """Tell adopted caches that the next forward pass feeds `n` tokens."""
+    for c in caches:
+        if isinstance(c, AdoptedCache):
+            c.begin_feed(n)
