@@ -258,6 +258,7 @@ class EditingMixin:
     ) -> FidelityReport:
         """Copy tokens [lo, hi) of session `src` into `dst` at `at` (None = end)."""
         s = self.session(src)
+        self._guard(dst, lambda: check_compatible(self.model, "splice"))  # before reading the source rows
         seg = self._guard(src, lambda: extract_segment(s, lo, hi, self.model.tokenizer.decode(s.tokens[lo:hi])))
         return self.splice_segment(dst, seg, at, seam_repair, reposition, fidelity, message)
 

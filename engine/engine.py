@@ -25,6 +25,7 @@ import mlx.core as mx
 
 from kvscope.engine import blas
 from kvscope.engine.blocks import DEFAULT_BLOCK_SIZE
+from kvscope.engine.caches.layout import make_session_caches
 from kvscope.engine.compression import AutoCompress, set_auto_compress
 from kvscope.engine.editing import EditingMixin
 from kvscope.engine.errors import InvalidRequestError, KVScopeError, MemoryBudgetError
@@ -38,7 +39,6 @@ from kvscope.engine.events import (
     SessionId,
 )
 from kvscope.engine.generation import SamplingParams
-from kvscope.engine.caches.layout import make_session_caches
 from kvscope.engine.lifecycle import LifecycleMixin, physical_memory_bytes
 from kvscope.engine.model_loading import LoadedModel, load_model
 from kvscope.engine.persistence import SessionStore

@@ -19,8 +19,8 @@ import mlx.core as mx
 import numpy as np
 
 from kvscope.engine import chat
-from kvscope.engine.generation import forward, prefill
 from kvscope.engine.caches.layout import make_session_caches
+from kvscope.engine.generation import forward, prefill
 from kvscope.engine.kv_cache import ScopeKVCache
 from kvscope.engine.model_loading import LoadedModel
 from kvscope.engine.session import Session

@@ -84,6 +84,11 @@ class LoadedModel:
     layout: CacheLayout | None = None
     rotations: list[LayerRotation] = field(default_factory=list)
     support: SupportTable | None = None
+    value_dim_: int | None = None  # width of stored values when it differs from head_dim (MLA)
+
+    @property
+    def value_dim(self) -> int:
+        return self.value_dim_ if self.value_dim_ is not None else self.head_dim
 
     @property
     def bytes_per_token(self) -> int:
@@ -218,7 +223,7 @@ def load_model(id_or_path: str | os.PathLike[str] | None = None) -> LoadedModel:
     rotations, kv_shape, _ = probe_rotations(model)  # a failed probe refuses row moves, not chat
     support = build_table(name, layout, rotations)
     rope = _rope_info(model, [r for r, e in zip(rotations, layout.entries) if e.kind == "attention"])
-    n_kv_heads, head_dim = kv_shape
+    n_kv_heads, head_dim, value_dim = kv_shape
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -235,6 +240,7 @@ def load_model(id_or_path: str | os.PathLike[str] | None = None) -> LoadedModel:
         layout=layout,
         rotations=rotations,
         support=support,
+        value_dim_=value_dim,
     )
 
 

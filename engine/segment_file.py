@@ -76,6 +76,7 @@ def manifest_for(lm: LoadedModel, seg: Segment, sha: str) -> dict[str, Any]:
         "n_layers": lm.n_layers,
         "n_kv_heads": lm.n_kv_heads,
         "head_dim": lm.head_dim,
+        "value_dim": lm.value_dim,  # differs from head_dim on MLA caches (latent keys, k_pe values)
         "dtype": lm.dtype,
         "rope": lm.rope.as_dict() if lm.rope else {},
         "positions": [int(p) for p in seg.positions],
@@ -225,7 +226,10 @@ def _check_arrays(fname: str, man: dict[str, Any], arrays: dict[str, np.ndarray]
     pos = man["positions"]
     if not all(json_int(q) for q in pos) or any(b <= a for a, b in zip(pos, pos[1:])) or pos[0] < 0:
         raise SegmentFileError(f"{fname}: positions must be increasing non-negative integers")
-    shape = [1, man["n_kv_heads"], n, man["head_dim"]]
+    shapes = [
+        [1, man["n_kv_heads"], n, man["head_dim"]],
+        [1, man["n_kv_heads"], n, man.get("value_dim", man["head_dim"])],
+    ]
     expected = {f"{i}.{j}" for i in range(n_layers) for j in range(3)}
     if set(arrays) != expected:
         extra, missing = sorted(set(arrays) - expected), sorted(expected - set(arrays))
@@ -239,9 +243,9 @@ def _check_arrays(fname: str, man: dict[str, Any], arrays: dict[str, np.ndarray]
             raise SegmentFileError(f"{fname}: layer {i} says it caches {length.tolist()} tokens, the manifest has {n}")
         for j in (0, 1):
             a = arrays[f"{i}.{j}"]
-            if list(a.shape) != shape or a.dtype != np.float32:
+            if list(a.shape) != shapes[j] or a.dtype != np.float32:
                 raise SegmentFileError(
-                    f"{fname}: tensor {i}.{j} is {list(a.shape)} {a.dtype}, manifest says {shape} float32"
+                    f"{fname}: tensor {i}.{j} is {list(a.shape)} {a.dtype}, manifest says {shapes[j]} float32"
                 )
             ordered.append(a)
     if _tensor_hash(ordered) != man["tensors_sha256"]:
@@ -250,8 +254,13 @@ def _check_arrays(fname: str, man: dict[str, Any], arrays: dict[str, np.ndarray]
 
 
 def _check_model(fname: str, man: dict[str, Any], lm: LoadedModel) -> None:
-    for key, have in (("n_layers", lm.n_layers), ("n_kv_heads", lm.n_kv_heads), ("head_dim", lm.head_dim)):
-        if man[key] != have:
+    for key, have in (
+        ("n_layers", lm.n_layers),
+        ("n_kv_heads", lm.n_kv_heads),
+        ("head_dim", lm.head_dim),
+        ("value_dim", lm.value_dim),
+    ):
+        if man.get(key, man["head_dim"]) != have:
             raise SegmentFileError(f"{fname}: {key} is {man[key]}, the loaded model has {have}")
     if lm.rope and man["rope"] != lm.rope.as_dict():
         raise SegmentFileError(f"{fname}: RoPE {man['rope']} differs from the model's {lm.rope.as_dict()}")

@@ -131,7 +131,7 @@ _WIDTH_KEYS = (
 
 def zoo_config(arch: str, vocab: int, n_layers: int | None = 2) -> dict[str, object]:
     """The zoo config of `arch` with the tokenizer's vocab and (if given) `n_layers` layers."""
-    from tests.zoo_configs import ZOO
+    from zoo_configs import ZOO
 
     config = json.loads(json.dumps(ZOO[arch]))
     for cfg in (config, config.get("text_config")):

@@ -213,16 +213,16 @@ def _layer(index: int, runs: dict[int, tuple[np.ndarray, np.ndarray]]) -> LayerR
     return rot
 
 
-def probe_rotations(model: nn.Module) -> tuple[list[LayerRotation], tuple[int, int], str | None]:
-    """Per cache, how its rows rotate; (kv heads, head dim) of the first KV cache; an error if the probe failed."""
+def probe_rotations(model: nn.Module) -> tuple[list[LayerRotation], tuple[int, int, int], str | None]:
+    """Per cache, how its rows rotate; (kv heads, key dim, value dim) of the first KV cache; an error if any."""
     n = len(make_prompt_cache(model))
     try:
         runs = {p: _run(model, p) for p in sorted({0, *_FIT_POSITIONS, *_CHECK_POSITIONS})}
     except Exception as exc:  # noqa: BLE001 - any model code may reject the probe caches
         why = f"the RoPE probe could not run ({type(exc).__name__}: {exc})"
-        return [LayerRotation(i, False, "", reason=why) for i in range(n)], (0, 0), why
+        return [LayerRotation(i, False, "", reason=why) for i in range(n)], (0, 0, 0), why
     first = next((r for r in runs[0] if r is not None), None)
-    kv_shape = (int(first[0].shape[1]), int(first[0].shape[3])) if first is not None else (0, 0)
+    kv_shape = (int(first[0].shape[1]), int(first[0].shape[3]), int(first[1].shape[3])) if first else (0, 0, 0)
     out: list[LayerRotation] = []
     for i in range(n):
         got = {p: r[i] for p, r in runs.items()}
