@@ -23,6 +23,7 @@ import numpy as np
 
 from kvscope.engine import chat
 from kvscope.engine.blocks import TokenState
+from kvscope.engine.caches.sliding import check_layer_subset
 from kvscope.engine.errors import InvalidRequestError
 from kvscope.engine.events import (
     CacheChanged,
@@ -135,6 +136,7 @@ class EditingMixin:
         """Hide tokens [lo, hi) from attention (reversible; positions unchanged)."""
 
         def op(s: Session) -> tuple[int, dict[str, Any]]:
+            check_layer_subset(s.caches, layers)
             return set_mask(s, lo, hi, False, layers), {"lo": lo, "hi": hi, "layers": layers}
 
         return self._edit(sid, "mask", op, lambda t, d: RegionMasked(t, sid, lo, hi, d, tuple(layers or ())), fidelity)
@@ -143,6 +145,7 @@ class EditingMixin:
         self, sid: SessionId, lo: int, hi: int, layers: list[int] | None = None, fidelity: bool = True
     ) -> FidelityReport:
         def op(s: Session) -> tuple[int, dict[str, Any]]:
+            check_layer_subset(s.caches, layers)
             return set_mask(s, lo, hi, True, layers), {"lo": lo, "hi": hi, "layers": layers}
 
         return self._edit(

@@ -75,7 +75,7 @@ class LoadedModel:
     name: str
     fingerprint: str
     dtype: str
-    n_layers: int
+    n_layers: int  # caches, one per cache-carrying layer (see layout.n_model_layers)
     n_kv_heads: int
     head_dim: int
     rope: RopeInfo | None
@@ -85,6 +85,7 @@ class LoadedModel:
     rotations: list[LayerRotation] = field(default_factory=list)
     support: SupportTable | None = None
     value_dim_: int | None = None  # width of stored values when it differs from head_dim (MLA)
+    cache_dims: list[tuple[int, int, int]] = field(default_factory=list)  # per cache: kv heads, key dim, value dim
 
     @property
     def value_dim(self) -> int:
@@ -220,10 +221,10 @@ def load_model(id_or_path: str | os.PathLike[str] | None = None) -> LoadedModel:
         layout = detect_layout(model)
     except Exception as exc:  # noqa: BLE001 - a model's make_cache may reject its own config
         raise ModelLoadError(f"{name}: the model could not build its caches ({type(exc).__name__}: {exc})") from exc
-    rotations, kv_shape, _ = probe_rotations(model)  # a failed probe refuses row moves, not chat
+    rotations, dims, _ = probe_rotations(model)  # a failed probe refuses row moves, not chat
     support = build_table(name, layout, rotations)
     rope = _rope_info(model, [r for r, e in zip(rotations, layout.entries) if e.kind == "attention"])
-    n_kv_heads, head_dim, value_dim = kv_shape
+    n_kv_heads, head_dim, value_dim = next((d for d in dims if d[0]), (0, 0, 0))
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -232,7 +233,7 @@ def load_model(id_or_path: str | os.PathLike[str] | None = None) -> LoadedModel:
         name=name,
         fingerprint=fingerprint_folder(path),
         dtype=dtype,
-        n_layers=layout.n_model_layers,
+        n_layers=layout.n_caches,  # cache-carrying layers (shared-KV layers keep none)
         n_kv_heads=n_kv_heads,
         head_dim=head_dim,
         rope=rope,
@@ -241,6 +242,7 @@ def load_model(id_or_path: str | os.PathLike[str] | None = None) -> LoadedModel:
         rotations=rotations,
         support=support,
         value_dim_=value_dim,
+        cache_dims=dims,
     )
 
 

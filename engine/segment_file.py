@@ -77,6 +77,7 @@ def manifest_for(lm: LoadedModel, seg: Segment, sha: str) -> dict[str, Any]:
         "n_kv_heads": lm.n_kv_heads,
         "head_dim": lm.head_dim,
         "value_dim": lm.value_dim,  # differs from head_dim on MLA caches (latent keys, k_pe values)
+        "layer_dims": [list(d) for d in lm.cache_dims],  # per layer [kv heads, key dim, value dim]
         "dtype": lm.dtype,
         "rope": lm.rope.as_dict() if lm.rope else {},
         "positions": [int(p) for p in seg.positions],
@@ -226,10 +227,14 @@ def _check_arrays(fname: str, man: dict[str, Any], arrays: dict[str, np.ndarray]
     pos = man["positions"]
     if not all(json_int(q) for q in pos) or any(b <= a for a, b in zip(pos, pos[1:])) or pos[0] < 0:
         raise SegmentFileError(f"{fname}: positions must be increasing non-negative integers")
-    shapes = [
-        [1, man["n_kv_heads"], n, man["head_dim"]],
-        [1, man["n_kv_heads"], n, man.get("value_dim", man["head_dim"])],
-    ]
+    default = [man["n_kv_heads"], man["head_dim"], man.get("value_dim", man["head_dim"])]
+    dims = man.get("layer_dims") or [default] * n_layers
+    if (
+        not isinstance(dims, list)
+        or len(dims) != n_layers
+        or not all(isinstance(d, list) and len(d) == 3 and all(json_int(x) for x in d) for d in dims)
+    ):
+        raise SegmentFileError(f"{fname}: layer_dims must be {n_layers} [kv heads, key dim, value dim] triples")
     expected = {f"{i}.{j}" for i in range(n_layers) for j in range(3)}
     if set(arrays) != expected:
         extra, missing = sorted(set(arrays) - expected), sorted(expected - set(arrays))
@@ -243,9 +248,10 @@ def _check_arrays(fname: str, man: dict[str, Any], arrays: dict[str, np.ndarray]
             raise SegmentFileError(f"{fname}: layer {i} says it caches {length.tolist()} tokens, the manifest has {n}")
         for j in (0, 1):
             a = arrays[f"{i}.{j}"]
-            if list(a.shape) != shapes[j] or a.dtype != np.float32:
+            shape = [1, dims[i][0], n, dims[i][1 + j]]
+            if list(a.shape) != shape or a.dtype != np.float32:
                 raise SegmentFileError(
-                    f"{fname}: tensor {i}.{j} is {list(a.shape)} {a.dtype}, manifest says {shapes[j]} float32"
+                    f"{fname}: tensor {i}.{j} is {list(a.shape)} {a.dtype}, manifest says {shape} float32"
                 )
             ordered.append(a)
     if _tensor_hash(ordered) != man["tensors_sha256"]:
@@ -262,6 +268,8 @@ def _check_model(fname: str, man: dict[str, Any], lm: LoadedModel) -> None:
     ):
         if man.get(key, man["head_dim"]) != have:
             raise SegmentFileError(f"{fname}: {key} is {man[key]}, the loaded model has {have}")
+    if "layer_dims" in man and lm.cache_dims and man["layer_dims"] != [list(d) for d in lm.cache_dims]:
+        raise SegmentFileError(f"{fname}: layer shapes {man['layer_dims']} differ from the model's {lm.cache_dims}")
     if lm.rope and man["rope"] != lm.rope.as_dict():
         raise SegmentFileError(f"{fname}: RoPE {man['rope']} differs from the model's {lm.rope.as_dict()}")
     if man["model_fingerprint"] != lm.fingerprint:

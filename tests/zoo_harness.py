@@ -165,6 +165,33 @@ def first_rows_error(eng: Engine, sid: str) -> float:
     return worst
 
 
+def masked_logits_error(eng: Engine, sid: str) -> float:
+    """Max relative difference of next-token logits: the masked session vs never having seen the masked tokens.
+
+    The reference feeds only the visible tokens, each at its own position
+    (gaps kept), into fresh caches: exactly what masking promises.
+    """
+    lm, s = eng.model, eng.session(sid)  # type: ignore[arg-type]
+    c = next(c for c in s.caches if isinstance(c, ScopeKVCache))
+    n = c.n_rows
+    rows = np.nonzero(c.row_visible[:n])[0]
+    tok, pos = c.row_token[:n][rows], c.row_position[:n][rows]
+    rc = make_session_caches(lm.model)
+    starts = [0, *np.nonzero(np.diff(pos) != 1)[0] + 1, len(pos)]
+    for a, b in zip(starts[:-1], starts[1:]):
+        for x in rc:
+            if isinstance(x, ScopeKVCache):
+                x.offset = int(pos[a])
+        forward(lm.model, [s.tokens[t] for t in tok[a:b]], rc)
+    for x in rc:
+        if isinstance(x, ScopeKVCache):
+            x.offset = c.offset
+    got = forward(lm.model, [5], [x.copy() for x in s.caches])[0, -1]
+    want = forward(lm.model, [5], rc)[0, -1]
+    scale = float(mx.abs(want).max().item()) or 1.0
+    return float(mx.abs(got - want).max().item()) / scale
+
+
 def logits_error(eng: Engine, sid: str) -> float:
     """Max relative difference of next-token logits: the session's cache vs a recompute of its tokens."""
     lm, s = eng.model, eng.session(sid)  # type: ignore[arg-type]
@@ -185,9 +212,12 @@ def _run_op(eng: Engine, sid: str, op: str, tmp: Path) -> str:
     s = eng.session(sid)  # type: ignore[arg-type]
     n = s.n_tokens
     lo, hi = 2, min(6, n - 2)
-    if op == "mask":
-        rep = eng.mask(sid, lo, hi)  # type: ignore[arg-type]
-        return f"{_verdict(eng, op)} (cos {rep.cosine:.3f})"
+    if op == "mask":  # the last tokens: no later row saw them, so "never seen" is the exact reference
+        rep = eng.mask(sid, n - 4, n)  # type: ignore[arg-type]
+        err = masked_logits_error(eng, sid)
+        if _verdict(eng, op) == "exact":
+            return "exact" if err < TOL else f"MISMATCH masked logits off by {err:.1e}"
+        return f"measured (cos {rep.cosine:.3f}; logits vs never-seen off by {err:.1e})"
     if op == "delete":
         eng.delete_span(sid, lo, hi, shift=True, fidelity=False)  # type: ignore[arg-type]
         return _exact_rows(eng, sid)

@@ -31,7 +31,7 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import ArraysCache, CacheList, RotatingKVCache
+from mlx_lm.models.cache import ArraysCache, RotatingKVCache
 
 from kvscope.engine.errors import UnsupportedModelError
 
@@ -159,15 +159,32 @@ class AdoptedCache:
             self.state = saved  # type: ignore[attr-defined]
 
     def copy(self) -> AdoptedCache:
-        other = copy.copy(self)
         if isinstance(self, ArraysCache):
+            other = copy.copy(self)
             other.cache = list(self.cache)  # arrays are replaced, never written into
-        elif isinstance(self, CacheList):
-            other.caches = tuple(c.copy() for c in self.caches)
         else:
-            other.state = self._state_copy()  # type: ignore[attr-defined]
+            other = _copied(self)
         other._checkpoints = deque(self._checkpoints, maxlen=_CHECKPOINTS)
         return other
+
+
+def _copied(obj: Any) -> Any:
+    """A copy of an mlx-lm cache whose arrays (which update_and_fetch writes into) are copies too."""
+
+    def dup(v: Any) -> Any:
+        if isinstance(v, mx.array):
+            return mx.array(v)
+        if isinstance(v, (list, tuple)):
+            return type(v)(dup(x) for x in v)
+        if hasattr(v, "__dict__") and type(v).__module__.startswith("mlx_lm"):
+            return _copied(v)  # a sub-cache of a CacheList
+        return v
+
+    other = copy.copy(obj)
+    for name, value in vars(obj).items():
+        if name != "_checkpoints":
+            setattr(other, name, dup(value))
+    return other
 
 
 class _StateExtras:

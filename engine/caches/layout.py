@@ -6,7 +6,8 @@ Promises:
   never runs the model, so it cannot crash on a cache type the model does
   not use;
 - `make_session_caches(model)` lays a session out the same way: a plain
-  `KVCache` becomes kvscope's `ScopeKVCache`, every other kind is the
+  `KVCache` becomes kvscope's `ScopeKVCache`, a `RotatingKVCache` a
+  `SlidingScopeKVCache` (window over positions), every other kind is the
   model's own cache adopted with kvscope's bookkeeping;
 - models whose later layers read an earlier layer's KV (shared-KV layers,
   gemma3n/gemma4) get fewer caches than layers, exactly as mlx-lm.
@@ -24,6 +25,8 @@ import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
 from kvscope.engine.caches.adopted import adopt, kind_of
+from kvscope.engine.caches.shared import SharedSourceKVCache
+from kvscope.engine.caches.sliding import SlidingScopeKVCache
 from kvscope.engine.kv_cache import ScopeKVCache
 
 KIND_LABELS = {
@@ -122,6 +125,14 @@ def detect_layout(model: nn.Module) -> CacheLayout:
 def make_session_caches(model: nn.Module) -> list[Any]:
     """A fresh cache list for a session, laid out as the model's own `make_cache()`."""
     out: list[Any] = []
-    for c in make_prompt_cache(model):
-        out.append(ScopeKVCache() if type(c).__name__ == "KVCache" else adopt(c))
+    caches = make_prompt_cache(model)
+    shared = _n_model_layers(model, len(caches)) > len(caches)  # later layers read these caches' rows
+    for c in caches:
+        name = type(c).__name__
+        if name == "KVCache":
+            out.append(SharedSourceKVCache() if shared else ScopeKVCache())
+        elif name == "RotatingKVCache" and c.keep == 0:
+            out.append(SlidingScopeKVCache(c.max_size))
+        else:
+            out.append(adopt(c))
     return out

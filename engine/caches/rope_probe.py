@@ -183,7 +183,11 @@ def _fit(index: int, runs: dict[int, np.ndarray], tensor: str) -> LayerRotation 
 
 def _layer(index: int, runs: dict[int, tuple[np.ndarray, np.ndarray]]) -> LayerRotation:
     (k0, v0), (k1, v1) = runs[0], runs[1]
-    moved = [name for name, a, b in (("keys", k0, k1), ("values", v0, v1)) if not np.allclose(a, b, rtol=0, atol=0)]
+    moved = [
+        name
+        for name, a, b in (("keys", k0, k1), ("values", v0, v1))
+        if float(np.abs(a - b).max()) > _TOL * (float(np.abs(a).max()) or 1.0)  # float noise is not a move
+    ]
     if not moved:
         return LayerRotation(index, True, "")
     if len(moved) == 2:
@@ -193,7 +197,7 @@ def _layer(index: int, runs: dict[int, tuple[np.ndarray, np.ndarray]]) -> LayerR
     rot = _fit(index, {p: r[pos] for p, r in runs.items()}, tensor)
     if rot is None:
         return LayerRotation(
-            index, False, tensor, reason="stored rows change with position in a way that is not a rotation"
+            index, False, tensor, reason="stored rows change with position in a way that is not a pure rotation"
         )
     scale = float(np.abs(runs[0][pos]).max()) or 1.0
     for p in _CHECK_POSITIONS:
@@ -207,22 +211,21 @@ def _layer(index: int, runs: dict[int, tuple[np.ndarray, np.ndarray]]) -> LayerR
                 rot.hi,
                 rot.traditional,
                 rot.theta,
-                reason=f"its RoPE is not one fixed rotation per position (off by {err:.1e} at position {p}: "
+                reason=f"its RoPE is not a pure rotation per position (off by {err:.1e} at position {p}: "
                 "scaled or dynamic RoPE)",
             )
     return rot
 
 
-def probe_rotations(model: nn.Module) -> tuple[list[LayerRotation], tuple[int, int, int], str | None]:
-    """Per cache, how its rows rotate; (kv heads, key dim, value dim) of the first KV cache; an error if any."""
+def probe_rotations(model: nn.Module) -> tuple[list[LayerRotation], list[tuple[int, int, int]], str | None]:
+    """Per cache, how its rows rotate; per cache (kv heads, key dim, value dim), zeros without rows; an error if any."""
     n = len(make_prompt_cache(model))
     try:
         runs = {p: _run(model, p) for p in sorted({0, *_FIT_POSITIONS, *_CHECK_POSITIONS})}
     except Exception as exc:  # noqa: BLE001 - any model code may reject the probe caches
         why = f"the RoPE probe could not run ({type(exc).__name__}: {exc})"
-        return [LayerRotation(i, False, "", reason=why) for i in range(n)], (0, 0, 0), why
-    first = next((r for r in runs[0] if r is not None), None)
-    kv_shape = (int(first[0].shape[1]), int(first[0].shape[3]), int(first[1].shape[3])) if first else (0, 0, 0)
+        return [LayerRotation(i, False, "", reason=why) for i in range(n)], [(0, 0, 0)] * n, why
+    dims = [(int(r[0].shape[1]), int(r[0].shape[3]), int(r[1].shape[3])) if r else (0, 0, 0) for r in runs[0]]
     out: list[LayerRotation] = []
     for i in range(n):
         got = {p: r[i] for p, r in runs.items()}
@@ -230,4 +233,4 @@ def probe_rotations(model: nn.Module) -> tuple[list[LayerRotation], tuple[int, i
             out.append(LayerRotation(i, False, "", reason="this cache kind keeps no per-token rows to move"))
             continue
         out.append(_layer(i, got))  # type: ignore[arg-type]
-    return out, kv_shape, None
+    return out, dims, None

@@ -4,18 +4,19 @@ Every operation consults this one table before it changes anything:
 `SupportTable.require(op)` raises `UnsupportedModelError` naming the model,
 the layer kind and why. `kvscope info` prints the table.
 
-    op            plain attention   MLA (k_pe)   sliding / chunked   recurrent + attention   recurrent only
-    chat          exact             exact        exact               exact                   exact
-    prefix reuse  exact             exact        refused             refused                 refused
-    mask/compact  exact             exact        refused             measured                refused
-    erratum       exact             exact        exact               exact                   exact
+    op            full attention  MLA (k_pe)  sliding window  chunked/quant/other  recurrent+attention  recurrent only
+    chat          exact           exact       exact           exact                exact                exact
+    prefix reuse  exact           exact       exact           refused              refused              refused
+    mask/compact  exact           exact       exact**         refused              measured             refused
+    erratum       exact           exact       exact           exact                exact                exact
     delete/replace/splice/segment files
-                  exact*            exact*       refused             refused                 refused
-    compress      exact (policy)    refused      refused             refused                 refused
-    persistence   exact             exact        refused             refused                 refused
+                  exact*          exact*      exact*          refused              refused              refused
+    compress      policy          refused     refused         refused              refused              refused
+    persistence   exact           exact       refused         refused              refused              refused
 
-    * when every layer's rows rotate by one fixed rotation per position
-      (probed from the model: `rope_probe`), or do not rotate at all.
+    *  when every layer's rows rotate by one fixed rotation per position
+       (probed from the model: `rope_probe`), or do not rotate at all.
+    ** all sliding layers together (they share one window mask).
 
 Knows nothing about sessions.
 """
@@ -47,7 +48,7 @@ OPERATIONS = (
 )
 # Names callers use for the same operation.
 ALIASES = {"delete span": "delete", "replace span": "replace", "save segment": "segment files", "undo": "chat"}
-_ROW_KINDS = ("attention",)
+_ROW_KINDS = ("attention", "sliding")  # kvscope caches with per-row bookkeeping
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,11 @@ def build_table(model: str, layout: CacheLayout, rotations: list[LayerRotation])
                 "already absorbed the masked tokens (only attention rows are hidden; fidelity is measured)",
             )
     plain_only = v("", EXACT) if not non_row else v("", REFUSED, f"{_kinds_phrase(layout, non_row)}")
-    compress = plain_only
+    sliding = layout.kinds["sliding"]
+    full_only = plain_only
+    if sliding and not non_row:
+        full_only = v("", REFUSED, f"{_kinds_phrase(layout, ('sliding',))}, which kvscope does not save or score yet")
+    compress = full_only
     if not non_row and mla:
         compress = v("", REFUSED, "MLA caches store a shared latent and k_pe, not per-head keys to score")
     rows = [
@@ -145,7 +150,7 @@ def build_table(model: str, layout: CacheLayout, rotations: list[LayerRotation])
         ("splice", move),
         ("segment files", move),
         ("compress", compress),
-        ("persistence", plain_only),
+        ("persistence", full_only),
     ]
     return SupportTable(model, tuple(Verdict(op, x.status, x.reason) for op, x in rows))
 
