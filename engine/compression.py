@@ -112,7 +112,7 @@ def decide(
         budget_tokens=budget_tokens,
         quant_bits=quant_bits,
         group_size=group if quant_bits is not None else None,
-        n_tokens=caches[0].next_token if caches else 0,
+        n_tokens=caches[0].n_tokens if caches else 0,
         bytes_before=sum(c.nbytes for c in caches),
         decide_ms=(time.perf_counter() - t0) * 1000,
     )
@@ -137,9 +137,7 @@ def apply_decision(caches: list[ScopeKVCache], decision: Decision) -> None:
     if decision.quant_bits is not None and caches and caches[0].keys is not None:
         group_size_for(caches[0].keys.shape[-1])
     for c, layer in zip(caches, decision.layers):
-        n = c.n_rows
-        drop = c.row_visible[:n] & np.isin(c.row_token[:n], layer.evicted)
-        c.keep_rows(~drop)
+        c.evict_tokens(np.intersect1d(c.visible_tokens, layer.evicted))
         if decision.quant_bits is not None:
             quantize_cache(c, decision.quant_bits)
     decision.bytes_after = sum(c.nbytes for c in caches)

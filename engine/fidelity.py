@@ -1,7 +1,8 @@
 """Fidelity: how far an edited cache is from a full recompute of the same tokens.
 
 The reference is a fresh prefill of the session's visible tokens (layer 0's
-view) in logical order at contiguous positions. Both caches then read the
+view) in logical order at their recorded positions (a masked span or a
+delete that kept positions leaves a gap there too). Both caches then read the
 same probe tokens (the template text of a new user turn); the report
 compares their next-token distributions at every probe position: mean
 logit cosine, mean KL(reference || edited), and top-1 agreement.
@@ -56,13 +57,16 @@ def probe_tokens(lm: LoadedModel, s: Session) -> list[int]:
     return chat.encode(lm.tokenizer, delta if delta else f"\n{PROBE_MESSAGE}\n")
 
 
-def visible_tokens(s: Session) -> list[int]:
-    """Tokens a full-attention cache still shows (all tokens when the model has none)."""
+def visible_tokens(s: Session) -> tuple[list[int], np.ndarray]:
+    """Ids and positions of the tokens the first attention cache attends, in logical order.
+
+    A model without one (recurrent state only) attends every token it has seen.
+    """
     c = next((c for c in s.caches if isinstance(c, ScopeKVCache)), None)
     if c is None:
-        return list(s.tokens)
-    vis = np.sort(c.row_token[: c.n_rows][c.row_visible[: c.n_rows]])
-    return [s.tokens[i] for i in vis]
+        return list(s.tokens), np.arange(s.n_tokens)
+    vis = c.visible_tokens
+    return [s.tokens[i] for i in vis], c.token_positions[vis]
 
 
 def compare_logits(ref: mx.array, got: mx.array) -> tuple[float, float, float]:
@@ -76,9 +80,17 @@ def compare_logits(ref: mx.array, got: mx.array) -> tuple[float, float, float]:
     return float(cos.mean()), float(max(kl.mean(), 0.0)), float(top1.mean())
 
 
-def recompute_logits(lm: LoadedModel, tokens: list[int], probe: list[int], chunk: int = 512) -> mx.array:
+def recompute_logits(
+    lm: LoadedModel, tokens: list[int], positions: np.ndarray | None, probe: list[int], chunk: int = 512
+) -> mx.array:
+    """Logits of `probe` after a fresh prefill of `tokens` at `positions` (None = 0, 1, 2, ...)."""
     caches = make_session_caches(lm.model)  # the model's own layout (sliding, recurrent...)
-    prefill(lm.model, caches, tokens, chunk)
+    pos = np.arange(len(tokens)) if positions is None else np.asarray(positions)
+    runs = np.split(np.arange(len(tokens)), np.nonzero(np.diff(pos) != 1)[0] + 1) if len(tokens) else []
+    for run in runs:  # each run of consecutive positions is one plain prefill
+        for c in caches:
+            c.advance_to(int(pos[run[0]]))
+        prefill(lm.model, caches, [tokens[i] for i in run], chunk)
     return forward(lm.model, probe, caches)[0]
 
 
@@ -88,7 +100,7 @@ def measure(
     """Compare the session's cache with a full recompute of its visible tokens."""
     probe = probe_tokens(lm, s)
     t0 = time.perf_counter()
-    ref = recompute_logits(lm, visible_tokens(s), probe)
+    ref = recompute_logits(lm, *visible_tokens(s), probe)
     mx.eval(ref)
     recompute_ms = (time.perf_counter() - t0) * 1000
     got = forward(lm.model, probe, [c.copy() for c in s.caches])[0]

@@ -4,34 +4,132 @@ Promises:
 - follows mlx-lm's cache protocol (`update_and_fetch`, `offset`, `state`,
   `meta_state`, `from_state`, `is_trimmable`, `trim`, `nbytes`, `make_mask`,
   `empty`, `size`), so any plain-attention mlx-lm model runs on it unmodified;
-- keeps rows and positions apart: `offset` is the next RoPE position, `n_rows`
-  the number of stored rows; masking, eviction and splicing change rows and
-  never reset `offset` to the row count;
-- `update_and_fetch` returns only the *visible* rows followed by the new ones.
-  mlx's causal mask is aligned to the lower right, so attention over that
-  shorter key list is exact for prefill chunks and decode alike.
+- is the *only* owner of this layer's bookkeeping: which logical tokens have
+  rows, which rows are visible, and the RoPE position of every logical token
+  (with or without a row). Others read it through read-only arrays and change
+  it through the methods below; nothing keeps a copy that could drift;
+- `offset` (the next RoPE position) is always one past the last token's
+  position; it is never reset to a row count;
+- masking is free at decode time: masked rows leave the attended buffer and
+  wait aside for unmask, so `update_and_fetch` returns a prefix slice of one
+  buffer, as mlx-lm's `KVCache` does, whatever is masked. mlx's causal mask is
+  aligned to the lower right, so attention over the visible rows is exact for
+  prefill chunks and decode alike.
 
-Row bookkeeping, one entry per stored row (numpy, host side)::
+Storage, with tokens 2-3 masked and token 4 evicted::
 
-    row:        0    1    2    3    4    5        <- storage order
-    token:      0    1    2    3    4    5        <- logical token index in the session
-    position:   0    1    2    3    4    5        <- RoPE position the key was rotated at
-    visible:    T    T    F    F    T    T        <- masked rows stay stored
+    token:     0  1  2  3  4  5  6
+    position:  0  1  2  3  4  5  6      _pos[:n_tokens], strictly increasing
+    attended:  0  1           5  6      keys[..., :n_visible, :], token order
+    aside:           2  3               masked rows, token order, kept for unmask
+    (token 4 has no row in this layer: evicted)
 
-Knows nothing about tokens' text, blocks, sessions or events.
+Knows nothing about tokens' text, blocks, sessions, RoPE or events: edits that
+move positions take a `rotate(keys, delta)` function from the caller.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import create_attention_mask
 
-from kvscope.engine.tensor_ops import take_rows
+from kvscope.engine.tensor_ops import concat_rows, slice_rows, take_rows
 
 _I64 = np.int64
+Rotate = Callable[[mx.array, int], mx.array]
+RowMap = Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a = a.view()
+    a.flags.writeable = False
+    return a
+
+
+def _gather(x: mx.array, idx: np.ndarray) -> mx.array:
+    return take_rows(x, mx.array(np.asarray(idx, np.int32)))
+
+
+class _Rows:
+    """A set of K/V rows in token order (the attended buffer or the aside store)."""
+
+    __slots__ = ("keys", "values", "tokens", "n")
+
+    def __init__(self) -> None:
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.tokens = np.zeros(0, _I64)  # capacity; [:n] are valid, ascending
+        self.n = 0
+
+    def kv(self) -> tuple[mx.array, mx.array]:
+        assert self.keys is not None and self.values is not None
+        return self.keys[..., : self.n, :], self.values[..., : self.n, :]
+
+    def toks(self) -> np.ndarray:
+        return self.tokens[: self.n]
+
+    def set(self, keys: mx.array | None, values: mx.array | None, tokens: np.ndarray) -> None:
+        self.keys, self.values = keys, values
+        self.tokens = np.asarray(tokens, _I64).copy()
+        self.n = len(self.tokens)
+
+    def clear(self) -> None:
+        self.set(None, None, np.zeros(0, _I64))
+
+    def keep(self, keep: np.ndarray) -> None:
+        """Drop the rows where `keep` is False (one gather; none if only a tail goes)."""
+        k = int(keep.sum())
+        if k == self.n:
+            return
+        if k == 0:
+            self.n = 0
+            return
+        if keep[:k].all():  # only a tail goes: the next append overwrites it
+            self.n = k
+            return
+        keys, values = self.kv()
+        idx = np.nonzero(keep)[0]
+        self.set(_gather(keys, idx), _gather(values, idx), self.toks()[idx])
+
+    def take(self, sel: np.ndarray) -> tuple[mx.array, mx.array, np.ndarray]:
+        keys, values = self.kv()
+        idx = np.nonzero(sel)[0]
+        return _gather(keys, idx), _gather(values, idx), self.toks()[idx]
+
+    def merge(self, keys: mx.array, values: mx.array, tokens: np.ndarray) -> None:
+        """Add rows (tokens not present yet), keeping token order: one gather."""
+        if len(tokens) == 0:
+            return
+        if self.n == 0:
+            self.set(keys, values, tokens)
+            return
+        k0, v0 = self.kv()
+        all_tok = np.concatenate([self.toks(), tokens])
+        order = np.argsort(all_tok, kind="stable")
+        if (order == np.arange(len(order))).all():  # appended at the end
+            self.set(concat_rows([k0, keys]), concat_rows([v0, values]), all_tok)
+        else:
+            self.set(_gather(concat_rows([k0, keys]), order), _gather(concat_rows([v0, values]), order), all_tok[order])
+
+    def shift_from(self, token: int, d_tokens: int, d_pos: int, rotate: Rotate | None) -> None:
+        r0 = int(np.searchsorted(self.toks(), token, side="left"))
+        if r0 >= self.n:
+            return
+        self.tokens[r0 : self.n] += d_tokens
+        if d_pos:
+            assert self.keys is not None and rotate is not None, "moving positions needs a rotate function"
+            self.keys[..., r0 : self.n, :] = rotate(self.keys[..., r0 : self.n, :], d_pos)
+
+    def copy(self) -> _Rows:
+        other = _Rows()
+        if self.n and self.keys is not None:
+            k, v = self.kv()
+            other.set(mx.array(k), mx.array(v), self.toks())
+        return other
 
 
 class ScopeKVCache:
@@ -40,99 +138,100 @@ class ScopeKVCache:
     step = 256
 
     def __init__(self) -> None:
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
-        self.offset = 0  # next RoPE position
-        self.n_rows = 0  # stored rows (visible or masked)
-        self.next_token = 0  # logical token index the next appended row gets
-        self.row_token = np.zeros(0, _I64)
-        self.row_position = np.zeros(0, _I64)
-        self.row_visible = np.zeros(0, bool)
-        self._gather: mx.array | None = None  # visible row ids, None = all visible
-        self._gather_valid = True
-        self._gather_upto = 0
+        self._live = _Rows()  # attended: visible rows, with spare capacity
+        self._aside = _Rows()  # masked rows, exact size
+        self._pos = np.zeros(0, _I64)  # position of each logical token (capacity)
+        self._n_tokens = 0
+        self._offset = 0  # next RoPE position
 
     # ------------------------------------------------------------ protocol
+    @property
+    def keys(self) -> mx.array | None:
+        """The attended buffer (visible rows first, then spare capacity)."""
+        return self._live.keys
+
+    @property
+    def values(self) -> mx.array | None:
+        return self._live.values
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         n_new = keys.shape[2]
-        start = self.n_rows
+        live = self._live
+        start, t, p = live.n, self._n_tokens, self._offset
         self._reserve(start + n_new, keys, values)
-        assert self.keys is not None and self.values is not None
-        self.keys[..., start : start + n_new, :] = keys
-        self.values[..., start : start + n_new, :] = values
+        assert live.keys is not None and live.values is not None
+        live.keys[..., start : start + n_new, :] = keys
+        live.values[..., start : start + n_new, :] = values
         if n_new == 1:  # decode: scalar stores, the hot path
-            self.row_token[start], self.row_position[start], self.row_visible[start] = (
-                self.next_token,
-                self.offset,
-                True,
-            )
+            live.tokens[start] = t
+            self._pos[t] = p
         else:
-            self.row_token[start : start + n_new] = np.arange(self.next_token, self.next_token + n_new)
-            self.row_position[start : start + n_new] = np.arange(self.offset, self.offset + n_new)
-            self.row_visible[start : start + n_new] = True
-        self.n_rows += n_new
-        self.offset += n_new
-        self.next_token += n_new
-        gather = self._visible_rows(start)
-        if gather is None:
-            return self.keys[..., : self.n_rows, :], self.values[..., : self.n_rows, :]
-        idx = mx.concatenate([gather, mx.arange(start, start + n_new)])
-        return take_rows(self.keys, idx), take_rows(self.values, idx)
+            live.tokens[start : start + n_new] = np.arange(t, t + n_new)
+            self._pos[t : t + n_new] = np.arange(p, p + n_new)
+        live.n += n_new
+        self._n_tokens += n_new
+        self._offset += n_new
+        return live.keys[..., : live.n, :], live.values[..., : live.n, :]
 
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None) -> Any:
-        # The key list is visible rows + new rows; its length sets the mask offset.
-        n_before = self.n_visible
-        return create_attention_mask(n, n_before, return_array, window_size)
+        # The key list is the visible rows + the new ones; its length sets the mask offset.
+        return create_attention_mask(n, self._live.n, return_array, window_size)
 
     def size(self) -> int:
-        return self.offset
+        return self._offset
 
     def empty(self) -> bool:
-        return self.keys is None
+        return self._live.keys is None and self._aside.n == 0
 
     def is_trimmable(self) -> bool:
         return True
 
     def trim(self, n: int) -> int:
         """Drop the last `n` logical tokens (rows and positions)."""
-        n = min(self.next_token, n)
+        n = min(self._n_tokens, n)
         if n <= 0:
             return 0
-        cut = self.next_token - n
-        keep = self.row_token[: self.n_rows] < cut
-        self.keep_rows(keep)
-        self.next_token = cut
-        self.offset -= n
+        cut = self._n_tokens - n
+        self._live.keep(self._live.toks() < cut)
+        self._aside.keep(self._aside.toks() < cut)
+        self._n_tokens = cut
+        self._sync_offset()
         return n
 
     @property
     def state(self) -> tuple[mx.array, mx.array]:
-        assert self.keys is not None and self.values is not None
-        return self.keys[..., : self.n_rows, :], self.values[..., : self.n_rows, :]
+        """Every stored row (visible and masked) in token order."""
+        keys, values, _, _ = self.rows_of(0, self._n_tokens)
+        return keys, values
 
     @state.setter
     def state(self, v: tuple[mx.array, mx.array]) -> None:
-        self.keys, self.values = v
-        n = self.keys.shape[2]
-        self.n_rows = n
-        self.row_token = np.arange(n, dtype=_I64)
-        self.row_position = np.arange(n, dtype=_I64)
-        self.row_visible = np.ones(n, bool)
-        self._invalidate()
+        keys, values = v
+        n = keys.shape[2]
+        self._live.set(keys, values, np.arange(n, dtype=_I64))
+        self._aside.clear()
+        self._pos = np.arange(n, dtype=_I64)
+        self._n_tokens = n
+        self._sync_offset()
 
     @property
     def meta_state(self) -> tuple[str, ...]:
-        return (str(self.offset), str(self.next_token))
+        return (str(self._offset), str(self._n_tokens))
 
     @meta_state.setter
     def meta_state(self, v: tuple[str, ...]) -> None:
-        self.offset, self.next_token = int(v[0]), int(v[1])
+        offset, n_tokens = int(v[0]), int(v[1])
+        if (offset, n_tokens) != (self._offset, self._n_tokens):
+            raise ValueError(f"meta state {v} does not match the {self._n_tokens} rows loaded")
 
     @classmethod
     def from_state(cls, state: tuple[mx.array, mx.array], meta_state: tuple[str, ...] | None = None) -> ScopeKVCache:
         obj = cls()
         obj.state = state
-        obj.offset = obj.next_token = obj.n_rows
         if meta_state is not None:
             obj.meta_state = meta_state
         return obj
@@ -140,136 +239,261 @@ class ScopeKVCache:
     @property
     def nbytes(self) -> int:
         """Bytes of the stored rows (masked rows included: they are kept)."""
-        if self.keys is None or self.values is None or self.keys.shape[2] == 0:
+        keys = self._live.keys if self._live.keys is not None else self._aside.keys
+        values = self._live.values if self._live.values is not None else self._aside.values
+        if keys is None or values is None or keys.shape[2] == 0:
             return 0
-        per_row = (self.keys.nbytes // self.keys.shape[2]) + (self.values.nbytes // self.values.shape[2])
+        per_row = keys.nbytes // keys.shape[2] + values.nbytes // values.shape[2]
         return per_row * self.n_rows
 
-    # ------------------------------------------------------------ kvscope
+    # ------------------------------------------------------------ reading
+    @property
+    def n_tokens(self) -> int:
+        """Logical tokens this layer has seen (with or without a row)."""
+        return self._n_tokens
+
+    @property
+    def n_rows(self) -> int:
+        """Stored rows, visible or masked."""
+        return self._live.n + self._aside.n
+
     @property
     def n_visible(self) -> int:
-        return int(self.row_visible[: self.n_rows].sum())
+        return self._live.n
+
+    @property
+    def token_positions(self) -> np.ndarray:
+        """`[n_tokens]` RoPE position of every logical token (read-only)."""
+        return _frozen(self._pos[: self._n_tokens])
+
+    @property
+    def visible_tokens(self) -> np.ndarray:
+        """Logical tokens of the attended rows, ascending (read-only)."""
+        return _frozen(self._live.toks())
+
+    @property
+    def masked_tokens(self) -> np.ndarray:
+        """Logical tokens of the rows kept aside by a mask, ascending (read-only)."""
+        return _frozen(self._aside.toks())
+
+    @property
+    def row_token(self) -> np.ndarray:
+        """`[n_rows]` logical token of every stored row, ascending."""
+        return np.union1d(self._live.toks(), self._aside.toks()).astype(_I64)
+
+    @property
+    def row_visible(self) -> np.ndarray:
+        """`[n_rows]` whether each row of `row_token` is attended."""
+        return np.isin(self.row_token, self._live.toks())
+
+    @property
+    def row_position(self) -> np.ndarray:
+        return self._pos[self.row_token]
 
     @property
     def is_plain(self) -> bool:
         """True when rows are exactly tokens 0..n-1 at positions 0..n-1, all visible."""
-        n = self.n_rows
-        return (
-            n == self.next_token == self.offset
-            and bool(self.row_visible[:n].all())
-            and bool((self.row_position[:n] == np.arange(n)).all())
-        )
+        return self.plain_prefix_len() == self._n_tokens == self._live.n
 
+    def plain_prefix_len(self) -> int:
+        """Leading tokens 0..k-1 with visible rows at positions 0..k-1."""
+        live = self._live.toks()
+        m = min(len(live), self._n_tokens)
+        ok = (live[:m] == np.arange(m)) & (self._pos[:m] == np.arange(m))
+        bad = np.nonzero(~ok)[0]
+        return int(bad[0]) if len(bad) else m
+
+    def rows_of(self, lo: int, hi: int) -> tuple[mx.array, mx.array, np.ndarray, np.ndarray]:
+        """(keys, values, tokens, visible) of the stored rows of tokens [lo, hi), token order."""
+        parts = []
+        for rows, vis in ((self._live, True), (self._aside, False)):
+            t = rows.toks()
+            sel = (t >= lo) & (t < hi)
+            if sel.any():
+                k, v, toks = rows.take(sel)
+                parts.append((k, v, toks, np.full(len(toks), vis)))
+        if not parts:
+            store = self._live if self._live.keys is not None else self._aside
+            if store.keys is None or store.values is None:
+                raise ValueError("the cache holds no rows yet")
+            return store.keys[..., :0, :], store.values[..., :0, :], np.zeros(0, _I64), np.zeros(0, bool)
+        toks = np.concatenate([p[2] for p in parts])
+        order = np.argsort(toks, kind="stable")
+        keys = concat_rows([p[0] for p in parts])
+        values = concat_rows([p[1] for p in parts])
+        if len(parts) > 1:
+            keys, values = _gather(keys, order), _gather(values, order)
+        return keys, values, toks[order], np.concatenate([p[3] for p in parts])[order]
+
+    def tail_rows(self, m: int) -> tuple[mx.array, mx.array]:
+        """Contiguous copies of the last `m` attended rows."""
+        keys, values = self._live.kv()
+        n = self._live.n
+        return slice_rows(keys, n - m, n), slice_rows(values, n - m, n)
+
+    # ------------------------------------------------------------ editing
     def set_visible(self, token_lo: int, token_hi: int, visible: bool) -> int:
-        """Mask or unmask the rows of logical tokens [lo, hi). Returns rows changed."""
-        tok = self.row_token[: self.n_rows]
-        sel = (tok >= token_lo) & (tok < token_hi) & (self.row_visible[: self.n_rows] != visible)
-        self.row_visible[: self.n_rows][sel] = visible
-        if sel.any():
-            self._invalidate()
-        return int(sel.sum())
+        """Mask or unmask the rows of logical tokens [lo, hi). Returns rows changed.
 
-    def keep_rows(self, keep: np.ndarray) -> None:
-        """Physically drop the rows where `keep` is False (positions untouched)."""
-        keep = np.asarray(keep, bool)
-        if keep.all():
-            return
-        kept = int(keep.sum())
-        if keep[:kept].all():  # only a tail goes: no copy, the next append overwrites those rows
-            self.n_rows = kept
-            self._invalidate()
-            return
-        idx = np.nonzero(keep)[0]
-        self._compact(idx)
+        One gather per call; decode afterwards attends only the visible rows.
+        """
+        src, dst = (self._aside, self._live) if visible else (self._live, self._aside)
+        t = src.toks()
+        sel = (t >= token_lo) & (t < token_hi)
+        if not sel.any():
+            return 0
+        keys, values, toks = src.take(sel)
+        src.keep(~sel)
+        dst.merge(keys, values, toks)
+        return len(toks)
 
-    def insert_rows(
+    def evict_tokens(self, tokens: np.ndarray) -> int:
+        """Physically drop the rows of `tokens` (positions untouched). Returns rows dropped."""
+        tokens = np.asarray(tokens, _I64)
+        n = 0
+        for rows in (self._live, self._aside):
+            drop = np.isin(rows.toks(), tokens)
+            if drop.any():
+                n += int(drop.sum())
+                rows.keep(~drop)
+        return n
+
+    def delete_tokens(self, lo: int, hi: int, d_pos: int = 0, rotate: Rotate | None = None) -> None:
+        """Remove tokens [lo, hi): their rows and positions. Later tokens move down
+        by `hi - lo` indices and by `d_pos` positions (keys re-rotated by `rotate`)."""
+        self.evict_tokens(np.arange(lo, hi))
+        for rows in (self._live, self._aside):
+            rows.shift_from(hi, lo - hi, d_pos, rotate)
+        pos = self._pos[: self._n_tokens]
+        self._pos = np.concatenate([pos[:lo], pos[hi:] + d_pos])
+        self._n_tokens -= hi - lo
+        self._sync_offset()
+
+    def insert_tokens(
         self,
-        at_row: int,
+        at: int,
         keys: mx.array,
         values: mx.array,
-        tokens: np.ndarray,
         positions: np.ndarray,
+        visible: np.ndarray,
+        shift: int = 0,
+        rotate: Rotate | None = None,
     ) -> None:
-        """Insert rows before storage row `at_row` with the given bookkeeping."""
-        assert self.keys is not None and self.values is not None, "insert into an empty cache"
-        n = self.n_rows
-        k, v = self.state
-        self.keys = mx.concatenate([k[..., :at_row, :], keys, k[..., at_row:, :]], axis=2)
-        self.values = mx.concatenate([v[..., :at_row, :], values, v[..., at_row:, :]], axis=2)
-        m = keys.shape[2]
-        self.row_token = np.concatenate([self.row_token[:at_row], tokens, self.row_token[at_row:n]])
-        self.row_position = np.concatenate([self.row_position[:at_row], positions, self.row_position[at_row:n]])
-        self.row_visible = np.concatenate([self.row_visible[:at_row], np.ones(m, bool), self.row_visible[at_row:n]])
-        self.n_rows = n + m
-        self._invalidate()
+        """Insert m tokens with rows before logical token `at`.
 
-    def replace_rows(self, rows: np.ndarray, keys: mx.array, values: mx.array) -> None:
-        """Overwrite the K/V of storage rows `rows` (e.g. after re-rotation)."""
-        assert self.keys is not None and self.values is not None
-        idx = mx.array(np.asarray(rows, np.int32))
-        self.keys[..., idx, :] = keys
-        self.values[..., idx, :] = values
+        Tokens from `at` on move up by m indices and by `shift` positions (keys
+        re-rotated by `rotate`); the new tokens sit at `positions`, their rows
+        visible where `visible` says.
+        """
+        m = keys.shape[2]
+        positions = np.asarray(positions, _I64)
+        visible = np.asarray(visible, bool)
+        for rows in (self._live, self._aside):
+            rows.shift_from(at, m, shift, rotate)
+        pos = self._pos[: self._n_tokens]
+        self._pos = np.concatenate([pos[:at], positions, pos[at:] + shift])
+        self._n_tokens += m
+        new = np.arange(at, at + m, dtype=_I64)
+        for rows, sel in ((self._live, visible), (self._aside, ~visible)):
+            if sel.any():
+                idx = np.nonzero(sel)[0]
+                rows.merge(_gather(keys, idx), _gather(values, idx), new[idx])
+        self._sync_offset()
+
+    def overwrite_rows(self, lo: int, keys: mx.array, values: mx.array) -> int:
+        """Overwrite the K/V of tokens [lo, lo + m) where this layer holds them. Returns rows written."""
+        m = keys.shape[2]
+        written = 0
+        for rows in (self._live, self._aside):
+            t = rows.toks()
+            sel = np.nonzero((t >= lo) & (t < lo + m))[0]
+            if len(sel) and rows.keys is not None and rows.values is not None:
+                src = mx.array((t[sel] - lo).astype(np.int32))
+                dst = mx.array(sel.astype(np.int32))
+                rows.keys[..., dst, :] = take_rows(keys, src)
+                rows.values[..., dst, :] = take_rows(values, src)
+                written += len(sel)
+        return written
+
+    def map_rows(self, fn: RowMap) -> None:
+        """Replace every stored row's K/V by `fn(keys, values)` (same shapes), e.g. a quantization round trip."""
+        for rows in (self._live, self._aside):
+            if rows.n:
+                keys, values = fn(*rows.kv())
+                rows.set(keys, values, rows.toks())
+
+    def truncated(self, n_tokens: int) -> ScopeKVCache:
+        """A copy holding only logical tokens < n_tokens (rows, masks and positions)."""
+        other = self.copy()
+        other.trim(other.n_tokens - n_tokens)
+        return other
+
+    def advance_to(self, position: int) -> None:
+        """Let the next token sit at `position` (a gap), e.g. to recompute at recorded positions."""
+        if position < self._offset:
+            raise ValueError(f"position {position} is before the next position {self._offset}")
+        self._offset = int(position)
 
     def copy(self) -> ScopeKVCache:
         other = ScopeKVCache()
-        if self.keys is not None and self.values is not None:
-            k, v = self.state
-            other.keys, other.values = mx.array(k), mx.array(v)
-        other.offset, other.n_rows, other.next_token = self.offset, self.n_rows, self.next_token
-        other.row_token = self.row_token[: self.n_rows].copy()
-        other.row_position = self.row_position[: self.n_rows].copy()
-        other.row_visible = self.row_visible[: self.n_rows].copy()
-        other._invalidate()
+        other._live, other._aside = self._live.copy(), self._aside.copy()
+        other._pos = self._pos[: self._n_tokens].copy()
+        other._n_tokens, other._offset = self._n_tokens, self._offset
         return other
 
+    @classmethod
+    def from_rows(
+        cls,
+        keys: mx.array,
+        values: mx.array,
+        row_tokens: np.ndarray,
+        row_visible: np.ndarray,
+        token_positions: np.ndarray,
+    ) -> ScopeKVCache:
+        """Rebuild a cache from stored rows (e.g. a saved session). Raises ValueError if they disagree."""
+        row_tokens = np.asarray(row_tokens, _I64)
+        row_visible = np.asarray(row_visible, bool)
+        pos = np.asarray(token_positions, _I64)
+        n = len(pos)
+        if row_tokens.ndim != 1 or row_visible.shape != row_tokens.shape or pos.ndim != 1:
+            raise ValueError("row lists must be flat and of one length")
+        if keys.shape[2] != len(row_tokens) or values.shape[2] != len(row_tokens):
+            raise ValueError(f"{keys.shape[2]} key rows for {len(row_tokens)} row tokens")
+        if len(row_tokens) and (np.any(np.diff(row_tokens) <= 0) or row_tokens[0] < 0 or row_tokens[-1] >= n):
+            raise ValueError(f"row tokens must be increasing and within the {n} tokens")
+        if n and (pos[0] < 0 or np.any(np.diff(pos) <= 0)):
+            raise ValueError("token positions must be increasing non-negative integers")
+        obj = cls()
+        for rows, sel in ((obj._live, row_visible), (obj._aside, ~row_visible)):
+            if sel.any():
+                idx = np.nonzero(sel)[0]
+                rows.set(_gather(keys, idx), _gather(values, idx), row_tokens[idx])
+        obj._pos, obj._n_tokens = pos.copy(), n
+        obj._sync_offset()
+        return obj
+
     # ------------------------------------------------------------ internals
+    def _sync_offset(self) -> None:
+        self._offset = int(self._pos[self._n_tokens - 1]) + 1 if self._n_tokens else 0
+
     def _reserve(self, n_rows: int, keys: mx.array, values: mx.array) -> None:
-        cap = 0 if self.keys is None else self.keys.shape[2]
+        if len(self._pos) < self._n_tokens + keys.shape[2]:
+            grown = np.zeros(self._n_tokens + keys.shape[2] + self.step, _I64)
+            grown[: self._n_tokens] = self._pos[: self._n_tokens]
+            self._pos = grown
+        live = self._live
+        cap = 0 if live.keys is None else live.keys.shape[2]
         if n_rows <= cap:
             return
-        n_steps = (n_rows + self.step - 1) // self.step
-        new_cap = n_steps * self.step
+        new_cap = -(-n_rows // self.step) * self.step
         b, h, _, dk = keys.shape
-        dv = values.shape[3]
-        new_k = mx.zeros((b, h, new_cap - self.n_rows, dk), keys.dtype)
-        new_v = mx.zeros((b, h, new_cap - self.n_rows, dv), values.dtype)
-        if self.keys is None or self.values is None:
-            self.keys, self.values = new_k, new_v
+        spare_k = mx.zeros((b, h, new_cap - live.n, dk), keys.dtype)
+        spare_v = mx.zeros((b, h, new_cap - live.n, values.shape[3]), values.dtype)
+        if live.keys is None or live.n == 0:
+            live.keys, live.values = spare_k, spare_v
         else:
-            k, v = self.state
-            self.keys = mx.concatenate([k, new_k], axis=2)
-            self.values = mx.concatenate([v, new_v], axis=2)
-        for name in ("row_token", "row_position", "row_visible"):
-            old = getattr(self, name)
-            grown = np.zeros(new_cap, old.dtype)
-            grown[: self.n_rows] = old[: self.n_rows]
-            setattr(self, name, grown)
-
-    def _compact(self, idx: np.ndarray) -> None:
-        assert self.keys is not None and self.values is not None
-        gather = mx.array(idx.astype(np.int32))
-        self.keys = take_rows(self.keys, gather)
-        self.values = take_rows(self.values, gather)
-        self.row_token = self.row_token[idx].copy()
-        self.row_position = self.row_position[idx].copy()
-        self.row_visible = self.row_visible[idx].copy()
-        self.n_rows = len(idx)
-        self._invalidate()
-
-    def _invalidate(self) -> None:
-        self._gather_valid = False
-
-    def _visible_rows(self, n_before: int) -> mx.array | None:
-        """Gather index of the visible rows among the first `n_before` rows."""
-        if not self._gather_valid:
-            vis = self.row_visible[:n_before]
-            self._gather = None if vis.all() else mx.array(np.nonzero(vis)[0].astype(np.int32))
-            self._gather_upto = n_before
-            self._gather_valid = True
-        elif self._gather is not None and self._gather_upto < n_before:
-            # Rows appended since the last rebuild: extend the index on the host side.
-            lo = self._gather_upto
-            tail = np.arange(lo, n_before, dtype=np.int32)[self.row_visible[lo:n_before]]
-            self._gather = mx.concatenate([self._gather, mx.array(tail)])
-            self._gather_upto = n_before
-        return self._gather
+            k, v = live.kv()
+            live.keys, live.values = concat_rows([k, spare_k]), concat_rows([v, spare_v])
+        tokens = np.zeros(new_cap, _I64)
+        tokens[: live.n] = live.toks()
+        live.tokens = tokens

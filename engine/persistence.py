@@ -73,7 +73,7 @@ def _cache_bytes(s: Session) -> tuple[bytes, str]:
 
     arrays: dict[str, np.ndarray] = {}
     for i, c in enumerate(s.caches):
-        if c.keys is None or c.values is None:
+        if c.n_rows == 0:
             continue
         k, v = c.state
         arrays[f"{i}.keys"], arrays[f"{i}.values"] = to_numpy(k), to_numpy(v)
@@ -118,10 +118,10 @@ class SessionStore:
             "layers": [
                 {
                     "offset": c.offset,
-                    "next_token": c.next_token,
-                    "row_token": c.row_token[: c.n_rows].tolist(),
-                    "row_position": c.row_position[: c.n_rows].tolist(),
-                    "row_visible": c.row_visible[: c.n_rows].astype(int).tolist(),
+                    "next_token": c.n_tokens,
+                    "row_token": c.row_token.tolist(),
+                    "row_position": c.row_position.tolist(),
+                    "row_visible": c.row_visible.astype(int).tolist(),
                 }
                 for c in s.caches
             ],
@@ -183,10 +183,10 @@ def load_session_folder(folder: Path, fingerprint: str) -> Session:
     except OSError as exc:
         raise SegmentFileError(f"session {name}: cannot read {cache_file.name} ({exc.strerror or exc})") from exc
     arrays, _ = read_safetensors(cache_file)
-    s = Session(
-        SessionId(doc["id"]), doc["name"], [_layer(name, i, lay, arrays) for i, lay in enumerate(doc["layers"])]
-    )
-    s.messages, s.tokens, s.origin, s.positions = doc["messages"], doc["tokens"], doc["origin"], doc["positions"]
+    positions = np.asarray(doc["positions"], np.int64)
+    layers = [_layer(name, i, lay, arrays, positions) for i, lay in enumerate(doc["layers"])]
+    s = Session(SessionId(doc["id"]), doc["name"], layers)
+    s.messages, s.tokens, s.origin = doc["messages"], doc["tokens"], doc["origin"]
     s.transcript_text, s.edited, s.operations = doc["transcript_text"], doc["edited"], doc["operations"]
     s.turns = [_turn(name, i, t) for i, t in enumerate(doc["turns"])]
     return s
@@ -246,24 +246,29 @@ def _turn(name: str, i: int, fields: dict[str, Any]) -> TurnStats:
         raise SegmentFileError(f"session {name}: turn {i} is corrupt ({exc})") from exc
 
 
-def _layer(name: str, i: int, lay: Any, arrays: dict[str, np.ndarray]) -> ScopeKVCache:
-    c = ScopeKVCache()
+def _layer(name: str, i: int, lay: Any, arrays: dict[str, np.ndarray], positions: np.ndarray) -> ScopeKVCache:
     try:
         rows = [np.asarray(lay[k], np.int64) for k in ("row_token", "row_position", "row_visible")]
-        offset, next_token = int(lay["offset"]), int(lay["next_token"])
+        offset, n_tokens = int(lay["offset"]), int(lay["next_token"])
     except (KeyError, TypeError, ValueError) as exc:
         raise SegmentFileError(f"session {name}: layer {i} bookkeeping is corrupt ({exc})") from exc
     n = len(rows[0])
     if any(len(r) != n for r in rows) or any(r.ndim != 1 for r in rows):
         raise SegmentFileError(f"session {name}: layer {i} row lists disagree")
+    if n_tokens != len(positions):
+        raise SegmentFileError(f"session {name}: layer {i} has {n_tokens} tokens, the session {len(positions)}")
+    k: np.ndarray | None
+    v: np.ndarray | None
     if n == 0:
-        c.offset, c.next_token = offset, next_token
-        return c
-    k, v = arrays.get(f"{i}.keys"), arrays.get(f"{i}.values")
-    if k is None or v is None or k.ndim != 4 or k.shape[2] != n or v.shape[:3] != k.shape[:3]:
-        raise SegmentFileError(f"session {name}: layer {i} tensors do not match its {n} rows")
-    c.state = (mx.array(k), mx.array(v))
-    c.row_token[:n], c.row_position[:n] = rows[0], rows[1]
-    c.row_visible[:n] = rows[2].astype(bool)
-    c.offset, c.next_token = offset, next_token
+        k = v = np.zeros((1, 1, 0, 1), np.float32)
+    else:
+        k, v = arrays.get(f"{i}.keys"), arrays.get(f"{i}.values")
+        if k is None or v is None or k.ndim != 4 or k.shape[2] != n or v.shape[:3] != k.shape[:3]:
+            raise SegmentFileError(f"session {name}: layer {i} tensors do not match its {n} rows")
+    try:
+        c = ScopeKVCache.from_rows(mx.array(k), mx.array(v), rows[0], rows[2].astype(bool), positions)
+    except ValueError as exc:
+        raise SegmentFileError(f"session {name}: layer {i} rows are inconsistent ({exc})") from exc
+    if not np.array_equal(c.row_position, rows[1]) or c.offset != offset:
+        raise SegmentFileError(f"session {name}: layer {i} positions disagree with the session's")
     return c

@@ -19,7 +19,11 @@ sessions or files.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import mlx.core as mx
+import numpy as np
 
 from kvscope.engine.caches.rope_probe import LayerRotation, rotate
 from kvscope.engine.errors import UnsupportedModelError
@@ -89,6 +93,32 @@ def reposition_keys(lm: LoadedModel, keys: mx.array, delta: int, layer: int | No
             f"on {lm.name} the rotated part (k_pe) is stored in the value tensor: reposition both with reposition_rows"
         )
     return rotate(keys, rot, delta)
+
+
+def key_rotation(lm: LoadedModel, layer: int) -> Callable[[mx.array, int], mx.array]:
+    """`rotate(keys, delta)` for cache `layer`, as `ScopeKVCache` edits take it.
+
+    On MLA caches whose k_pe is the value tensor the keys (the latent) never
+    rotate: the function leaves them and `rotate_moved_values` turns the values.
+    """
+    rot = _rotation(lm, layer)
+    if rot is not None and rot.tensor == "values":
+        _require_exact(lm, rot)
+        return lambda keys, delta: keys
+    return lambda keys, delta: reposition_keys(lm, keys, delta, layer)
+
+
+def rotate_moved_values(lm: LoadedModel, layer: int, cache: Any, first_token: int, delta: int) -> None:
+    """After an edit moved tokens `first_token..` by `delta` positions, turn their k_pe values (MLA only)."""
+    rot = _rotation(lm, layer)
+    if delta == 0 or rot is None or rot.tensor != "values" or first_token >= cache.n_tokens:
+        return
+    keys, values, toks, _ = cache.rows_of(first_token, cache.n_tokens)
+    if len(toks) == 0:
+        return
+    if not np.array_equal(toks, np.arange(first_token, first_token + len(toks))):
+        raise UnsupportedModelError(f"cache {layer} of {lm.name} has evicted rows inside the moved tokens")
+    cache.overwrite_rows(first_token, keys, rotate(values, rot, delta))
 
 
 def check_compatible(lm: LoadedModel, what: str) -> None:

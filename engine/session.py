@@ -1,12 +1,12 @@
 """A session: one chat, its token ids and one kvscope cache per layer.
 
 Promises:
-- `tokens[i]` is the logical token i; each layer's cache rows point at
-  logical tokens (`row_token`), so layers may keep different rows;
+- `tokens[i]` is the id of logical token i; each layer's cache rows point at
+  logical tokens, so layers may keep different rows;
 - `origin[i]` says where token i's rows came from (computed, shared prefix,
-  spliced, erratum) and `positions[i]` the RoPE position it sits at;
-- `token_state()` derives the per-layer state matrix the window draws
-  (masked / evicted come from the caches, never stored twice).
+  spliced, erratum);
+- positions, rows and masks are owned by the per-layer caches alone:
+  `positions` and `token_state()` derive from them, never stored twice.
 
 Knows nothing about chat templates, generation or events.
 """
@@ -47,7 +47,6 @@ class Session:
     messages: list[dict[str, str]] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     origin: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
     transcript_text: str = ""  # the chat-template text the plain cache corresponds to
     turns: list[TurnStats] = field(default_factory=list)
     operations: list[dict[str, Any]] = field(default_factory=list)
@@ -57,7 +56,7 @@ class Session:
     auto_compress: Any = None  # compression.AutoCompress: compress without being asked
     undo_stack: list[tuple[str, Session]] = field(default_factory=list)
 
-    _STATE = ("messages", "tokens", "origin", "positions", "transcript_text", "edited", "last_decision")
+    _STATE = ("messages", "tokens", "origin", "transcript_text", "edited", "last_decision")
 
     def clone(self, sid: SessionId | None = None, name: str | None = None) -> Session:
         """A deep copy of the cache and bookkeeping (no undo history, no turns)."""
@@ -81,6 +80,11 @@ class Session:
         return len(self.tokens)
 
     @property
+    def positions(self) -> list[int]:
+        """RoPE position of every logical token, read from layer 0's cache (every layer agrees)."""
+        return self.caches[0].token_positions.tolist() if self.caches else list(range(self.n_tokens))
+
+    @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.caches)
 
@@ -94,31 +98,22 @@ class Session:
         self.undo_stack = (self.undo_stack + [(label, saved)])[-depth:]
 
     def append_tokens(self, ids: list[int], state: TokenState = TokenState.COMPUTED) -> None:
-        """Record tokens the caches are about to receive at the next positions."""
-        start = self.caches[0].offset if self.caches else len(self.positions)
+        """Record the ids of tokens the caches receive (their positions are the caches' to keep)."""
         self.tokens.extend(ids)
         self.origin.extend([int(state)] * len(ids))
-        self.positions.extend(range(start, start + len(ids)))
 
     def trim_to(self, n_tokens: int) -> None:
         """Drop logical tokens >= n_tokens from the caches and the bookkeeping."""
         for c in self.caches:  # a cache may lag the bookkeeping mid-prefill
-            c.trim(c.next_token - n_tokens)
+            c.trim(c.n_tokens - n_tokens)
         del self.tokens[n_tokens:]
         del self.origin[n_tokens:]
-        del self.positions[n_tokens:]
 
     def plain_prefix_len(self) -> int:
         """Tokens from the start whose rows are unedited in every layer."""
         if self.edited:
             return 0
-        n = self.n_tokens
-        for c in self.caches:
-            m = c.n_rows
-            ok = (c.row_token[:m] == np.arange(m)) & (c.row_position[:m] == np.arange(m)) & c.row_visible[:m]
-            bad = np.nonzero(~ok)[0]
-            n = min(n, int(bad[0]) if len(bad) else m)
-        return n
+        return min([self.n_tokens] + [c.plain_prefix_len() for c in self.caches])
 
     def token_state(self) -> np.ndarray:
         """`[layers, tokens]` uint8 TokenState of every logical token in every layer."""
@@ -126,11 +121,10 @@ class Session:
         origin = np.asarray(self.origin, np.uint8)
         out = np.broadcast_to(origin, (len(self.caches), n)).copy()
         for i, c in enumerate(self.caches):
-            m = c.n_rows
-            known = c.row_token[:m] < n  # rows fed a moment before the bookkeeping catches up
+            rows = c.row_token
             present = np.zeros(n, bool)
-            present[c.row_token[:m][known]] = True
-            hidden = c.row_token[:m][known & ~c.row_visible[:m]]
+            present[rows[rows < n]] = True  # rows fed a moment before the bookkeeping catches up
+            hidden = c.masked_tokens
             out[i, ~present] = TokenState.EVICTED
-            out[i, hidden] = TokenState.MASKED
+            out[i, hidden[hidden < n]] = TokenState.MASKED
         return out

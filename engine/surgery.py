@@ -1,7 +1,8 @@
 """Cache surgery on a session: mask, delete, insert (splice), recompute rows.
 
 Promises, for every layer at once:
-- `set_mask` is logical and reversible: rows stay stored, positions unchanged;
+- `set_mask` is logical and reversible: rows stay stored (aside, unattended),
+  positions unchanged;
 - `delete_span` drops rows for real; with `shift`, later rows are re-rotated
   back by the span's extent so positions stay contiguous, else a gap remains;
 - `insert_segment` places rows computed elsewhere at logical index `at`: keys
@@ -21,6 +22,7 @@ Knows nothing about chat templates or events.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -31,7 +33,7 @@ from kvscope.engine.errors import InvalidRequestError
 from kvscope.engine.generation import forward
 from kvscope.engine.kv_cache import ScopeKVCache
 from kvscope.engine.model_loading import LoadedModel
-from kvscope.engine.rope import reposition_rows
+from kvscope.engine.rope import key_rotation, reposition_rows, rotate_moved_values
 from kvscope.engine.session import Session
 
 
@@ -85,54 +87,39 @@ def extract_segment(s: Session, lo: int, hi: int, text: str = "") -> Segment:
     check_span(s, lo, hi)
     keys, values, visible = [], [], []
     for i, c in enumerate(s.caches):
-        rows = np.nonzero((c.row_token[: c.n_rows] >= lo) & (c.row_token[: c.n_rows] < hi))[0]
-        if len(rows) != hi - lo:
+        k, v, toks, vis = c.rows_of(lo, hi)
+        if len(toks) != hi - lo:
             raise InvalidRequestError(
-                f"tokens [{lo}, {hi}) have {hi - lo - len(rows)} evicted rows in layer {i}: "
+                f"tokens [{lo}, {hi}) have {hi - lo - len(toks)} evicted rows in layer {i}: "
                 "only spans whose rows are all stored can be copied"
             )
-        idx = mx.array(rows.astype(np.int32))
-        k, v = c.state
-        keys.append(mx.take(k, idx, axis=2))
-        values.append(mx.take(v, idx, axis=2))
-        visible.append(c.row_visible[rows].copy())
+        keys.append(k)
+        values.append(v)
+        visible.append(vis)
     mx.eval(keys + values)
-    return Segment(list(s.tokens[lo:hi]), np.asarray(s.positions[lo:hi], np.int64), keys, values, visible, text, s.id)
+    positions = s.caches[0].token_positions[lo:hi].copy()
+    return Segment(list(s.tokens[lo:hi]), positions, keys, values, visible, text, s.id)
 
 
-def _first_row_at_or_after(c: ScopeKVCache, token: int) -> int:
-    return int(np.searchsorted(c.row_token[: c.n_rows], token, side="left"))
+def _rotate(lm: LoadedModel, layer: int) -> Callable[[mx.array, int], mx.array]:
+    return key_rotation(lm, layer)
 
 
-def _shift_rows(lm: LoadedModel, c: ScopeKVCache, r0: int, d_tokens: int, d_pos: int, layer: int) -> None:
-    """Move storage rows r0.. by d_tokens logical indices and d_pos positions."""
-    n = c.n_rows
-    if r0 >= n:
-        return
-    assert c.keys is not None
-    c.row_token[r0:n] += d_tokens
-    if d_pos and r0 < n:
-        assert c.values is not None
-        k, v = reposition_rows(lm, layer, c.keys[..., r0:n, :], c.values[..., r0:n, :], d_pos)
-        c.keys[..., r0:n, :], c.values[..., r0:n, :] = k, v
-        c.row_position[r0:n] += d_pos
+def _position_at(s: Session, at: int) -> int:
+    """Position of logical token `at`, or the next position when `at` is the end."""
+    c = s.caches[0]
+    return int(c.token_positions[at]) if at < s.n_tokens else c.offset
 
 
 def delete_span(lm: LoadedModel, s: Session, lo: int, hi: int, shift: bool = True) -> int:
     """Remove tokens [lo, hi) physically. Returns the number of positions closed."""
     check_span(s, lo, hi)
-    n_del = hi - lo
-    end = s.caches[0].offset
-    gap = (s.positions[hi] if hi < s.n_tokens else end) - s.positions[lo]
+    gap = _position_at(s, hi) - _position_at(s, lo)
     d_pos = -gap if shift else 0
     for i, c in enumerate(s.caches):
-        tok = c.row_token[: c.n_rows]
-        c.keep_rows((tok < lo) | (tok >= hi))
-        _shift_rows(lm, c, _first_row_at_or_after(c, hi), -n_del, d_pos, i)
-        c.next_token -= n_del
-        c.offset += d_pos
-    del s.tokens[lo:hi], s.origin[lo:hi], s.positions[lo:hi]
-    s.positions[lo:] = [p + d_pos for p in s.positions[lo:]]
+        c.delete_tokens(lo, hi, d_pos, _rotate(lm, i))
+        rotate_moved_values(lm, i, c, lo, d_pos)  # MLA caches whose k_pe is the value tensor
+    del s.tokens[lo:hi], s.origin[lo:hi]
     s.edited = True
     return gap if shift else 0
 
@@ -146,31 +133,28 @@ def insert_segment(
         raise InvalidRequestError(f"insert position {at} is out of range: session {s.name} has {s.n_tokens} tokens")
     if len(seg.keys) != len(s.caches):
         raise InvalidRequestError(f"segment has {len(seg.keys)} layers, the model has {len(s.caches)}")
-    m, extent = seg.n_tokens, seg.extent
-    base = s.positions[at] if at < s.n_tokens else s.caches[0].offset
-    delta = int(base - seg.positions[0])
-    new_pos = seg.positions + delta
+    m = seg.n_tokens
+    delta = int(_position_at(s, at) - seg.positions[0])
+    shift = seg.extent if at < s.n_tokens else 0
     for i, c in enumerate(s.caches):
-        r0 = _first_row_at_or_after(c, at)
-        _shift_rows(lm, c, r0, m, extent if at < s.n_tokens else 0, i)
         keys, values = reposition_rows(lm, i, seg.keys[i], seg.values[i], delta)
-        if c.keys is None:
-            c.update_and_fetch(keys, values)
-            c.row_position[:m] = new_pos
-            c.row_token[:m] = np.arange(at, at + m)
-            c.next_token, c.offset = m, int(new_pos[-1]) + 1
-        else:
-            c.insert_rows(r0, keys, values, np.arange(at, at + m), new_pos)
-            c.next_token += m
-            c.offset += extent
-        c.row_visible[r0 : r0 + m] = seg.visible[i]
-        c._invalidate()
-    shifted = [p + (extent if at < s.n_tokens else 0) for p in s.positions[at:]]
+        c.insert_tokens(at, keys, values, seg.positions + delta, seg.visible[i], shift, _rotate(lm, i))
+        rotate_moved_values(lm, i, c, at + seg.n_tokens, shift)
     s.tokens[at:at] = seg.token_ids
     s.origin[at:at] = [int(origin)] * m
-    s.positions[at:] = [int(p) for p in new_pos] + shifted
     s.edited = True
     return delta
+
+
+def _context_before(s: Session, t: int) -> list[ScopeKVCache]:
+    """Copies of the caches holding only tokens < t, the next token at t's position."""
+    pos = _position_at(s, t)
+    out = []
+    for c in s.caches:
+        cc = c.truncated(t)
+        cc.advance_to(pos)
+        out.append(cc)
+    return out
 
 
 def recompute_rows(lm: LoadedModel, s: Session, t: int, k: int) -> int:
@@ -178,35 +162,21 @@ def recompute_rows(lm: LoadedModel, s: Session, t: int, k: int) -> int:
     k = min(k, s.n_tokens - t)
     if k <= 0:
         return 0
-    tmp = []
-    for c in s.caches:
-        cc = c.copy()
-        cc.keep_rows(cc.row_token[: cc.n_rows] < t)
-        cc.next_token, cc.offset = t, int(s.positions[t])
-        tmp.append(cc)
+    tmp = _context_before(s, t)
     forward(lm.model, s.tokens[t : t + k], tmp)
     for c, cc in zip(s.caches, tmp):
-        rows = np.nonzero((c.row_token[: c.n_rows] >= t) & (c.row_token[: c.n_rows] < t + k))[0]
-        src = mx.array((cc.n_rows - k + c.row_token[rows] - t).astype(np.int32))  # the k new rows of cc
-        ks, vs = cc.state
-        c.replace_rows(rows, mx.take(ks, src, axis=2), mx.take(vs, src, axis=2))
+        c.overwrite_rows(t, *cc.tail_rows(k))
     mx.eval([c.keys for c in s.caches])
     return k
 
 
 def compute_segment(lm: LoadedModel, s: Session, at: int, token_ids: list[int]) -> Segment:
     """Rows for `token_ids` computed as if they stood at logical index `at` (context = tokens before it)."""
-    tmp = []
-    for c in s.caches:
-        cc = c.copy()
-        cc.keep_rows(cc.row_token[: cc.n_rows] < at)
-        cc.next_token = at
-        cc.offset = int(s.positions[at]) if at < s.n_tokens else c.offset
-        tmp.append(cc)
+    tmp = _context_before(s, at)
     start = tmp[0].offset
     forward(lm.model, token_ids, tmp)
     m = len(token_ids)
-    keys = [mx.contiguous(cc.state[0][..., -m:, :]) for cc in tmp]
-    values = [mx.contiguous(cc.state[1][..., -m:, :]) for cc in tmp]
+    rows = [cc.tail_rows(m) for cc in tmp]
+    keys, values = [r[0] for r in rows], [r[1] for r in rows]
     mx.eval(keys + values)
     return Segment(token_ids, np.arange(start, start + m, dtype=np.int64), keys, values, [np.ones(m, bool)] * len(tmp))

@@ -121,10 +121,9 @@ def _fingerprint(eng: Engine, sid: str) -> str:
     s = eng.session(sid)  # type: ignore[arg-type]
     h = hashlib.sha256(repr((s.tokens, s.origin, s.positions, len(s.messages))).encode())
     for c in s.caches:
-        h.update(repr((type(c).__name__, c.offset, c.next_token, c.n_rows)).encode())
-        if isinstance(c, ScopeKVCache):
-            h.update(c.row_token[: c.n_rows].tobytes() + c.row_visible[: c.n_rows].tobytes())
-        state = c.state if not isinstance(c, ScopeKVCache) or c.keys is not None else ()
+        h.update(repr((type(c).__name__, c.offset, c.n_tokens, c.n_rows)).encode())
+        h.update(np.asarray(c.token_positions).tobytes() + np.asarray(c.visible_tokens).tobytes())
+        state = c.state if c.n_rows or not isinstance(c, ScopeKVCache) else ()
         for a in _arrays(state):
             h.update(np.array(a.astype(mx.float32) if a.dtype not in (mx.uint32, mx.int32) else a).tobytes())
     return h.hexdigest()
@@ -138,30 +137,36 @@ def _arrays(tree: Any) -> list[mx.array]:
     return []
 
 
+def _recompute(eng: Engine, tokens: list[int], positions: np.ndarray) -> list[Any]:
+    """Fresh caches fed `tokens` at `positions`, one prefill per run of consecutive positions."""
+    lm = eng.model
+    rc = make_session_caches(lm.model)
+    starts = [0, *(np.nonzero(np.diff(positions) != 1)[0] + 1), len(positions)]
+    for a, b in zip(starts[:-1], starts[1:]):
+        for x in rc:
+            x.advance_to(int(positions[a]))
+        forward(lm.model, tokens[a:b], rc)
+    return rc
+
+
 def first_rows_error(eng: Engine, sid: str) -> float:
     """Relative error between the first cache's rows and a recompute of the same tokens at the same positions.
 
     The first layer's K/V depend only on each token and its position (no
     context yet), so a recompute of each contiguous run of positions at its
-    offset is the exact reference for every row, spliced or not.
+    position is the exact reference for every row, spliced or not.
     """
-    lm, s = eng.model, eng.session(sid)  # type: ignore[arg-type]
+    s = eng.session(sid)  # type: ignore[arg-type]
     c = s.caches[0]
     assert isinstance(c, ScopeKVCache), "row checks need a full-attention first cache"
-    n = c.n_rows
-    tok, pos = c.row_token[:n], c.row_position[:n]
-    starts = [0, *np.nonzero(np.diff(pos) != 1)[0] + 1, n]
+    keys, values, toks, _ = c.rows_of(0, c.n_tokens)
+    pos = c.token_positions[toks]
+    rc = _recompute(eng, [s.tokens[t] for t in toks], pos)
+    want_k, want_v, _, _ = rc[0].rows_of(0, rc[0].n_tokens)
     worst = 0.0
-    for a, b in zip(starts[:-1], starts[1:]):
-        rc = make_session_caches(lm.model)
-        for x in rc:
-            x.offset = int(pos[a])
-        forward(lm.model, [s.tokens[t] for t in tok[a:b]], rc)
-        want_k, want_v = rc[0].state
-        got_k, got_v = c.state[0][..., a:b, :], c.state[1][..., a:b, :]
-        for got, want in ((got_k, want_k), (got_v, want_v)):
-            scale = float(mx.abs(want).max().item()) or 1.0
-            worst = max(worst, float(mx.abs(got - want).max().item()) / scale)
+    for got, want in ((keys, want_k), (values, want_v)):
+        scale = float(mx.abs(want).max().item()) or 1.0
+        worst = max(worst, float(mx.abs(got - want).max().item()) / scale)
     return worst
 
 
@@ -173,19 +178,10 @@ def masked_logits_error(eng: Engine, sid: str) -> float:
     """
     lm, s = eng.model, eng.session(sid)  # type: ignore[arg-type]
     c = next(c for c in s.caches if isinstance(c, ScopeKVCache))
-    n = c.n_rows
-    rows = np.nonzero(c.row_visible[:n])[0]
-    tok, pos = c.row_token[:n][rows], c.row_position[:n][rows]
-    rc = make_session_caches(lm.model)
-    starts = [0, *np.nonzero(np.diff(pos) != 1)[0] + 1, len(pos)]
-    for a, b in zip(starts[:-1], starts[1:]):
-        for x in rc:
-            if isinstance(x, ScopeKVCache):
-                x.offset = int(pos[a])
-        forward(lm.model, [s.tokens[t] for t in tok[a:b]], rc)
+    vis = c.visible_tokens
+    rc = _recompute(eng, [s.tokens[t] for t in vis], c.token_positions[vis])
     for x in rc:
-        if isinstance(x, ScopeKVCache):
-            x.offset = c.offset
+        x.advance_to(c.offset)
     got = forward(lm.model, [5], [x.copy() for x in s.caches])[0, -1]
     want = forward(lm.model, [5], rc)[0, -1]
     scale = float(mx.abs(want).max().item()) or 1.0

@@ -4,8 +4,9 @@
 `RotatingKVCache`, `ArraysCache`/`MambaCache`, `ChunkedKVCache`,
 `QuantizedKVCache`, `CacheList`, ...) into an instance of a subclass of its
 own class that also carries what the session, generation loop and window
-read from every layer: `next_token` (tokens absorbed), `offset`, `n_rows`,
-`row_token` / `row_position` / `row_visible`, `copy`, `trim`.
+read from every layer (`n_tokens`, `offset`, `token_positions`,
+`visible_tokens`, `n_rows`, `row_token`, `copy`, `trim`, ...); edits that
+need rows refuse with `UnsupportedModelError`.
 
 Promises:
 - the model sees its own cache class (isinstance checks and every method of
@@ -75,7 +76,12 @@ class AdoptedCache:
         state = self.state  # type: ignore[attr-defined]
         return tuple(mx.array(s) if isinstance(s, mx.array) else s for s in state)
 
-    # ------------------------------------------------------------ protocol the session reads
+    # ------------------------------------------------------------ what the session reads
+    @property
+    def n_tokens(self) -> int:
+        """Logical tokens this layer has absorbed."""
+        return self.next_token
+
     @property
     def last_token_absorbed(self) -> int:
         """Logical index of the last token this layer has seen (-1: none)."""
@@ -86,6 +92,11 @@ class AdoptedCache:
             return 0
         size = int(self.size()) if hasattr(self, "size") else 0  # type: ignore[attr-defined]
         return min(size, self.next_token)
+
+    @property
+    def token_positions(self) -> np.ndarray:
+        """Positions are token indices here: nothing that moves positions runs on these kinds."""
+        return np.arange(self.next_token, dtype=_I64)
 
     @property
     def n_rows(self) -> int:
@@ -105,6 +116,14 @@ class AdoptedCache:
         return np.ones(self._held(), bool)
 
     @property
+    def visible_tokens(self) -> np.ndarray:
+        return self.row_token
+
+    @property
+    def masked_tokens(self) -> np.ndarray:
+        return np.zeros(0, _I64)
+
+    @property
     def n_visible(self) -> int:
         return self._held()
 
@@ -112,16 +131,47 @@ class AdoptedCache:
     def is_plain(self) -> bool:
         return False
 
+    def plain_prefix_len(self) -> int:
+        """0: these rows cannot be shared or re-used as plain attention rows."""
+        return 0
+
+    # ------------------------------------------------------------ edits: refused (the support table says so first)
+    def _refuse(self, what: str) -> Any:
+        raise UnsupportedModelError(f"{what} is not possible on a {self.kind} cache ({type(self).__name__})")
+
     def set_visible(self, token_lo: int, token_hi: int, visible: bool) -> int:
-        """Recurrent and other kinds have no rows to hide: nothing changes (the caller labels it)."""
+        """Recurrent states have no rows to hide: nothing changes (the caller labels it approximate)."""
         if self.kind == "recurrent":
             return 0
-        raise UnsupportedModelError(f"masking rows of a {self.kind} cache ({type(self).__name__}) is not supported")
+        return int(self._refuse("masking rows"))
 
-    def keep_rows(self, keep: np.ndarray) -> None:
-        if np.asarray(keep, bool).all():
-            return
-        raise UnsupportedModelError(f"dropping rows of a {self.kind} cache ({type(self).__name__}) is not supported")
+    def evict_tokens(self, tokens: np.ndarray) -> int:
+        return 0 if len(tokens) == 0 else int(self._refuse("evicting rows"))
+
+    def delete_tokens(self, lo: int, hi: int, d_pos: int = 0, rotate: Any = None) -> None:
+        self._refuse("deleting tokens")
+
+    def insert_tokens(self, at: int, *args: Any, **kwargs: Any) -> None:
+        self._refuse("inserting tokens")
+
+    def rows_of(self, lo: int, hi: int) -> Any:
+        return self._refuse("reading rows")
+
+    def overwrite_rows(self, lo: int, keys: mx.array, values: mx.array) -> int:
+        return int(self._refuse("overwriting rows"))
+
+    def map_rows(self, fn: Any) -> None:
+        self._refuse("rewriting rows")
+
+    def advance_to(self, position: int) -> None:
+        """A gap in positions: nothing to do for a state without positions; refused for other kinds."""
+        if self.kind != "recurrent" and position != self.offset:  # type: ignore[attr-defined]
+            self._refuse("leaving a gap in positions")
+
+    def truncated(self, n_tokens: int) -> AdoptedCache:
+        other = self.copy()
+        other.trim(other.n_tokens - n_tokens)
+        return other
 
     def trim(self, n: int) -> int:
         """Drop the last `n` tokens: exact (native trim or a checkpoint) or refused."""

@@ -46,8 +46,8 @@ class SlidingScopeKVCache(ScopeKVCache):
         self._last: tuple[mx.array, mx.array] | None = None
 
     def _visible_positions(self) -> np.ndarray:
-        n = self.n_rows
-        return self.row_position[:n][self.row_visible[:n]]
+        """Positions of the attended rows, in the order update_and_fetch returns them."""
+        return self.token_positions[self.visible_tokens]
 
     def _in_window(self, vis_pos: np.ndarray, window: int) -> np.ndarray:
         return vis_pos > self.offset - window  # some query of this chunk (first at `offset`) can see it

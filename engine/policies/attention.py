@@ -28,7 +28,6 @@ import numpy as np
 
 from kvscope.engine.errors import UnsupportedModelError
 from kvscope.engine.kv_cache import ScopeKVCache
-from kvscope.engine.tensor_ops import take_rows
 
 CHUNK = 256  # queries per forward pass: bounds the [heads, q, k] score tensor
 
@@ -83,11 +82,11 @@ def window_attention(
     Args:
         model: an mlx-lm model whose layers use `caches`.
         caches: per-layer caches; only copies of them are fed.
-        token_ids: logical token ids, at least up to `caches[0].next_token`.
+        token_ids: logical token ids, at least up to `caches[0].n_tokens`.
         window: number of most recent tokens whose queries are observed.
     """
     attns = _attention_modules(model)
-    n_tokens = caches[0].next_token
+    n_tokens = caches[0].n_tokens
     w = n_tokens if window is None else min(int(window), n_tokens)
     start = n_tokens - w
     copies = [c.copy() for c in caches]
@@ -121,10 +120,8 @@ def _layer_mass(
 ) -> np.ndarray:
     """`[kv_heads, n_tokens]` attention mass from `queries` onto the cache's visible keys."""
     assert cache.keys is not None
-    n = cache.n_rows
-    vis = np.nonzero(cache.row_visible[:n])[0]
-    keys = take_rows(cache.keys[..., :n, :], mx.array(vis.astype(np.int32)))[0]  # [Hkv, N, D]
-    k_tokens = cache.row_token[:n][vis]
+    keys = cache.keys[0, :, : cache.n_visible, :]  # [Hkv, N, D]: the attended rows
+    k_tokens = np.asarray(cache.visible_tokens)
     q = queries[0]  # [Hq, L, D]
     n_kv, head_dim = keys.shape[0], keys.shape[-1]
     group = q.shape[0] // n_kv

@@ -32,16 +32,14 @@ from kvscope.engine.kv_cache import ScopeKVCache
 
 @dataclass(frozen=True)
 class Candidates:
-    """The visible rows of one layer: storage row ids and their logical tokens."""
+    """The visible rows of one layer: rows of the attended buffer and their logical tokens."""
 
-    rows: np.ndarray  # int64 storage rows, ascending
+    rows: np.ndarray  # int64 rows of `cache.keys`, ascending
     tokens: np.ndarray  # int64 logical token of each row
 
     @classmethod
     def of(cls, cache: ScopeKVCache) -> Candidates:
-        n = cache.n_rows
-        rows = np.nonzero(cache.row_visible[:n])[0].astype(np.int64)
-        return cls(rows, cache.row_token[:n][rows].astype(np.int64))
+        return cls(np.arange(cache.n_visible, dtype=np.int64), cache.visible_tokens.astype(np.int64))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -54,7 +52,7 @@ class ScoreInput:
     Attributes:
         caches: the per-layer caches (never modified by scoring).
         candidates: visible rows per layer.
-        token_ids: logical token ids, at least up to `caches[0].next_token`.
+        token_ids: logical token ids, at least up to `caches[0].n_tokens`.
         model: the model, for policies that recompute attention (else None).
     """
 

@@ -45,10 +45,8 @@ def quantize_cache(cache: ScopeKVCache, bits: int) -> int:
     """Round-trip every stored row through `bits`-bit quantization; returns the group size."""
     if cache.keys is None or cache.values is None or cache.n_rows == 0:
         return group_size_for(cache.keys.shape[-1]) if cache.keys is not None else 64
-    k, v = cache.state
-    gk, gv = group_size_for(k.shape[-1]), group_size_for(v.shape[-1])
-    cache.keys = _round_trip(k, bits, gk)
-    cache.values = _round_trip(v, bits, gv)
+    gk, gv = group_size_for(cache.keys.shape[-1]), group_size_for(cache.values.shape[-1])
+    cache.map_rows(lambda k, v: (_round_trip(k, bits, gk), _round_trip(v, bits, gv)))
     mx.eval(cache.keys, cache.values)
     return gk
 

@@ -100,7 +100,7 @@ def test_recurrent_state_cannot_be_trimmed_past_its_checkpoints(hybrid: Engine) 
     hybrid.chat(sid, "the code for locker seven is red blue green", SamplingParams(max_tokens=3))
     c = next(c for c in hybrid.session(sid).caches if isinstance(c, AdoptedCache))
     with pytest.raises(UnsupportedModelError, match="absorbed them"):
-        c.trim(c.next_token - 2)
+        c.trim(c.n_tokens - 2)
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2"])
@@ -130,7 +130,7 @@ def test_sliding_window_is_over_positions_after_a_gap(tmp_path: Path) -> None:
     assert c.n_rows == s.n_tokens > c.window  # every row kept; attention reads the window
     eng.delete_span(sid, 2, 6, shift=False, fidelity=False)  # a gap of 4 positions
     mask = np.array(c.make_mask(1, return_array=True))
-    vis = c.row_position[: c.n_rows][c.row_visible[: c.n_rows]]
+    vis = c.token_positions[c.visible_tokens]
     k = vis[vis > c.offset - c.window]
     assert mask.shape == (1, len(k) + 1) and mask.all()
     assert len(k) + 1 <= c.window  # the window counts positions, not the rows left

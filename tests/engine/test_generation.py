@@ -63,7 +63,7 @@ def test_prefix_hit_logits_match_full_recompute(arch_dir: Path) -> None:
     want = forward(lm.model, ids, fresh)[0, -1]
     hit_caches = [c.copy() for c in s.caches]
     for c in hit_caches:
-        c.trim(c.next_token - (len(ids) - 1))
+        c.trim(c.n_tokens - (len(ids) - 1))
     got = forward(lm.model, ids[-1:], hit_caches)[0, -1]
     np.testing.assert_allclose(np.array(got), np.array(want), atol=ATOL, rtol=1e-4)
 

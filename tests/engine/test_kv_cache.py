@@ -79,7 +79,7 @@ def test_positions_survive_masking_and_eviction(llama_dir: Path) -> None:
     forward(lm.model, _ids(40), caches)
     c = caches[0]
     c.set_visible(0, 10, False)
-    c.keep_rows(c.row_token[: c.n_rows] >= 20)
+    c.evict_tokens(np.arange(20))
     assert (c.n_rows, c.n_visible, c.offset) == (20, 20, 40)
     forward(lm.model, [5, 6], caches)
     assert c.offset == 42
@@ -93,11 +93,9 @@ def test_eviction_equals_masking_the_same_rows(llama_dir: Path) -> None:
     forward(lm.model, ids, a)
     b = [c.copy() for c in a]
     for layer, (ca, cb) in enumerate(zip(a, b)):
-        drop = np.zeros(ca.n_rows, bool)
-        drop[8 + layer * 3 : 40 + layer] = True  # different rows per layer
-        ca.keep_rows(~drop)
-        cb.row_visible[: cb.n_rows][drop] = False
-        cb._invalidate()
+        lo, hi = 8 + layer * 3, 40 + layer  # different rows per layer
+        ca.evict_tokens(np.arange(lo, hi))
+        cb.set_visible(lo, hi, False)
     got = forward(lm.model, [3, 4, 5], a)
     want = forward(lm.model, [3, 4, 5], b)
     np.testing.assert_allclose(np.array(got), np.array(want), atol=ATOL)

@@ -60,7 +60,7 @@ def _consistent(eng: Engine) -> int:
     assert eng.load_errors == []
     (sid,) = eng.sessions()
     s = eng.session(sid)
-    assert all(c.next_token == s.n_tokens and c.n_rows == s.n_tokens for c in s.caches)
+    assert all(c.n_tokens == s.n_tokens and c.n_rows == s.n_tokens for c in s.caches)
     assert len(s.messages) % 2 == 1  # system + complete user/assistant pairs
     res = eng.chat(sid, "and now ?", SamplingParams(max_tokens=2))  # still usable
     assert res.token_ids
