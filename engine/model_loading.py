@@ -249,5 +249,8 @@ def load_model(id_or_path: str | os.PathLike[str] | None = None) -> LoadedModel:
 def _param_dtype(model: nn.Module) -> str:
     from mlx.utils import tree_flatten
 
+    # The compute dtype: a quantized model packs its weights into uint32, but its
+    # scales, norms and activations keep the checkpoint's float dtype.
     flat: Any = tree_flatten(model.parameters())
-    return str(flat[0][1].dtype).replace("mlx.core.", "") if flat else "float32"
+    floats = [v.dtype for _, v in flat if mx.issubdtype(v.dtype, mx.floating)]
+    return str(floats[0]).replace("mlx.core.", "") if floats else "float32"

@@ -138,7 +138,7 @@ def zoo_config(arch: str, vocab: int, n_layers: int | None = 2) -> dict[str, obj
         if not isinstance(cfg, dict):
             continue
         for k in _VOCAB_KEYS:
-            if k in cfg or (k == "vocab_size" and cfg is config):
+            if k in cfg or k == "vocab_size":
                 cfg[k] = vocab
         for k in _WIDTH_KEYS:
             if isinstance(cfg.get(k), int) and cfg[k] > 256:

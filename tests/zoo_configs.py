@@ -2136,3 +2136,36 @@ ZOO["mamba2"]["time_step_limit"] = [0.01, 10.0]
 ZOO["phi"]["num_key_value_heads"] = 4
 ZOO["lfm2"]["layer_types"] = ["full_attention", "conv", "full_attention", "conv"]
 ZOO["granitemoehybrid"].update(mamba_d_state=16, mamba_n_heads=16, mamba_d_head=16)
+# Written from each module's ModelArgs where the shrunk test config did not load.
+ZOO["exaone4"]["layer_types"] = ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]
+ZOO["mamba2"]["num_heads"] = 16
+ZOO["glm_moe_dsa"]["q_lora_rank"] = 32
+ZOO["mellum"]["rope_parameters"] = {
+    "sliding_attention": {"rope_theta": 10000.0},
+    "full_attention": {"rope_theta": 1000000.0},
+}
+ZOO["spark2_5"]["rope_parameters"] = dict(ZOO["mellum"]["rope_parameters"])
+ZOO["minicpm3"]["rope_scaling"] = {
+    "original_max_position_embeddings": 4096, "short_factor": [1.0] * 4, "long_factor": [1.0] * 4,
+}
+_LLAMA4_ROPE = {"rope_theta": 10000.0, "llama_4_scaling_beta": 0.1, "original_max_position_embeddings": 4096}
+ZOO["ministral3"]["rope_parameters"] = dict(_LLAMA4_ROPE)
+ZOO["mistral3"]["text_config"]["rope_parameters"] = dict(_LLAMA4_ROPE)
+ZOO["mistral4"]["rope_parameters"] = dict(
+    _LLAMA4_ROPE, rope_type="yarn", factor=1.0, beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0
+)
+ZOO["kimi_k3"] = dict(model_type="kimi_k3", text_config=dict(ZOO["kimi_linear"], model_type="kimi_linear"))
+ZOO["muse_spark"] = dict(
+    model_type="muse_spark",
+    text_config=dict(
+        model_type="muse_spark_text", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_hidden_layers=2, rms_norm_eps=1e-5, post_norm_eps=1e-5, rope_parameters={"rope_theta": 10000.0},
+        layer_rope_theta=[10000.0, 0.0], layer_types=["sliding_attention", "full_attention"], sliding_window=8,
+        final_logit_softcapping=30.0, output_multiplier=1.0, num_local_experts=4, num_experts_per_tok=2,
+        moe_hidden_size=64, moe_intermediate_size=64,
+    ),
+)
+ZOO["kimi_k3"]["text_config"]["linear_attn_config"] = {
+    "head_dim": 32, "kda_layers": [1], "num_heads": 8, "short_conv_kernel_size": 4,
+}
+ZOO["kimi_k3"]["text_config"].update(num_experts_per_token=1)

@@ -49,6 +49,8 @@ OPERATIONS = ("mask", "delete", "splice", "replace", "erratum", "compress", "seg
 SKIP = {
     "bitnet": "its BitLinear layers run a Metal kernel only (no CPU path in mlx-lm)",
     "olmo": "needs the ai2-olmo package (mlx-lm imports hf_olmo)",
+    "muse_spark": "its attention runs a Metal kernel only (no CPU path in mlx-lm)",
+    "prism_hadamard_qwen35": "a weight-format module, not an architecture with ModelArgs",
 }
 
 

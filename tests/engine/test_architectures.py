@@ -184,3 +184,15 @@ def test_plain_models_still_use_scope_caches(tmp_path: Path) -> None:
     sid = eng.new_session()
     assert all(type(c) is ScopeKVCache for c in eng.session(sid).caches)
     assert eng.model.support is not None and all(v.status == "exact" for v in eng.model.support.verdicts)
+
+
+def test_a_quantized_model_reports_its_compute_dtype_not_the_packed_weights(tmp_path: Path) -> None:
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load
+
+    from kvscope.engine.model_loading import _param_dtype
+
+    model = load(str(make_zoo_model(tmp_path / "q", "llama", bits=4)))[0]
+    model.set_dtype(mx.float16)
+    assert any(v.dtype == mx.uint32 for _, v in tree_flatten(model.parameters()))  # packed weights
+    assert _param_dtype(model) == "float16"
