@@ -227,6 +227,12 @@ def _check_arrays(fname: str, man: dict[str, Any], arrays: dict[str, np.ndarray]
     pos = man["positions"]
     if not all(json_int(q) for q in pos) or any(b <= a for a, b in zip(pos, pos[1:])) or pos[0] < 0:
         raise SegmentFileError(f"{fname}: positions must be increasing non-negative integers")
+    expected = {f"{i}.{j}" for i in range(n_layers) for j in range(3)}
+    if set(arrays) != expected:
+        extra, missing = sorted(set(arrays) - expected), sorted(expected - set(arrays))
+        raise SegmentFileError(
+            f"{fname}: tensors do not match {n_layers} layers (missing {missing[:4]}, unexpected {extra[:4]})"
+        )
     default = [man["n_kv_heads"], man["head_dim"], man.get("value_dim", man["head_dim"])]
     dims = man.get("layer_dims") or [default] * n_layers
     if (
@@ -235,12 +241,6 @@ def _check_arrays(fname: str, man: dict[str, Any], arrays: dict[str, np.ndarray]
         or not all(isinstance(d, list) and len(d) == 3 and all(json_int(x) for x in d) for d in dims)
     ):
         raise SegmentFileError(f"{fname}: layer_dims must be {n_layers} [kv heads, key dim, value dim] triples")
-    expected = {f"{i}.{j}" for i in range(n_layers) for j in range(3)}
-    if set(arrays) != expected:
-        extra, missing = sorted(set(arrays) - expected), sorted(expected - set(arrays))
-        raise SegmentFileError(
-            f"{fname}: tensors do not match {n_layers} layers (missing {missing[:4]}, unexpected {extra[:4]})"
-        )
     ordered = []
     for i in range(n_layers):
         length = arrays[f"{i}.2"]

@@ -196,3 +196,23 @@ def test_a_quantized_model_reports_its_compute_dtype_not_the_packed_weights(tmp_
     model.set_dtype(mx.float16)
     assert any(v.dtype == mx.uint32 for _, v in tree_flatten(model.parameters()))  # packed weights
     assert _param_dtype(model) == "float16"
+
+
+def test_kvscope_info_prints_every_operation_with_its_verdict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvscope.app.cli import main
+
+    folder = make_zoo_model(tmp_path / "qwen3_next", "qwen3_next")
+    assert main(["info", "--model", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "3 recurrent state (SSM / linear attention), 1 full attention" in out
+    lines = {
+        ln.split()[0]: ln
+        for ln in out.splitlines()[
+            out.splitlines().index("cache operations on this model (exact / measured / refused):") + 1 :
+        ]
+        if ln.strip()
+    }
+    assert "measured" in lines["mask"] and "absorbed the masked tokens" in lines["mask"]
+    assert "refused" in lines["splice"] and "exact" in lines["erratum"]
