@@ -2146,7 +2146,9 @@ ZOO["mellum"]["rope_parameters"] = {
 }
 ZOO["spark2_5"]["rope_parameters"] = dict(ZOO["mellum"]["rope_parameters"])
 ZOO["minicpm3"]["rope_scaling"] = {
-    "original_max_position_embeddings": 4096, "short_factor": [1.0] * 4, "long_factor": [1.0] * 4,
+    "original_max_position_embeddings": 4096,
+    "short_factor": [1.0] * 4,
+    "long_factor": [1.0] * 4,
 }
 _LLAMA4_ROPE = {"rope_theta": 10000.0, "llama_4_scaling_beta": 0.1, "original_max_position_embeddings": 4096}
 ZOO["ministral3"]["rope_parameters"] = dict(_LLAMA4_ROPE)
@@ -2158,14 +2160,30 @@ ZOO["kimi_k3"] = dict(model_type="kimi_k3", text_config=dict(ZOO["kimi_linear"],
 ZOO["muse_spark"] = dict(
     model_type="muse_spark",
     text_config=dict(
-        model_type="muse_spark_text", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        num_hidden_layers=2, rms_norm_eps=1e-5, post_norm_eps=1e-5, rope_parameters={"rope_theta": 10000.0},
-        layer_rope_theta=[10000.0, 0.0], layer_types=["sliding_attention", "full_attention"], sliding_window=8,
-        final_logit_softcapping=30.0, output_multiplier=1.0, num_local_experts=4, num_experts_per_tok=2,
-        moe_hidden_size=64, moe_intermediate_size=64,
+        model_type="muse_spark_text",
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_hidden_layers=2,
+        rms_norm_eps=1e-5,
+        post_norm_eps=1e-5,
+        rope_parameters={"rope_theta": 10000.0},
+        layer_rope_theta=[10000.0, 0.0],
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=8,
+        final_logit_softcapping=30.0,
+        output_multiplier=1.0,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        moe_hidden_size=64,
+        moe_intermediate_size=64,
     ),
 )
 ZOO["kimi_k3"]["text_config"]["linear_attn_config"] = {
-    "head_dim": 32, "kda_layers": [1], "num_heads": 8, "short_conv_kernel_size": 4,
+    "head_dim": 32,
+    "kda_layers": [1],
+    "num_heads": 8,
+    "short_conv_kernel_size": 4,
 }
 ZOO["kimi_k3"]["text_config"].update(num_experts_per_token=1)

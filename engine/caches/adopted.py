@@ -38,6 +38,7 @@ from kvscope.engine.errors import UnsupportedModelError
 
 _I64 = np.int64
 _CHECKPOINTS = 8  # recurrent states kept for trim (the speculative decode step needs 1)
+_PINNED = 4  # states at the end of the last prefills, for prefix reuse across sessions
 
 
 def _arrays(tree: Any) -> list[mx.array]:
@@ -58,12 +59,20 @@ class AdoptedCache:
     def _init_scope(self) -> None:
         self.next_token = 0
         self._checkpoints = deque(maxlen=_CHECKPOINTS)
+        self.pinned: dict[int, Any] = {}  # recurrent state at the end of recent prefills (prefix reuse)
+        self._last_feed = 0
 
     # ------------------------------------------------------------ feeding
     def begin_feed(self, n: int) -> None:
         """The next forward pass feeds `n` tokens (called by the generation loop)."""
         if self.kind == "recurrent":
-            self._checkpoints.append((self.next_token, self._state_refs()))
+            refs = self._state_refs()
+            self._checkpoints.append((self.next_token, refs))
+            if self._last_feed > 1:  # the state right after a prefill: what a new session can reuse
+                self.pinned[self.next_token] = refs
+                for old in sorted(self.pinned)[:-_PINNED]:
+                    del self.pinned[old]
+            self._last_feed = n
         elif n > 1 and self.kind in ("sliding", "chunked"):
             # A chunk may push rows out of the window: keep what trim needs.
             self._checkpoints.append((self.next_token, self._state_copy()))
@@ -179,6 +188,8 @@ class AdoptedCache:
         if n <= 0:
             return 0
         target = self.next_token - n
+        if target in self.pinned and not any(tok == target for tok, _ in self._checkpoints):
+            self._checkpoints.append((target, self.pinned[target]))
         for tok, saved in reversed(self._checkpoints):
             if tok == target:
                 self._restore(saved)
@@ -215,7 +226,18 @@ class AdoptedCache:
         else:
             other = _copied(self)
         other._checkpoints = deque(self._checkpoints, maxlen=_CHECKPOINTS)
+        other.pinned = dict(self.pinned)
         return other
+
+    def restore_state(self, arrays: list[Any], n_tokens: int) -> None:
+        """Take a stored recurrent state as the state after `n_tokens` tokens (prefix reuse)."""
+        if self.kind != "recurrent":
+            self._refuse("restoring a stored state")
+        self.cache = list(arrays)
+        self.next_token = n_tokens
+        self._checkpoints.clear()
+        self.pinned = {n_tokens: list(arrays)}
+        self._last_feed = 0
 
 
 def _copied(obj: Any) -> Any:

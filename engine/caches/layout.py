@@ -73,6 +73,11 @@ class CacheLayout:
         return all(e.kind == "attention" for e in self.entries)
 
     @property
+    def rows_only(self) -> bool:
+        """Every cache keeps per-token rows kvscope manages (full or sliding attention)."""
+        return all(e.kind in ("attention", "sliding") for e in self.entries)
+
+    @property
     def n_shared_kv_layers(self) -> int:
         """Layers that read another layer's KV instead of keeping their own."""
         return max(0, self.n_model_layers - self.n_caches)

@@ -6,7 +6,7 @@ the layer kind and why. `kvscope info` prints the table.
 
     op            full attention  MLA (k_pe)  sliding window  chunked/quant/other  recurrent+attention  recurrent only
     chat          exact           exact       exact           exact                exact                exact
-    prefix reuse  exact           exact       exact           refused              refused              refused
+    prefix reuse  exact           exact       exact           refused              exact (checkpoints)  exact (checkpoints)
     mask/compact  exact           exact       exact**         refused              measured             refused
     erratum       exact           exact       exact           exact                exact                exact
     delete/replace/splice/segment files
@@ -138,9 +138,15 @@ def build_table(model: str, layout: CacheLayout, rotations: list[LayerRotation])
     compress = full_only
     if not non_row and mla:
         compress = v("", REFUSED, "MLA caches store a shared latent and k_pe, not per-head keys to score")
+    if not non_row:
+        reuse = v("", EXACT)
+    elif windowed:
+        reuse = v("", REFUSED, f"off: {_kinds_phrase(layout, windowed)}")
+    else:
+        reuse = v("", EXACT, "through recurrent-state checkpoints taken at the end of each prefill (last 8 prompts)")
     rows = [
         ("chat", v("", EXACT)),
-        ("prefix reuse", plain_only if not non_row else v("", REFUSED, f"off: {plain_only.reason}")),
+        ("prefix reuse", reuse),
         ("mask", mask),
         ("unmask", mask),
         ("compact", mask),

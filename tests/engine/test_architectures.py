@@ -216,3 +216,21 @@ def test_kvscope_info_prints_every_operation_with_its_verdict(
     }
     assert "measured" in lines["mask"] and "absorbed the masked tokens" in lines["mask"]
     assert "refused" in lines["splice"] and "exact" in lines["erratum"]
+
+
+@pytest.mark.parametrize("arch", ["qwen3_next", "mamba"])
+def test_a_new_session_reuses_a_recurrent_prefix_with_logits_equal_to_a_recompute(arch: str, tmp_path: Path) -> None:
+    eng = Engine()
+    eng.load(make_zoo_model(tmp_path / arch, arch))
+    p = SamplingParams(max_tokens=12)  # longer than the trim checkpoints: the prefill end is pinned apart
+    first = eng.new_session()
+    r1 = eng.chat(first, "the code for locker seven is red blue green", p)
+    second = eng.new_session()
+    r2 = eng.chat(second, "the code for locker seven is red blue green", p)
+    assert r2.stats.cached_tokens == r1.stats.prompt_tokens - 1 and r2.stats.prefilled_tokens == 1
+    assert r2.token_ids == r1.token_ids
+    assert logits_error(eng, second) < 1e-4
+    third = eng.new_session()  # a different question after the same system + first words
+    r3 = eng.chat(third, "the code for locker nine", p)
+    assert r3.stats.cached_tokens == 0  # no stored prefix ends inside this prompt: prefilled in full
+    assert logits_error(eng, third) < 1e-4
