@@ -54,6 +54,7 @@ class AdoptedCache:
 
     kind = "other"
     next_token: int
+    _fresh: Any
     _checkpoints: deque[tuple[int, Any]]
 
     def _init_scope(self) -> None:
@@ -73,17 +74,22 @@ class AdoptedCache:
                 for old in sorted(self.pinned)[:-_PINNED]:
                     del self.pinned[old]
             self._last_feed = n
-        elif n > 1 and self.kind in ("sliding", "chunked"):
-            # A chunk may push rows out of the window: keep what trim needs.
-            self._checkpoints.append((self.next_token, self._state_copy()))
+        elif not self._natively_trimmable() or (n > 1 and self.kind in ("sliding", "chunked")):
+            # mlx-lm cannot take tokens back from this cache (or a chunk may push rows out of
+            # a window): keep a full copy, the last two only (it costs the cache's size).
+            if len(self._checkpoints) >= 2:
+                self._checkpoints.popleft()
+            self._checkpoints.append((self.next_token, _copied(self)))
         self.next_token += n
+
+    def _natively_trimmable(self) -> bool:
+        try:
+            return bool(super().is_trimmable())  # type: ignore[misc]
+        except Exception:  # noqa: BLE001 - a custom cache may not implement it
+            return False
 
     def _state_refs(self) -> Any:
         return list(self.cache) if isinstance(self, ArraysCache) else None
-
-    def _state_copy(self) -> Any:
-        state = self.state  # type: ignore[attr-defined]
-        return tuple(mx.array(s) if isinstance(s, mx.array) else s for s in state)
 
     # ------------------------------------------------------------ what the session reads
     @property
@@ -197,11 +203,15 @@ class AdoptedCache:
                     self._checkpoints.pop()
                 self.next_token = target
                 return n
-        if self.kind in ("attention", "chunked", "quantized") or (
-            self.kind == "sliding" and self._sliding_trim_exact(n)
-        ):
+        if self._natively_trimmable() and (self.kind != "sliding" or self._sliding_trim_exact(n)):
             super().trim(n)  # type: ignore[misc]
             self.next_token = target
+            return n
+        if target == 0:  # back to no tokens: the empty cache the model made
+            for name, value in vars(_copied(self._fresh)).items():
+                setattr(self, name, value)
+            self._init_scope()
+            self._fresh = _copied(self._fresh)
             return n
         raise UnsupportedModelError(
             f"cannot take back the last {n} tokens of a {self.kind} cache ({type(self).__name__}): "
@@ -216,8 +226,11 @@ class AdoptedCache:
     def _restore(self, saved: Any) -> None:
         if self.kind == "recurrent":
             self.cache = list(saved)
-        else:
-            self.state = saved  # type: ignore[attr-defined]
+            return
+        keep = (self._checkpoints, self.pinned, self._fresh, self.next_token)
+        for name, value in vars(_copied(saved)).items():
+            setattr(self, name, value)
+        self._checkpoints, self.pinned, self._fresh, self.next_token = keep
 
     def copy(self) -> AdoptedCache:
         if isinstance(self, ArraysCache):
@@ -259,13 +272,16 @@ def _copied(obj: Any) -> Any:
     return other
 
 
-class _StateExtras:
-    """`offset` and `keys` for caches that have none (recurrent states, cache lists)."""
+class _KeysExtra:
+    """`keys` for caches without one (recurrent states, cache lists), so callers can `mx.eval` it."""
 
     @property
     def keys(self) -> list[mx.array]:
-        """The state's arrays, so a caller can `mx.eval` them as it does K rows."""
         return _arrays(self.state)  # type: ignore[attr-defined]
+
+
+class _OffsetExtra:
+    """`offset` for caches without one (recurrent states): the tokens absorbed."""
 
     @property
     def offset(self) -> int:
@@ -276,7 +292,7 @@ class _StateExtras:
         self.next_token = v  # type: ignore[attr-defined]
 
 
-_SUBCLASSES: dict[type, type] = {}
+_SUBCLASSES: dict[tuple[type, bool, bool], type] = {}
 
 
 def kind_of(cache: Any) -> str:
@@ -298,17 +314,19 @@ def kind_of(cache: Any) -> str:
 def adopt(cache: Any) -> AdoptedCache:
     """`cache` (from the model's make_cache) as an instance of its adopted subclass."""
     base = type(cache)
-    sub = _SUBCLASSES.get(base)
+    # Only what the instance lacks: a class property would shadow the cache's own attribute.
+    need_keys, need_offset = not hasattr(cache, "keys"), not hasattr(cache, "offset")
+    sub = _SUBCLASSES.get((base, need_keys, need_offset))
     kind = kind_of(cache)
     if sub is None:
-        bases: tuple[type, ...] = (AdoptedCache, base)
-        if kind in ("recurrent", "other") and not hasattr(base, "keys"):
-            bases = (_StateExtras, AdoptedCache, base)
-        sub = type(f"Scope{base.__name__}", bases, {"kind": kind})
-        _SUBCLASSES[base] = sub
+        extras = (_KeysExtra,) * need_keys + (_OffsetExtra,) * need_offset
+        sub = type(f"Scope{base.__name__}", (*extras, AdoptedCache, base), {"kind": kind})
+        _SUBCLASSES[(base, need_keys, need_offset)] = sub
+    fresh = _copied(cache)  # the empty cache: trimming back to no tokens restores it
     cache.__class__ = sub
     assert isinstance(cache, AdoptedCache)
     cache._init_scope()
+    cache._fresh = fresh
     return cache
 
 

@@ -161,9 +161,10 @@ def _fit(index: int, runs: dict[int, np.ndarray], tensor: str) -> LayerRotation 
         moved |= (np.abs(runs[p] - x0) > 1e-5 * scale).reshape(-1, width).any(0)
     changed = np.nonzero(moved)[0]
     lo, hi = int(changed.min()), int(changed.max()) + 1
-    if (hi - lo) % 2:
-        return None
-    for traditional in (False, True):
+    # The moved channels as one block, or the whole head with some pairs at frequency 0
+    # (gemma4's proportional RoPE rotates pairs (i, i + D/2) for the first few i only).
+    spans = [s for s in ((lo, hi), (0, width)) if (s[1] - s[0]) % 2 == 0]
+    for (lo, hi), traditional in ((sp, t) for sp in dict.fromkeys(spans) for t in (False, True)):
         i1, i2 = _pairs(lo, hi, traditional)
         theta = _angles(x0, runs[1], i1, i2)
         if theta is None:
