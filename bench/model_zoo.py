@@ -23,7 +23,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from zoo_configs import ZOO  # noqa: E402
-from zoo_harness import OPERATIONS, ArchResult, check_arch  # noqa: E402
+from zoo_harness import OPERATIONS, SKIP, ArchResult, check_arch  # noqa: E402
 
 import kvscope.engine  # noqa: E402,F401  - BLAS preload before mlx
 
@@ -72,8 +72,11 @@ def main() -> None:
     p.add_argument("--only", nargs="*", help="module names (default: all installed)")
     p.add_argument("--bits", nargs="*", type=int, default=[], help="also check quantized builds (4 8)")
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--shard", default="1/1", help="k/n: check every n-th module starting at the k-th (parallel runs)")
+    p.add_argument("--no-ops", action="store_true", help="chat parity only")
     args = p.parse_args()
-    mods = args.only or installed_modules()
+    k, n = (int(x) for x in args.shard.split("/"))
+    mods = (args.only or installed_modules())[k - 1 :: n]
     missing = [m for m in mods if m not in ZOO]
     results: list[ArchResult] = []
     header = ["arch", "status", "cache layout", "chat parity (turn1/turn2/new session)", *OPERATIONS]
@@ -81,10 +84,10 @@ def main() -> None:
     if args.markdown:
         print("|" + "---|" * len(header))
     for m in mods:
-        if m in missing:
+        if m in missing and m not in SKIP:
             r = ArchResult(m, status="skipped", reason="no zoo config: add one to tests/zoo_configs.py")
         else:
-            r = check_arch(m)
+            r = check_arch(m, ops=not args.no_ops)
         results.append(r)
         print(row(r, args.markdown), flush=True)
         for bits in args.bits:

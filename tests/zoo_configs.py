@@ -2187,3 +2187,4 @@ ZOO["kimi_k3"]["text_config"]["linear_attn_config"] = {
     "short_conv_kernel_size": 4,
 }
 ZOO["kimi_k3"]["text_config"].update(num_experts_per_token=1)
+ZOO["gpt2"].update(n_embd=64, n_head=4)

@@ -270,7 +270,11 @@ def check_arch(arch: str, bits: int | None = None, ops: bool = True, root: Path 
         res.status, res.reason = "skipped", SKIP[arch]
         return res
     tmp = Path(tempfile.mkdtemp(dir=root))
-    folder = make_zoo_model(tmp / arch, arch, bits=bits)
+    try:
+        folder = make_zoo_model(tmp / arch, arch, bits=bits)
+    except Exception as exc:  # noqa: BLE001 - a config that does not build is reported, not fatal
+        res.status, res.reason = "skipped", f"the tiny config does not build: {type(exc).__name__}: {exc}"
+        return res
     try:
         eng = Engine()
         lm = eng.load(folder)
