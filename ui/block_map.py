@@ -63,6 +63,11 @@ class BlockMap(pg.PlotWidget):
         self.setMinimumHeight(120)
 
     # ------------------------------------------------------------ drawing
+    def set_layer_labels(self, labels: tuple[str, ...]) -> None:
+        """Name each layer row on the left axis (its kind: attention, window, state)."""
+        ticks = [(i + 0.5, text) for i, text in enumerate(labels)]
+        self.getAxis("left").setTicks([ticks, []] if ticks else None)
+
     def set_states(self, block_state: np.ndarray) -> None:
         """Draw `[layers, blocks]` uint8 TokenStates."""
         n_layers, n_blocks = block_state.shape

@@ -245,6 +245,7 @@ class SessionView(QFrame):
         snap = self.snapshot
         token_state, texts, positions = self._live_arrays(snap)
         self.block_map.set_states(block_states(token_state, snap.block_size))
+        self.block_map.set_layer_labels(snap.layer_labels)
         self.strip.set_tokens(texts, reduce_states(token_state), positions, snap.block_size)
         self._on_selection_changed(*self.strip.selection)
         n = len(texts)
@@ -310,5 +311,6 @@ class SessionView(QFrame):
             f"block {block} · layer {layer} · tokens [{lo}, {hi}) · positions {int(snap.positions[lo])}–{int(snap.positions[hi - 1])}\n"
             f"{counts} · {per_row * int(stored[:, lo:hi].sum()) / 1024:.1f} KiB · hash {h or '— (partial/edited)'}\n"
             f"shared by {shared} · score {score}\n"
-            f"“{text[:160]}”"
+            + (f"{snap.layer_notes[layer]}\n" if layer < len(snap.layer_notes) else "")
+            + f"“{text[:160]}”"
         )
