@@ -34,11 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     from PySide6.QtWidgets import QApplication
-    from tiny_models import make_zoo_model
 
     import kvscope.engine  # noqa: F401
     from kvscope.ui.bridge import EngineBridge
     from kvscope.ui.main_window import MainWindow
+    from tiny_models import make_zoo_model
 
     folder = make_zoo_model(Path(tempfile.mkdtemp()) / args.arch, args.arch)
     app = QApplication.instance() or QApplication(sys.argv[:1])
