@@ -42,7 +42,7 @@ run_tests() {
   local bin="$VENV/bin"
   echo "== ruff"; "$bin/ruff" check .
   echo "== mypy (engine/)"; "$bin/mypy"
-  echo "== import contract"; PYTHONPATH=. "$bin/lint-imports"
+  echo "== import contracts"; "$bin/python" tools/lint_imports.py
   echo "== pytest"; "$bin/python" -m pytest -q "$@"
 }
 

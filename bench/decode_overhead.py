@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 
 import mlx.core as mx
-from _common import med, model_arg, resolve_model
 from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
+from _common import med, model_arg, resolve_model
 from kvscope.engine import Engine, SamplingParams
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 
 from _common import med, model_arg, resolve_model
-
 from kvscope.engine import Engine, SamplingParams
 
 WORDS = "the locker code report lists rooms colours names numbers and the notes of the day".split()

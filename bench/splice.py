@@ -19,7 +19,6 @@ import argparse
 import time
 
 from _common import med, model_arg, resolve_model
-
 from kvscope.engine import Engine, SamplingParams
 from kvscope.engine.tasks import make_episodes
 

@@ -192,7 +192,7 @@ def _record(session: Session, bus: EventBus, decision: Decision, replay: bool) -
     summary = decision.summary() | ({"replay": True} if replay else {})
     session.operations.append(summary)
     session.last_decision = decision
-    evicted = [t for layer in decision.layers for t in (layer.evicted.min(), layer.evicted.max()) if len(layer.evicted)]
+    evicted = [t for layer in decision.layers if len(layer.evicted) for t in (layer.evicted.min(), layer.evicted.max())]
     lo, hi = (int(min(evicted)), int(max(evicted)) + 1) if evicted else (0, decision.n_tokens)
     bus.emit(
         DecisionApplied(

@@ -308,7 +308,12 @@ class EditingMixin:
         s = self.session(sid)
         s.require_idle("compressing")
         saved = s.clone()
-        decision = self._guard(sid, lambda: compress_session(self, sid, policy, keep_ratio, budget_tokens, **params))
+        decision = self._guard(
+            sid,
+            lambda: _or_restore(
+                s, saved, lambda: compress_session(self, sid, policy, keep_ratio, budget_tokens, **params)
+            ),
+        )
         s.push_undo("compress", saved, UNDO_DEPTH)
         self.persist(sid)
         return decision
@@ -320,7 +325,7 @@ class EditingMixin:
         s = self.session(sid)
         s.require_idle("replaying a decision")
         saved = s.clone()
-        self._guard(sid, lambda: replay_decision(self, sid, decision))
+        self._guard(sid, lambda: _or_restore(s, saved, lambda: replay_decision(self, sid, decision)))
         s.push_undo("replay decision", saved, UNDO_DEPTH)
         self.persist(sid)
 
@@ -380,6 +385,15 @@ class EditingMixin:
         t = self.session(new)
         self._guard(new, lambda: self._append_message(t, "user", f"[summary] {summary}", TokenState.COMPUTED))
         return new  # type: ignore[no-any-return]
+
+
+def _or_restore(s: Session, saved: Session, fn: Callable[[], Any]) -> Any:
+    """Run `fn`; if it fails, put the session back as `saved` (an operation is a transaction)."""
+    try:
+        return fn()
+    except BaseException:
+        s.restore(saved)
+        raise
 
 
 def _unrotated(seg: Segment, s: Session, at: int) -> Segment:

@@ -266,7 +266,8 @@ class Engine(EditingMixin, LifecycleMixin):
 
     def export_trace(self, path: str | os.PathLike[str]) -> Path:
         """Write all events so far as Chrome Trace Event JSON."""
-        return self._guard(None, lambda: _write_trace_checked(self.events, path))
+        names = {sid: s.name for sid, s in self._sessions.items()}
+        return self._guard(None, lambda: _write_trace_checked(self.events, path, names))
 
     # ------------------------------------------------------------ internals
     def _guard(self, sid: SessionId | None, fn: Callable[[], Any]) -> Any:
@@ -287,8 +288,8 @@ class Engine(EditingMixin, LifecycleMixin):
             raise err from exc
 
 
-def _write_trace_checked(events: list[Event], path: str | os.PathLike[str]) -> Path:
+def _write_trace_checked(events: list[Event], path: str | os.PathLike[str], names: dict[str, str]) -> Path:
     try:
-        return write_trace(events, path)
+        return write_trace(events, path, names)
     except OSError as exc:
         raise InvalidRequestError(f"cannot write trace to {path}: {exc.strerror or exc}") from exc

@@ -47,8 +47,9 @@ class PrefillChunk(Event):
     session: SessionId
     start: int  # first token of the chunk, counted in this turn's prefill
     n_tokens: int
-    total: int  # tokens to prefill this turn
+    total: int  # tokens prefilled in chunks this turn (the last prompt token is fed by decode)
     dur_ms: float
+    start_ms: float = 0.0  # when the chunk's work began (same clock as t_ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,7 @@ class TokenSampled(Event):
     text: str
     index: int  # 0 = first answer token
     step_ms: float  # time since the previous token (TTFT for index 0)
+    start_ms: float = 0.0  # when this step's work began: the previous token (the turn's start for index 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +73,7 @@ class GenerationFinished(Event):
     cached_tokens: int
     prefilled_tokens: int
     dur_ms: float
+    start_ms: float = 0.0  # when the turn began (same clock as t_ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +127,10 @@ class EventBus:
 
     def now_ms(self) -> float:
         return (time.perf_counter() - self._t0) * 1000.0
+
+    def ms_at(self, perf_counter: float) -> float:
+        """A `time.perf_counter()` reading on the events' clock."""
+        return (perf_counter - self._t0) * 1000.0
 
     def subscribe(self, fn: Subscriber) -> Callable[[], None]:
         """Call `fn(event)` for each event; returns a function that unsubscribes."""

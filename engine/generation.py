@@ -63,7 +63,12 @@ class SamplingParams:
 class Step:
     token_id: int
     logprobs: mx.array  # [vocab] log-softmax of the logits that produced it
-    step_ms: float
+    started: float  # perf_counter when this step's work began (the previous yield)
+    ended: float  # perf_counter when the token was read back
+
+    @property
+    def step_ms(self) -> float:
+        return (self.ended - self.started) * 1000
 
 
 def forward(model: nn.Module, token_ids: list[int] | mx.array, caches: list[ScopeKVCache]) -> mx.array:
@@ -79,7 +84,7 @@ def prefill(
     token_ids: list[int],
     chunk_size: int,
     cancelled: Callable[[], bool] = lambda: False,
-    on_chunk: Callable[[int, int, float], None] | None = None,
+    on_chunk: Callable[[int, int, float, float], None] | None = None,
 ) -> None:
     """Feed `token_ids` into the caches in chunks (no logits kept).
 
@@ -95,8 +100,8 @@ def prefill(
         t0 = time.perf_counter()
         forward(model, chunk, caches)
         mx.eval([c.keys for c in caches])
-        if on_chunk is not None:
-            on_chunk(done, len(chunk), (time.perf_counter() - t0) * 1000)
+        if on_chunk is not None:  # (first token, tokens, perf_counter at start, at end)
+            on_chunk(done, len(chunk), t0, time.perf_counter())
         done += len(chunk)
 
 
@@ -148,7 +153,7 @@ def decode(
             for c in caches:
                 c.trim(1)
         now = time.perf_counter()
-        yield Step(token, logprobs, (now - t_prev) * 1000)
+        yield Step(token, logprobs, t_prev, now)
         t_prev = now
         if not go_on:
             return

@@ -79,6 +79,14 @@ class PrefixStore:
     def __contains__(self, h: object) -> bool:
         return h in self._blocks
 
+    def blocks(self) -> list[StoredBlock]:
+        """Every stored block, least recently used first (for checks and views; do not mutate)."""
+        return list(self._blocks.values())
+
+    def children_count(self, h: BlockHash) -> int:
+        """How many stored blocks name `h` as their parent (the store's own count)."""
+        return self._children.get(h, 0)
+
     def get(self, h: BlockHash) -> StoredBlock | None:
         return self._blocks.get(h)
 

@@ -1,9 +1,11 @@
 """Chrome Trace Event JSON from engine events (opens in Perfetto and chrome://tracing).
 
-Layout: one process ("kvscope engine"), one track (tid) per session plus
-track 0 for the shared prefix store. Prefill chunks and decode steps are
-complete (`X`) events with `dur`; cache changes are instant (`i`) events.
-Times are microseconds since the engine started.
+Layout: one process ("kvscope engine"), one track (tid) per session, named
+"<current name> (<id>)", plus track 0 for the shared prefix store. Turns,
+prefill chunks and decode steps are complete (`X`) events whose start and
+duration were read around the work itself, so they nest strictly per track
+(`trace_problems` checks it); cache changes are instant (`i`) events. Times
+are whole microseconds since the engine started.
 
 Knows nothing about mx arrays; reads only the event dataclasses.
 """
@@ -41,51 +43,62 @@ def _args(ev: Event) -> dict[str, Any]:
     return out
 
 
-def _complete_span(ev: Event) -> tuple[str, str, float] | None:
-    """(name, category, duration ms) for events drawn as complete (X) slices."""
+def _complete_span(ev: Event) -> tuple[str, str, float, float] | None:
+    """(name, category, start ms, end ms) of events drawn as complete (X) slices.
+
+    The engine stamps each such event with the time its work began and its
+    duration, both read around the work itself, so a decode step lies inside
+    its turn and ends where the next step begins.
+    """
     if isinstance(ev, PrefillChunk):
-        return "prefill", "prefill", ev.dur_ms
+        return "prefill", "prefill", ev.start_ms, ev.start_ms + ev.dur_ms
     if isinstance(ev, TokenSampled):
-        return ("ttft" if ev.index == 0 else "decode"), "decode", ev.step_ms
+        return ("ttft" if ev.index == 0 else "decode"), "decode", ev.start_ms, ev.start_ms + ev.step_ms
     if isinstance(ev, GenerationFinished):
-        return "turn", "turn", ev.dur_ms
+        return "turn", "turn", ev.start_ms, ev.start_ms + ev.dur_ms
     return None
 
 
-def trace_events(events: list[Event]) -> list[dict[str, Any]]:
-    """Convert engine events to Chrome trace events."""
+def _us(ms: float) -> int:
+    return int(round(ms * 1000.0))
+
+
+def _track_names(events: list[Event], names: dict[str, str] | None) -> dict[str, str]:
+    """Each session's current name (else its first one), made unique with its id."""
+    out: dict[str, str] = {}
+    for ev in events:
+        if isinstance(ev, SessionCreated):
+            out.setdefault(ev.session, ev.name)
+    out.update(names or {})
+    return {sid: f"{name} ({sid})" if name != sid else f"session {sid}" for sid, name in out.items()}
+
+
+def trace_events(events: list[Event], names: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Convert engine events to Chrome trace events (one track per session, `names` = current names)."""
+    labels = _track_names(events, names)
     tids: dict[str, int] = {}
     out: list[dict[str, Any]] = [
         {"ph": "M", "pid": _PID, "tid": 0, "name": "process_name", "args": {"name": "kvscope engine"}},
         {"ph": "M", "pid": _PID, "tid": 0, "name": "thread_name", "args": {"name": "prefix store"}},
     ]
 
-    def tid_of(session: str | None, name: str | None = None) -> int:
+    def tid_of(session: str | None) -> int:
         if session is None:
             return 0
         if session not in tids:
             tids[session] = len(tids) + 1
-            out.append(
-                {
-                    "ph": "M",
-                    "pid": _PID,
-                    "tid": tids[session],
-                    "name": "thread_name",
-                    "args": {"name": name or f"session {session}"},
-                }
-            )
+            name = labels.get(session, f"session {session}")
+            out.append({"ph": "M", "pid": _PID, "tid": tids[session], "name": "thread_name", "args": {"name": name}})
         return tids[session]
 
     for ev in events:
-        session = getattr(ev, "session", None)
+        tid = tid_of(getattr(ev, "session", None))
         if isinstance(ev, SessionCreated):
-            tid_of(ev.session, f"session {ev.name}")
             continue
-        tid = tid_of(session)
-        ts = ev.t_ms * 1000.0
         span = _complete_span(ev)
-        if span is not None:  # an X event ends at the event's timestamp
-            name, cat, dur_ms = span
+        if span is not None:
+            name, cat, start_ms, end_ms = span
+            ts = _us(start_ms)
             out.append(
                 {
                     "ph": "X",
@@ -93,8 +106,8 @@ def trace_events(events: list[Event]) -> list[dict[str, Any]]:
                     "tid": tid,
                     "name": name,
                     "cat": cat,
-                    "ts": ts - dur_ms * 1000.0,
-                    "dur": dur_ms * 1000.0,
+                    "ts": ts,
+                    "dur": max(_us(end_ms) - ts, 0),
                     "args": _args(ev),
                 }
             )
@@ -107,17 +120,54 @@ def trace_events(events: list[Event]) -> list[dict[str, Any]]:
                     "tid": tid,
                     "name": type(ev).__name__,
                     "cat": "cache",
-                    "ts": ts,
+                    "ts": _us(ev.t_ms),
                     "args": _args(ev),
                 }
             )
-    return out
+    # Turns are emitted after their steps; in the file every track runs forward in time, parents first.
+    meta = [e for e in out if e["ph"] == "M"]
+    timed = sorted((e for e in out if e["ph"] != "M"), key=lambda e: (e["ts"], -e.get("dur", 0)))
+    return meta + timed
 
 
-def write_trace(events: list[Event], path: str | os.PathLike[str]) -> Path:
+def trace_problems(doc: dict[str, Any]) -> list[str]:
+    """What a strict trace viewer would reject: mis-nested or unordered slices, duplicate track names.
+
+    Per track, complete slices must nest (a slice that starts inside another
+    ends inside it too) and begin in timestamp order; every track's name is
+    unique.
+    """
+    problems = []
+    names: dict[tuple[int, int], str] = {}
+    slices: dict[tuple[int, int], list[tuple[int, int, str]]] = {}
+    for e in doc.get("traceEvents", []):
+        track = (e.get("pid", 0), e.get("tid", 0))
+        if e.get("ph") == "M" and e.get("name") == "thread_name":
+            names[track] = e["args"]["name"]
+        elif e.get("ph") == "X":
+            slices.setdefault(track, []).append((int(e["ts"]), int(e["ts"]) + int(e["dur"]), e["name"]))
+    dupes = [n for n in set(names.values()) if list(names.values()).count(n) > 1]
+    problems += [f"two tracks are named {n!r}" for n in sorted(dupes)]
+    for track, spans in slices.items():
+        if any(b[0] < a[0] for a, b in zip(spans, spans[1:])):
+            problems.append(f"track {names.get(track, track)}: slices are not in timestamp order")
+        stack: list[tuple[int, int, str]] = []
+        for lo, hi, name in sorted(spans, key=lambda x: (x[0], -x[1])):
+            while stack and stack[-1][1] <= lo:
+                stack.pop()
+            if stack and hi > stack[-1][1]:
+                parent = stack[-1]
+                problems.append(
+                    f"track {names.get(track, track)}: {name} [{lo}, {hi}] overlaps {parent[2]} [{parent[0]}, {parent[1]}]"
+                )
+            stack.append((lo, hi, name))
+    return problems
+
+
+def write_trace(events: list[Event], path: str | os.PathLike[str], names: dict[str, str] | None = None) -> Path:
     """Write `{"traceEvents": [...]}` atomically; returns the path written."""
     path = Path(path)
-    doc = {"traceEvents": trace_events(events), "displayTimeUnit": "ms"}
+    doc = {"traceEvents": trace_events(events, names), "displayTimeUnit": "ms"}
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as fh:
         json.dump(doc, fh)

@@ -130,8 +130,10 @@ def run_turn(
     stats = TurnStats(len(new_tokens) + keep, cached, len(to_prefill))
     bus.emit(TurnStarted(bus.now_ms(), session.id, stats.prompt_tokens, cached, len(to_prefill)))
 
-    def on_chunk(start: int, n: int, dur_ms: float) -> None:
-        bus.emit(PrefillChunk(bus.now_ms(), session.id, start, n, len(to_prefill), dur_ms))
+    def on_chunk(start: int, n: int, t0: float, t1: float) -> None:
+        bus.emit(
+            PrefillChunk(bus.now_ms(), session.id, start, n, len(to_prefill) - 1, (t1 - t0) * 1000, bus.ms_at(t0))
+        )
 
     session.append_tokens(to_prefill[:-1])
     try:
@@ -203,7 +205,7 @@ def _generate(
     t_first = t_last = time.perf_counter()
     for i, step in enumerate(decode(lm.model, session.caches, last_token, params, ans.keep_going)):
         ans.ids.append(step.token_id)
-        t_last = time.perf_counter()
+        t_last = step.ended  # slices end where the next one begins: traces nest by construction
         if i == 0:
             t_first = t_last
             stats.ttft_ms = (t_first - t_start) * 1000
@@ -212,7 +214,8 @@ def _generate(
         if step.token_id not in ans.eos:
             detok.add_token(step.token_id)
             piece = detok.last_segment
-        bus.emit(TokenSampled(bus.now_ms(), session.id, step.token_id, piece, i, stats.token_ms[-1]))
+        began = bus.ms_at(step.started if i else t_start)  # the first token's slice spans the prefill
+        bus.emit(TokenSampled(bus.now_ms(), session.id, step.token_id, piece, i, stats.token_ms[-1], began))
     text = ans.text()
     n = len(ans.ids)
     session.transcript_text += lm.tokenizer.decode(ans.ids[:-1]) if n > 1 else ""  # the last one is not fed
@@ -223,10 +226,11 @@ def _generate(
     session.turns.append(stats)
     share_prefix(session, store, lm)
     maybe_compress_session(session, lm, bus, "turn_end")
-    dur_ms = (time.perf_counter() - t_start) * 1000
+    end_ms = bus.now_ms()
+    dur_ms = end_ms - bus.ms_at(t_start)
     bus.emit(
         GenerationFinished(
-            bus.now_ms(),
+            end_ms,
             session.id,
             text,
             n,
@@ -236,6 +240,7 @@ def _generate(
             stats.cached_tokens,
             stats.prefilled_tokens,
             dur_ms,
+            bus.ms_at(t_start),
         )
     )
     return TurnResult(text, ans.ids, ans.reason, stats)
