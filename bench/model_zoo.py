@@ -15,7 +15,10 @@ one-line summary.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -74,7 +77,12 @@ def main() -> None:
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--shard", default="1/1", help="k/n: check every n-th module starting at the k-th (parallel runs)")
     p.add_argument("--no-ops", action="store_true", help="chat parity only")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # the child process of `isolated`
+    p.add_argument("--one-bits", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.one:
+        run_one(args.one, args.one_bits, not args.no_ops)
+        return
     k, n = (int(x) for x in args.shard.split("/"))
     mods = (args.only or installed_modules())[k - 1 :: n]
     missing = [m for m in mods if m not in ZOO]
@@ -87,15 +95,32 @@ def main() -> None:
         if m in missing and m not in SKIP:
             r = ArchResult(m, status="skipped", reason="no zoo config: add one to tests/zoo_configs.py")
         else:
-            r = check_arch(m, ops=not args.no_ops)
+            r = isolated(m, None, not args.no_ops)
         results.append(r)
         print(row(r, args.markdown), flush=True)
         for bits in args.bits:
             if r.status == "ok":
-                q = check_arch(m, bits, ops=False)
+                q = isolated(m, bits, False)
                 results.append(q)
                 print(row(q, args.markdown), flush=True)
     summarize(results)
+
+
+def isolated(arch: str, bits: int | None, ops: bool) -> ArchResult:
+    """check_arch in a child process: a crash inside mlx itself (a segfault) is one row, not the end of the sweep."""
+    cmd = [sys.executable, __file__, "--one", arch, "--one-bits", str(bits or 0)] + ([] if ops else ["--no-ops"])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        why = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+        tail = (proc.stderr.strip().splitlines() or [""])[-1][:200]
+        return ArchResult(arch, bits, status="crash", reason=f"the process died ({why}): {tail}")
+    return ArchResult(**json.loads(lines[-1]))
+
+
+def run_one(arch: str, bits: int, ops: bool) -> None:
+    r = check_arch(arch, bits or None, ops=ops)
+    print(json.dumps(dataclasses.asdict(r)), flush=True)
 
 
 def summarize(results: list[ArchResult]) -> None:

@@ -50,6 +50,7 @@ SKIP = {
     "bitnet": "its BitLinear layers run a Metal kernel only (no CPU path in mlx-lm)",
     "olmo": "needs the ai2-olmo package (mlx-lm imports hf_olmo)",
     "muse_spark": "its attention runs a Metal kernel only (no CPU path in mlx-lm)",
+    "phi3small": "plain mlx-lm crashes on it on the CPU (double free inside mlx during generation)",
     "prism_hadamard_qwen35": "a weight-format module, not an architecture with ModelArgs",
 }
 
