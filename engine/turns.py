@@ -131,9 +131,7 @@ def run_turn(
     bus.emit(TurnStarted(bus.now_ms(), session.id, stats.prompt_tokens, cached, len(to_prefill)))
 
     def on_chunk(start: int, n: int, t0: float, t1: float) -> None:
-        bus.emit(
-            PrefillChunk(bus.now_ms(), session.id, start, n, len(to_prefill) - 1, (t1 - t0) * 1000, bus.ms_at(t0))
-        )
+        bus.emit(PrefillChunk(bus.now_ms(), session.id, start, n, len(to_prefill) - 1, (t1 - t0) * 1000, bus.ms_at(t0)))
 
     session.append_tokens(to_prefill[:-1])
     try:

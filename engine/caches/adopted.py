@@ -320,7 +320,9 @@ def adopt(cache: Any) -> AdoptedCache:
     kind = kind_of(cache)
     if sub is None:
         extras = (_KeysExtra,) * need_keys + (_OffsetExtra,) * need_offset
-        sub = type(f"Scope{base.__name__}", (*extras, AdoptedCache, base), {"kind": kind})
+        # The base's own name: mlx-lm's save_prompt_cache records class names and
+        # load_prompt_cache rebuilds plain mlx-lm caches from them.
+        sub = type(base.__name__, (*extras, AdoptedCache, base), {"kind": kind, "__module__": __name__})
         _SUBCLASSES[(base, need_keys, need_offset)] = sub
     fresh = _copied(cache)  # the empty cache: trimming back to no tokens restores it
     cache.__class__ = sub

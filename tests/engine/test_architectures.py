@@ -234,3 +234,22 @@ def test_a_new_session_reuses_a_recurrent_prefix_with_logits_equal_to_a_recomput
     r3 = eng.chat(third, "the code for locker nine", p)
     assert r3.stats.cached_tokens == 0  # no stored prefix ends inside this prompt: prefilled in full
     assert logits_error(eng, third) < 1e-4
+
+
+def test_recurrent_session_caches_round_trip_through_mlx_lm_prompt_cache_files(tmp_path: Path) -> None:
+    from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+    from kvscope.engine.generation import forward
+
+    eng = Engine()
+    eng.load(make_zoo_model(tmp_path / "mamba", "mamba"))
+    sid = eng.new_session()
+    eng.chat(sid, "the code for locker seven is red", SamplingParams(max_tokens=4))
+    caches = eng.session(sid).caches
+    save_prompt_cache(str(tmp_path / "c.safetensors"), caches)
+    loaded = load_prompt_cache(str(tmp_path / "c.safetensors"))
+    assert [type(c).__name__ for c in loaded] == [type(c).__name__ for c in caches] == ["ArraysCache"] * 2
+    model = eng.model.model
+    got = forward(model, [5], [c.copy() for c in caches])[0, -1]
+    want = model(mx.array([[5]]), cache=loaded)[0, -1]
+    assert float(mx.abs(got - want).max().item()) < 1e-5
