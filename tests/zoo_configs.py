@@ -2190,3 +2190,4 @@ ZOO["kimi_k3"]["text_config"].update(num_experts_per_token=1)
 ZOO["gpt2"].update(n_embd=64, n_head=4)
 ZOO["dbrx"]["attn_config"]["clip_qkv"] = 8.0  # transformers' config wants a number, not True
 ZOO["nanochat"].update(hidden_size=128, num_attention_heads=4, num_key_value_heads=4)
+ZOO["jamba"].update(mamba_expand=2, mamba_d_state=16)
