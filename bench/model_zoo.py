@@ -26,7 +26,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from zoo_configs import ZOO  # noqa: E402
-from zoo_harness import OPERATIONS, SKIP, ArchResult, check_arch  # noqa: E402
+from zoo_harness import MLX_LM_DIFFERS, OPERATIONS, SKIP, ArchResult, check_arch  # noqa: E402
 
 import kvscope.engine  # noqa: E402,F401  - BLAS preload before mlx
 
@@ -62,6 +62,8 @@ def row(r: ArchResult, markdown: bool) -> str:
     parity = (
         "/".join("ok" if r.parity.get(k) else "X" for k in ("turn 1", "turn 2", "new session")) if r.parity else "-"
     )
+    if r.parity and not all(r.parity.values()) and r.arch in MLX_LM_DIFFERS:
+        parity += f" (mlx-lm differs: {MLX_LM_DIFFERS[r.arch]})"
     cells = [r.name, r.status if r.status != "ok" else "", r.layout, parity] + [
         _cell(r.ops.get(op, "-")) for op in OPERATIONS
     ]

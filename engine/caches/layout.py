@@ -26,7 +26,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from kvscope.engine.caches.adopted import adopt, kind_of
 from kvscope.engine.caches.shared import SharedSourceKVCache
-from kvscope.engine.caches.sliding import SlidingScopeKVCache
+from kvscope.engine.caches.sliding import SlidingScopeKVCache, WindowShare
 from kvscope.engine.kv_cache import ScopeKVCache
 
 KIND_LABELS = {
@@ -132,12 +132,13 @@ def make_session_caches(model: nn.Module) -> list[Any]:
     out: list[Any] = []
     caches = make_prompt_cache(model)
     shared = _n_model_layers(model, len(caches)) > len(caches)  # later layers read these caches' rows
+    window = WindowShare()
     for c in caches:
         name = type(c).__name__
         if name == "KVCache":
             out.append(SharedSourceKVCache() if shared else ScopeKVCache())
         elif name == "RotatingKVCache" and c.keep == 0:
-            out.append(SlidingScopeKVCache(c.max_size))
+            out.append(SlidingScopeKVCache(c.max_size, window))
         else:
             out.append(adopt(c))
     return out

@@ -35,19 +35,37 @@ from kvscope.engine.kv_cache import ScopeKVCache
 from kvscope.engine.tensor_ops import take_rows
 
 
+class WindowShare:
+    """The window of the model's mask, shared by the sliding caches of one session.
+
+    The model builds the mask from its first sliding cache and passes the
+    window there only; every sliding layer must return the rows that mask covers.
+    """
+
+    def __init__(self) -> None:
+        self.mask_window: int | None = None
+
+
 class SlidingScopeKVCache(ScopeKVCache):
     """ScopeKVCache that attends only the last `window` positions."""
 
     kind = "sliding"
 
-    def __init__(self, window: int) -> None:
+    def __init__(self, window: int, shared: WindowShare | None = None) -> None:
         super().__init__()
         self.window = int(window)
+        self.shared = shared or WindowShare()
         self._last: tuple[mx.array, mx.array] | None = None
 
     def _visible_positions(self) -> np.ndarray:
         """Positions of the attended rows, in the order update_and_fetch returns them."""
         return self.token_positions[self.visible_tokens]
+
+    @property
+    def attended_window(self) -> int:
+        """The window the model's mask uses (it may differ from the cache size mlx-lm chose:
+        plamo3 masks window + 1 positions over a window-sized cache)."""
+        return self.shared.mask_window or self.window
 
     def _in_window(self, vis_pos: np.ndarray, window: int) -> np.ndarray:
         return vis_pos > self.offset - window  # some query of this chunk (first at `offset`) can see it
@@ -64,7 +82,7 @@ class SlidingScopeKVCache(ScopeKVCache):
 
     def _fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         vis_pos = self._visible_positions()
-        keep = self._in_window(vis_pos, self.window)
+        keep = self._in_window(vis_pos, self.attended_window)
         k, v = super().update_and_fetch(keys, values)
         if keep.all():
             return k, v
@@ -77,8 +95,9 @@ class SlidingScopeKVCache(ScopeKVCache):
 
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None) -> Any:
         window = window_size or self.window
+        self.shared.mask_window = window  # the other sliding layers select their rows with it too
         vis_pos = self._visible_positions()
-        kpos = np.concatenate([vis_pos[self._in_window(vis_pos, self.window)], np.arange(self.offset, self.offset + n)])
+        kpos = np.concatenate([vis_pos[self._in_window(vis_pos, window)], np.arange(self.offset, self.offset + n)])
         q = np.arange(self.offset, self.offset + n)[:, None]
         inside = kpos[None, :] > q - window
         if inside.all() and not return_array:  # the window cuts nothing: plain causal (lower-right aligned)
@@ -87,9 +106,9 @@ class SlidingScopeKVCache(ScopeKVCache):
 
     def copy(self) -> SlidingScopeKVCache:
         base = super().copy()
-        other = SlidingScopeKVCache(self.window)
+        other = SlidingScopeKVCache(self.window, self.shared)
         other.__dict__.update(base.__dict__)
-        other.window, other._last = self.window, None
+        other.window, other.shared, other._last = self.window, self.shared, None
         return other
 
     @classmethod
