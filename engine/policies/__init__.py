@@ -14,10 +14,11 @@ from kvscope.engine.policies.base import Candidates, Policy, ScoreInput, fit_bud
 from kvscope.engine.policies.decision import Decision, LayerDecision
 from kvscope.engine.policies.layerwise import DynamicKV, PyramidKV
 from kvscope.engine.policies.quantization import Quantize
-from kvscope.engine.policies.scorers import H2O, KeyNorm, RandomPolicy, SnapKV, StreamingLLM
+from kvscope.engine.policies.scorers import H2O, TOVA, KeyDiff, KeyNorm, RandomPolicy, SnapKV, StreamingLLM
 
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (StreamingLLM, H2O, SnapKV, KeyNorm, RandomPolicy, PyramidKV, DynamicKV, Quantize)
+    cls.name: cls
+    for cls in (StreamingLLM, H2O, SnapKV, TOVA, KeyNorm, KeyDiff, RandomPolicy, PyramidKV, DynamicKV, Quantize)
 }
 
 

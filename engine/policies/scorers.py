@@ -11,6 +11,10 @@
   cache (masked or evicted rows) those queries see the rows the copy holds.
 - `snapkv`: attention of the last `window` queries, mean-pooled over
   `kernel` neighbouring rows; the window itself is always kept (Li et al. 2024).
+- `keydiff`: keep the keys least like the layer's average key direction,
+  per KV head (Park et al. 2025, kvpress `KeyDiffPress`); query-agnostic.
+- `tova`: the attention the last query pays to each row, averaged over the
+  heads of a layer (Oren et al. 2024, kvpress `TOVAPress`).
 """
 
 from __future__ import annotations
@@ -121,3 +125,34 @@ class SnapKV(Policy):
                 s = np.stack([np.convolve(row, np.ones(kernel) / kernel, mode="valid") for row in pad])
             out.append(s.astype(np.float32))
         return out
+
+
+class KeyDiff(Policy):
+    name = "keydiff"
+    summary = "keys least like the average key direction, per KV head"
+    defaults: ClassVar[dict[str, Any]] = {"sinks": 0, "recent": 0}
+
+    def score(self, inp: ScoreInput) -> list[np.ndarray]:
+        out = []
+        for cache, cand in zip(inp.caches, inp.candidates):
+            assert cache.keys is not None
+            keys = take_rows(cache.keys, mx.array(cand.rows.astype(np.int32)))[0].astype(mx.float32)  # [H, n, D]
+            unit = keys / mx.maximum(mx.sqrt((keys**2).sum(axis=-1, keepdims=True)), 1e-12)
+            anchor = unit.mean(axis=1, keepdims=True)  # [H, 1, D]
+            anchor = anchor / mx.maximum(mx.sqrt((anchor**2).sum(axis=-1, keepdims=True)), 1e-12)
+            out.append(-np.array((unit * anchor).sum(axis=-1), np.float32))  # minus cosine to the anchor
+        return out
+
+
+class TOVA(Policy):
+    name = "tova"
+    summary = "attention of the last query, averaged over heads"
+    needs_attention = True
+    defaults: ClassVar[dict[str, Any]] = {"sinks": 0, "recent": 1}
+
+    def score(self, inp: ScoreInput) -> list[np.ndarray]:
+        att = window_attention(_need_model(inp, self.name), inp.caches, inp.token_ids, 1)
+        return [
+            mass[:, cand.tokens].mean(axis=0, keepdims=True).astype(np.float32)
+            for mass, cand in zip(att.mass, inp.candidates)
+        ]

@@ -330,3 +330,29 @@ def test_auto_compress_runs_inside_the_turn(llama_dir) -> None:  # type: ignore[
     assert s.caches[0].n_rows < s.n_tokens  # rows were evicted during the turn
     assert s.caches[0].offset == s.n_tokens  # positions kept counting
     assert res.token_ids
+
+
+def test_keydiff_scores_are_kvpress_keydiff(lm) -> None:  # type: ignore[no-untyped-def]
+    """Oracle: kvpress's KeyDiffPress formula written out in numpy (minus cosine to the mean unit key)."""
+    from kvscope.engine.policies import Candidates, ScoreInput, make_policy
+
+    caches, ids = _caches(lm)
+    got = make_policy("keydiff").score(ScoreInput(caches, [Candidates.of(c) for c in caches], ids))
+    for cache, scores in zip(caches, got):
+        keys = np.array(cache.state[0][0], np.float64)  # [H, n, D]
+        unit = keys / np.linalg.norm(keys, axis=-1, keepdims=True)
+        anchor = unit.mean(axis=1, keepdims=True)
+        want = -(unit * anchor).sum(-1) / np.linalg.norm(anchor, axis=-1)
+        np.testing.assert_allclose(scores, want, atol=1e-5)
+
+
+def test_tova_scores_the_last_querys_attention(lm) -> None:  # type: ignore[no-untyped-def]
+    from kvscope.engine.policies import Candidates, ScoreInput, make_policy
+    from kvscope.engine.policies.attention import window_attention
+
+    caches, ids = _caches(lm)
+    got = make_policy("tova").score(ScoreInput(caches, [Candidates.of(c) for c in caches], ids, lm.model))
+    att = window_attention(lm.model, caches, ids, 1)
+    for mass, scores in zip(att.mass, got):
+        assert scores.shape == (1, len(ids))
+        np.testing.assert_allclose(scores[0], mass.mean(0), atol=1e-6)
