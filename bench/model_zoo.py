@@ -79,6 +79,7 @@ def main() -> None:
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--shard", default="1/1", help="k/n: check every n-th module starting at the k-th (parallel runs)")
     p.add_argument("--no-ops", action="store_true", help="chat parity only")
+    p.add_argument("--quantized-only", action="store_true", help="with --bits: skip the float32 build")
     p.add_argument("--one", help=argparse.SUPPRESS)  # the child process of `isolated`
     p.add_argument("--one-bits", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -96,10 +97,12 @@ def main() -> None:
     for m in mods:
         if m in missing and m not in SKIP:
             r = ArchResult(m, status="skipped", reason="no zoo config: add one to tests/zoo_configs.py")
+        elif args.quantized_only:
+            r = ArchResult(m)
         else:
             r = isolated(m, None, not args.no_ops)
-        results.append(r)
-        print(row(r, args.markdown), flush=True)
+            results.append(r)
+            print(row(r, args.markdown), flush=True)
         for bits in args.bits:
             if r.status == "ok":
                 q = isolated(m, bits, False)
