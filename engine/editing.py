@@ -78,13 +78,15 @@ class EditingMixin:
     ) -> FidelityReport:
         s = self.session(sid)
         s.require_idle(label)
-        self._guard(sid, lambda: check_compatible(self.model, label))  # refused before anything changes
+        verdict = self._guard(sid, lambda: self.model.require(label))  # refused before anything changes
 
         def run() -> FidelityReport:
             saved = s.clone()
             t0 = time.perf_counter()
             try:
                 rows, extra = op(s)
+                if verdict.status != "exact":  # e.g. masking a hybrid model: the report says approximate
+                    extra = {**extra, "approximate": verdict.reason}
             except BaseException:
                 s.restore(saved)
                 raise

@@ -253,3 +253,11 @@ def test_recurrent_session_caches_round_trip_through_mlx_lm_prompt_cache_files(t
     got = forward(model, [5], [c.copy() for c in caches])[0, -1]
     want = model(mx.array([[5]]), cache=loaded)[0, -1]
     assert float(mx.abs(got - want).max().item()) < 1e-5
+
+
+def test_an_approximate_mask_is_labelled_so_in_its_fidelity_report(hybrid: Engine) -> None:
+    sid = hybrid.new_session()
+    hybrid.chat(sid, "the code for locker seven is red blue green", SamplingParams(max_tokens=4))
+    rep = hybrid.mask(sid, 2, 6)
+    assert "absorbed the masked tokens" in rep.extra["approximate"] and 0 < rep.cosine <= 1
+    assert "approximate" in hybrid.session(sid).operations[-1]["report"]["extra"]
