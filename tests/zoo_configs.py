@@ -2191,3 +2191,7 @@ ZOO["gpt2"].update(n_embd=64, n_head=4)
 ZOO["dbrx"]["attn_config"]["clip_qkv"] = 8.0  # transformers' config wants a number, not True
 ZOO["nanochat"].update(hidden_size=128, num_attention_heads=4, num_key_value_heads=4)
 ZOO["jamba"].update(mamba_expand=2, mamba_d_state=16)
+# A soft cap of 1.0 squashes every logit to within 1e-6 of 1.0: greedy picks would hinge on
+# float summation order. Real models cap at 30.
+ZOO["gemma3n"]["text_config"]["final_logit_softcapping"] = 30.0
+ZOO["recurrent_gemma"]["logits_soft_cap"] = 30.0
