@@ -107,7 +107,7 @@ def build_table(model: str, layout: CacheLayout, rotations: list[LayerRotation])
     """The verdict of every operation for a model with this layout and these rotations."""
     non_row = tuple(k for k in layout.kinds if k not in _ROW_KINDS)
     windowed = tuple(k for k in non_row if k != "recurrent")
-    has_rows = bool(layout.kinds["attention"])
+    has_rows = any(layout.kinds[k] for k in _ROW_KINDS)
     recurrent = layout.kinds["recurrent"]
     mla = any(r.rotates and (r.tensor == "values" or r.lo > 0) for r in rotations)
     rot_problem = _rotation_problem(layout, rotations)
