@@ -11,12 +11,12 @@ PY=${PYTHON:-python3}
 
 system_packages() {
   # Optimized BLAS for MLX's CPU matmuls (~10x prefill) and the libraries Qt needs
-  # even offscreen. Debian/Ubuntu as root only; elsewhere kvscope still runs.
+  # even offscreen; Xvfb + xdotool for the real-input window tests. Debian/Ubuntu as root only; elsewhere kvscope still runs.
   [ "$(uname -s)" = Linux ] || return 0
   command -v apt-get >/dev/null || { echo "run.sh: no apt-get; install OpenBLAS yourself for faster CPU prefill" >&2; return 0; }
   local sudo=""
   [ "$(id -u)" = 0 ] || { command -v sudo >/dev/null && sudo="sudo -n" || return 0; }
-  local pkgs="libopenblas0-pthread libgl1 libegl1 libxkbcommon0 libxkbcommon-x11-0 libfontconfig1 libdbus-1-3 libglib2.0-0 libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 libxcb-shape0 libxcb-xinerama0 libxcb-randr0 libxcb-render-util0 libxcb-image0"
+  local pkgs="libopenblas0-pthread libgl1 libegl1 libxkbcommon0 libxkbcommon-x11-0 libfontconfig1 libdbus-1-3 libglib2.0-0 libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 libxcb-shape0 libxcb-xinerama0 libxcb-randr0 libxcb-render-util0 libxcb-image0 xvfb xdotool"
   if ! dpkg -s $pkgs >/dev/null 2>&1; then
     echo "run.sh: installing system packages: $pkgs" >&2
     $sudo apt-get update -qq >/dev/null 2>&1 || true

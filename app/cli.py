@@ -14,7 +14,7 @@ from kvscope.app import cmd_chat
 
 def _command_modules() -> list:  # type: ignore[type-arg]
     mods = [cmd_chat]
-    for name in ("cmd_eval", "cmd_surgery", "cmd_segment", "cmd_bench", "cmd_gui"):
+    for name in ("cmd_eval", "cmd_surgery", "cmd_segment", "cmd_bench", "cmd_gui", "cmd_serve", "cmd_replay"):
         try:
             mods.append(__import__(f"kvscope.app.{name}", fromlist=["register"]))
         except ModuleNotFoundError as exc:

@@ -41,7 +41,14 @@ def launch_from_args(args: argparse.Namespace) -> int:
     return launch(args.model, args.quit_after_ms, args.prompt, config)
 
 
-def launch(model: str | None, quit_after_ms: int = 0, prompt: str | None = None, config: dict | None = None) -> int:
+def launch(
+    model: str | None,
+    quit_after_ms: int = 0,
+    prompt: str | None = None,
+    config: dict | None = None,
+    serve: object | None = None,
+) -> int:
+    """Open the window; with `serve` (kvscope.server.ServeOptions) it also serves the OpenAI API."""
     from PySide6.QtCore import QTimer
     from PySide6.QtWidgets import QApplication
 
@@ -57,6 +64,8 @@ def launch(model: str | None, quit_after_ms: int = 0, prompt: str | None = None,
     window = MainWindow(bridge)
     window.show()
     window.load_model(model)
+    if serve is not None:
+        window.requests.start(serve)  # type: ignore[arg-type]  # queues behind the model load
     if prompt:
         _send_when_ready(window, prompt)
     if quit_after_ms > 0:

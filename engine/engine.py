@@ -38,6 +38,7 @@ from kvscope.engine.events import (
     SessionCreated,
     SessionId,
 )
+from kvscope.engine.fidelity import FidelityReport, measure
 from kvscope.engine.generation import SamplingParams
 from kvscope.engine.lifecycle import LifecycleMixin, physical_memory_bytes
 from kvscope.engine.model_loading import LoadedModel, load_model
@@ -263,6 +264,21 @@ class Engine(EditingMixin, LifecycleMixin):
             lambda t: tok.decode([t]),
             store.sessions_of,
         )
+
+    def measure_fidelity(
+        self, sid: SessionId, operation: str, elapsed_ms: float = 0.0, rows_changed: int = 0, **extra: Any
+    ) -> FidelityReport:
+        """The session as it is now vs a full recompute of its visible tokens at their positions.
+
+        For fidelity measured after an edit that ran with `fidelity=False` (the
+        window defers it on long sessions); changes nothing.
+        """
+        s = self.session(sid)
+        s.require_idle("measuring fidelity")
+        result: FidelityReport = self._guard(
+            sid, lambda: measure(self.model, s, operation, elapsed_ms, rows_changed, **extra)
+        )
+        return result
 
     def export_trace(self, path: str | os.PathLike[str]) -> Path:
         """Write all events so far as Chrome Trace Event JSON."""

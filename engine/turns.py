@@ -115,6 +115,31 @@ def run_turn(
     params.validate()
     messages = session.messages + [{"role": "user", "content": user_text}]
     new_tokens, keep = plan_prompt(session, lm, messages)
+    transcript = chat.render(lm.tokenizer, messages)
+    return turn_on_tokens(
+        session, lm, store, bus, new_tokens, keep, messages, transcript, params, chunk_size, cancelled
+    )
+
+
+def turn_on_tokens(
+    session: Session,
+    lm: LoadedModel,
+    store: PrefixStore,
+    bus: EventBus,
+    new_tokens: list[int],
+    keep: int,
+    messages: chat.Messages,
+    transcript_text: str,
+    params: SamplingParams,
+    chunk_size: int,
+    cancelled: Callable[[], bool],
+) -> TurnResult:
+    """Keep the session's first `keep` tokens, add `new_tokens` (prefix-store hits first), generate.
+
+    The shared body of a chat turn (`run_turn`) and of a turn from ready-made
+    prompt ids (`prompt_turn.run_prompt`, what a server request is): after
+    it the session shows `messages` (+ the answer) over `transcript_text`.
+    """
     before = (session.n_tokens, session.transcript_text, len(session.messages))
     t_start = time.perf_counter()
     session.trim_to(keep)
@@ -142,7 +167,7 @@ def run_turn(
         raise
     session.append_tokens(to_prefill[-1:])
     session.messages = messages
-    session.transcript_text = chat.render(lm.tokenizer, messages)
+    session.transcript_text = transcript_text
     return _generate(session, lm, store, bus, to_prefill[-1], params, stats, t_start, cancelled)
 
 

@@ -2,8 +2,10 @@
 
     python tools/screenshots.py [--model DIR] [--out docs/screenshots]
 
-Scenes: a chat with a shared prefix, a masked region, a compression
-decision, a splice between two sessions. Uses the demo model unless
+Scenes (1280x800): two chats sharing a prefix, four sessions in tabs, a
+masked region, a splice between two sessions side by side with its report,
+a compression decision, the prefix tree of four sessions sharing a system
+prompt and notes, a ~2,000-token session with the block map following it. Uses the demo model unless
 `--model` is given. Every step goes through the window's own API (the same
 calls the menus and drag and drop make).
 """
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     app = QApplication.instance() or QApplication(sys.argv[:1])
     bridge = EngineBridge()
     win = MainWindow(bridge)
-    win.resize(1600, 1000)
+    win.resize(1280, 800)
     win.show()
     try:
         return _scenes(app, win, out, args.model)
@@ -88,55 +90,80 @@ def main(argv: list[str] | None = None) -> int:
         bridge.shutdown()
 
 
+def _session(app: object, win: object, name: str, system: str | None = SYSTEM) -> object:
+    n = len(win.views)  # type: ignore[attr-defined]
+    win.new_session(name, system)  # type: ignore[attr-defined]
+    wait_until(app, lambda: len(win.views) == n + 1)  # type: ignore[attr-defined]
+    view = win.active_view()  # type: ignore[attr-defined]
+    view.max_tokens.setValue(40)
+    return view
+
+
 def _scenes(app: object, win: object, out: Path, model: str | None) -> int:
     win.load_model(model)
     wait_until(app, lambda: len(win.views) == 1, 120)
-    a = win.active_view()
-    win.close_session(a.sid)
+    win.close_session(win.active_view().sid)
     wait_until(app, lambda: not win.views)
-    win.new_session("alice", SYSTEM)
-    wait_until(app, lambda: len(win.views) == 1)
-    a = win.active_view()
-    a.max_tokens.setValue(40)
+    a = _session(app, win, "alice")
     chat(app, win, a, NOTES)
     chat(app, win, a, "What is the code for locker 7?")
-    win.new_session("bob", SYSTEM)
-    wait_until(app, lambda: len(win.views) == 2)
-    b = win.active_view()
-    b.max_tokens.setValue(40)
+    b = _session(app, win, "bob")
     chat(app, win, b, NOTES)
     chat(app, win, b, "Which room does team Falcon meet in?")
     win.tabs.setCurrentWidget(win.latency)
     settle(app, win)
     shoot(win, out, "shared_prefix.png")
+    for name, question in (("carol", "What colour does Mira like?"), ("dave", "When does the red door open?")):
+        v = _session(app, win, name)
+        chat(app, win, v, NOTES)
+        chat(app, win, v, question)
+    win.set_active(b.sid)
+    settle(app, win)
+    shoot(win, out, "four_sessions.png")
+    win.tabs.setCurrentWidget(win.prefix_tree)
+    settle(app, win)
+    tree = win.prefix_tree.tree
+    if tree.topLevelItemCount():
+        tree.setCurrentItem(tree.topLevelItem(0))
+        tree.itemClicked.emit(tree.topLevelItem(0), 0)
+    settle(app, win)
+    shoot(win, out, "prefix_tree.png")
 
+    win.set_active(a.sid)
     a.select(16, 40)
     a.actions_.mask()
     settle(app, win)
-    a.select(16, 40)
-    win.set_active(a.sid)
-    settle(app, win)
     shoot(win, out, "masked_region.png")
 
+    win.compare(a.sid, b.sid)
     b.select(48, 72)
     n_a = len(a.strip.texts)
     a.actions_.splice(b.sid, 48, 72, 32)  # between blocks 1 and 2 of alice
     settle(app, win, 500)
     a.select(32, 56)
-    win.set_active(a.sid)
-    win.tabs.setCurrentWidget(win.latency)
     settle(app, win)
     print(f"alice grew from {n_a} to {len(a.strip.texts)} tokens")
     shoot(win, out, "splice.png")
     from kvscope.ui.dialogs import policy_names
 
     win.set_active(b.sid)
-    win.tabs.setCurrentWidget(win.decisions)
     policies = policy_names()
     policy = "snapkv" if "snapkv" in policies else policies[0]
     b.actions_.compress(policy, 0.5, None)
     settle(app, win, 500)
+    win.tabs.setCurrentWidget(win.decisions)
+    settle(app, win)
     shoot(win, out, "compression_decision.png")
+    win.toggle_compare()
+
+    long = _session(app, win, "long notes")
+    long.max_tokens.setValue(60)
+    chat(app, win, long, "Notes:\n" + "\n".join(NOTES.splitlines()[1:]) * 1 + ("\n" + NOTES.split("\n", 1)[1]) * 34)
+    chat(app, win, long, "What is the code for locker 7?")
+    win.tabs.setCurrentWidget(win.latency)
+    settle(app, win)
+    print(f"long session: {len(long.strip.texts)} tokens")
+    shoot(win, out, "long_session.png")
 
     if win.last_error:
         print(f"last error shown in the window: {win.last_error}")

@@ -4,36 +4,82 @@ Promises:
 - one pyqtgraph `ImageItem` with a fixed LUT (one colour per TokenState) and
   fixed levels, so a redraw is a single `setImage` of a uint8 view — no
   per-frame autolevels, no colour mixing of states;
-- x is the block index, y the layer (layer 0 on top); mouse wheel zooms, drag
-  pans; the view follows the growing cache until the user zooms;
-- hovering emits `hovered(layer, block)` (-1, -1 when leaving); a click emits
-  `block_clicked(block, extend)`;
+- x is the block index, y the layer (layer 0 on top); ticks sit on cell
+  centres and are whole numbers only, spaced so labels never overlap;
+- the view follows the growing cache (the whole cache while it fits
+  `FOLLOW_BLOCKS`, else the live end) until the person zooms or pans;
+  `set_follow(True)` (the view's "follow" button) resumes it;
+- hovering emits `hovered(layer, block)` (-1, -1 when leaving); the text is
+  shown by the owner in a fixed pane, never as a tooltip that moves the map;
+  a click emits `block_clicked(block, extend)`;
 - drops (segments from another session, `.safetensors` files) are handed to
-  `dropped(mime, block_boundary)`; the map never decides what a drop means.
+  `dropped(mime, block_boundary)`; a segment of this map's own session is
+  refused unless Ctrl is held (`drop_refused(reason)`).
 
 Knows nothing about the engine; it draws arrays it is given.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QMimeData, QPointF, Qt, Signal
-from PySide6.QtWidgets import QToolTip, QWidget
+from PySide6.QtWidgets import QWidget
 
 from kvscope.engine.blocks import N_STATES
+from kvscope.ui.drops import MIME_SEGMENT, has_payload, refusal
 from kvscope.ui.palette import state_lut
 
-MIME_SEGMENT = "application/x-kvscope-segment"
+__all__ = ["MIME_SEGMENT", "BlockMap", "IndexAxis"]
+FOLLOW_BLOCKS = 160  # show the whole cache up to this many blocks, then the live end
+MIN_BLOCKS_SHOWN = 8
+
+
+class IndexAxis(pg.AxisItem):
+    """Whole-number ticks at cell centres (cell i spans [i, i + 1))."""
+
+    STEPS = (1, 2, 5)
+
+    def __init__(self, orientation: str, px_per_label: int) -> None:
+        super().__init__(orientation)
+        self.px_per_label = px_per_label
+
+    def tickValues(self, minVal: float, maxVal: float, size: float) -> list:  # noqa: N802, N803
+        lo_val, hi_val = sorted((minVal, maxVal))  # an inverted axis (layers) passes them reversed
+        lo, hi = math.ceil(lo_val - 0.5), math.floor(hi_val - 0.5)
+        if hi < lo or size <= 0:
+            return []
+        step = self.step_for(hi - lo + 1, size)
+        first = lo + (-lo) % step
+        return [(step, [i + 0.5 for i in range(first, hi + 1, step)])]
+
+    def step_for(self, n_cells: int, size: float) -> int:
+        """Smallest 1-2-5 step that leaves `px_per_label` pixels per label."""
+        fit = max(int(size // self.px_per_label), 1)
+        scale = 1
+        while True:
+            for m in self.STEPS:
+                if n_cells / (m * scale) <= fit:
+                    return m * scale
+            scale *= 10
+
+    def tickStrings(self, values: list, scale: float, spacing: float) -> list[str]:  # noqa: N802
+        return [str(int(round(v - 0.5))) for v in values]
 
 
 class BlockMap(pg.PlotWidget):
     hovered = Signal(int, int)  # layer, block
     block_clicked = Signal(int, bool)  # block, shift held
     dropped = Signal(QMimeData, int)  # mime, block boundary the drop points at
+    drop_refused = Signal(str)
+    follow_changed = Signal(bool)
 
     def __init__(self, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
+        axes = {"bottom": IndexAxis("bottom", 44), "left": IndexAxis("left", 16)}
+        super().__init__(parent, axisItems=axes)
+        self.session = ""
         self.setBackground((24, 24, 28))
         self.image = pg.ImageItem(axisOrder="col-major")
         self.image.setLookupTable(state_lut())
@@ -43,7 +89,8 @@ class BlockMap(pg.PlotWidget):
         vb.invertY(True)
         vb.setMouseEnabled(x=True, y=True)
         vb.setLimits(xMin=-1, yMin=-0.5, minXRange=4, minYRange=1)
-        vb.setRange(xRange=(0, 8), yRange=(0, 4), padding=0)  # an empty cache still reads as a map
+        vb.setRange(xRange=(0, MIN_BLOCKS_SHOWN), yRange=(0, 4), padding=0)  # an empty cache still reads as a map
+        vb.sigRangeChangedManually.connect(lambda *_: self.set_follow(False))
         self.setLabel("bottom", "block")
         self.setLabel("left", "layer")
         self.hideButtons()
@@ -57,11 +104,11 @@ class BlockMap(pg.PlotWidget):
         self._shape = (0, 0)
         self._labels: tuple[str, ...] = ()
         self._hover = (-1, -1)
-        self.hover_text = ""
+        self.follow = True
         self.scene().sigMouseMoved.connect(self._on_mouse_moved)
         self.scene().sigMouseClicked.connect(self._on_mouse_clicked)
         self.setAcceptDrops(True)
-        self.setMinimumHeight(120)
+        self.setMinimumHeight(110)
 
     # ------------------------------------------------------------ drawing
     def set_layer_labels(self, labels: tuple[str, ...]) -> None:
@@ -77,13 +124,32 @@ class BlockMap(pg.PlotWidget):
         n_layers, n_blocks = block_state.shape
         if n_blocks == 0:
             self.image.clear()
-            self._shape = (n_layers, 0)
-            self.getViewBox().setRange(xRange=(0, 8), yRange=(0, max(n_layers, 1)), padding=0)
-            return
-        self.image.setImage(block_state.T, autoLevels=False, levels=(0, N_STATES))
+        else:
+            self.image.setImage(block_state.T, autoLevels=False, levels=(0, N_STATES))
         if (n_layers, n_blocks) != self._shape:
             self._shape = (n_layers, n_blocks)
-            self.getViewBox().setLimits(xMax=max(n_blocks + 1, 8), yMax=n_layers + 0.5)
+            self.getViewBox().setLimits(xMax=max(n_blocks + 1, MIN_BLOCKS_SHOWN), yMax=max(n_layers, 1) + 0.5)
+            if self.follow:
+                self._follow_end()
+
+    def _follow_end(self) -> None:
+        n_layers, n_blocks = self._shape
+        hi = max(n_blocks, MIN_BLOCKS_SHOWN)
+        lo = max(0, hi - FOLLOW_BLOCKS)
+        self.getViewBox().setRange(xRange=(lo, hi), yRange=(0, max(n_layers, 1)), padding=0)
+
+    def set_follow(self, on: bool) -> None:
+        """Follow the live end of the cache (True) or keep the person's zoom (False)."""
+        if on == self.follow:
+            return
+        self.follow = on
+        if on:
+            self._follow_end()
+        self.follow_changed.emit(on)
+
+    def visible_blocks(self) -> tuple[float, float]:
+        (x0, x1), _ = self.getViewBox().viewRange()
+        return x0, x1
 
     def set_selection(self, block_lo: float | None, block_hi: float | None) -> None:
         """Highlight blocks [lo, hi) (fractional: token spans inside a block)."""
@@ -92,13 +158,6 @@ class BlockMap(pg.PlotWidget):
             return
         self.selection.setRegion((block_lo, block_hi))
         self.selection.show()
-
-    def show_hover_text(self, text: str) -> None:
-        self.hover_text = text
-        if text and self.underMouse():
-            QToolTip.showText(self.cursor().pos(), text, self)
-        elif not text:
-            QToolTip.hideText()
 
     # ------------------------------------------------------------ mouse
     def cell_at(self, scene_pos: QPointF) -> tuple[int, int]:
@@ -136,13 +195,14 @@ class BlockMap(pg.PlotWidget):
         return int(np.clip(round(x), 0, self._shape[1]))
 
     def dragEnterEvent(self, ev: object) -> None:  # noqa: N802
-        if _accepts(ev.mimeData()):  # type: ignore[attr-defined]
+        if has_payload(ev.mimeData()):  # type: ignore[attr-defined]
             ev.acceptProposedAction()  # type: ignore[attr-defined]
         else:
             ev.ignore()  # type: ignore[attr-defined]
 
     def dragMoveEvent(self, ev: object) -> None:  # noqa: N802
-        if not _accepts(ev.mimeData()):  # type: ignore[attr-defined]
+        if refusal(ev.mimeData(), self.session, ev.modifiers()) is not None:  # type: ignore[attr-defined]
+            self.drop_line.hide()
             ev.ignore()  # type: ignore[attr-defined]
             return
         self.drop_line.setValue(self._boundary_at(ev.position()))  # type: ignore[attr-defined]
@@ -155,14 +215,10 @@ class BlockMap(pg.PlotWidget):
     def dropEvent(self, ev: object) -> None:  # noqa: N802
         self.drop_line.hide()
         mime = ev.mimeData()  # type: ignore[attr-defined]
-        if not _accepts(mime):
+        why = refusal(mime, self.session, ev.modifiers())  # type: ignore[attr-defined]
+        if why is not None:
+            self.drop_refused.emit(why)
             ev.ignore()  # type: ignore[attr-defined]
             return
         self.dropped.emit(mime, self._boundary_at(ev.position()))  # type: ignore[attr-defined]
         ev.acceptProposedAction()  # type: ignore[attr-defined]
-
-
-def _accepts(mime: QMimeData) -> bool:
-    if mime.hasFormat(MIME_SEGMENT):
-        return True
-    return mime.hasUrls() and any(u.toLocalFile().endswith(".safetensors") for u in mime.urls())

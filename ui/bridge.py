@@ -79,6 +79,10 @@ class EngineBridge(QObject):
     def in_flight(self) -> int:
         return len(self._callbacks)
 
+    def idle(self) -> bool:
+        """No call in flight and no snapshot waiting to be taken: low-priority work may start."""
+        return not self._callbacks and not self._dirty
+
     def cancel(self, sid: SessionId) -> None:
         """Stop a generation at its next step (safe from the Qt thread)."""
         self.worker.cancel(sid)

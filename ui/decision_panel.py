@@ -29,7 +29,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from kvscope.engine.blocks import N_STATES
+from kvscope.engine.blocks import N_STATES, TokenState
 from kvscope.engine.events import DecisionApplied, Event
 from kvscope.engine.snapshot import SessionSnapshot
 from kvscope.ui.dialogs import format_value, policy_names
@@ -45,9 +45,14 @@ class DecisionPanel(QWidget):
         self.session: str | None = None
         self.decisions: dict[str, DecisionApplied] = {}
         self.reports: dict[str, dict] = {}
+        self.evicted: dict[str, list[int]] = {}  # per layer, from the newest snapshot
+        self.names: dict[str, str] = {}
         self.policy = QComboBox()
         self.policy.addItems(list(policy_names()))
-        self.ratio = QDoubleSpinBox(minimum=0.01, maximum=1.0, singleStep=0.05, value=0.5, prefix="keep ")
+        self.ratio = QDoubleSpinBox(
+            minimum=0.01, maximum=1.0, singleStep=0.05, value=0.5, prefix="keep ", suffix=" of the rows"
+        )
+        self.ratio.setToolTip("Share of each layer's cache rows the policy keeps (0.50 = half); the rest are evicted")
         self.use_budget = QCheckBox("budget")
         self.budget = QSpinBox(minimum=1, maximum=1_000_000, value=256, suffix=" tok", enabled=False)
         self.use_budget.toggled.connect(self.budget.setEnabled)
@@ -60,7 +65,7 @@ class DecisionPanel(QWidget):
         controls.addStretch(1)
         self.summary = QLabel("No decision yet.")
         self.summary.setWordWrap(True)
-        self.mask_plot, self.mask_img = _image_plot("keep mask (layer × token)")
+        self.mask_plot, self.mask_img = _image_plot("rows kept (layer × token)")
         self.mask_img.setLookupTable(state_lut())
         self.mask_img.setLevels((0, N_STATES))
         self.score_plot, self.score_img = _image_plot("policy score (layer × token)")
@@ -99,8 +104,11 @@ class DecisionPanel(QWidget):
         self._show_summary()
 
     def on_snapshot(self, snap: SessionSnapshot) -> None:
+        self.names[snap.session] = snap.name
+        self.evicted[snap.session] = [int(n) for n in (snap.token_state == TokenState.EVICTED).sum(axis=1)]
         if snap.session != self.session:
             return
+        self._show_summary()
         self.mask_img.setImage(snap.token_state.T, autoLevels=False, levels=(0, N_STATES))
         # The plots' ranges were pinned while empty, which turns auto-range off:
         # show the whole layer x token grid of this snapshot.
@@ -125,12 +133,19 @@ class DecisionPanel(QWidget):
             if rep.get(k) is not None
         )
         if ev is None:
-            self.summary.setText(f"No decision yet for {self.session or 'this session'}.")
+            evicted = self.evicted.get(self.session or "", [])
+            if any(evicted):  # e.g. a session reopened after a restart: its evictions are in the cache
+                self.summary.setText(
+                    f"Evicted rows per layer {evicted} ({sum(evicted)} in all), from a decision made before "
+                    "this window opened; the keep mask below is the cache as it is now."
+                )
+            else:
+                self.summary.setText(f"No decision yet for {self.session or 'this session'}.")
             return
         kept, evicted = ev.kept_rows, ev.evicted_rows
         extra = ", ".join(f"{k} {format_value(v)}" for k, v in ev.details.items() if k not in ("kept", "evicted"))
         self.summary.setText(
-            f"<b>{ev.policy}</b> on {ev.session} · tokens [{ev.token_lo}, {ev.token_hi}) · "
+            f"<b>{ev.policy}</b> on {self.names.get(ev.session, ev.session)} · tokens [{ev.token_lo}, {ev.token_hi}) · "
             f"kept {sum(kept)} / evicted {sum(evicted)} rows · per layer kept {list(kept)}"
             + (f"<br>{asked}" if asked else "")
             + (f"<br><span style='color:#999'>{extra[:400]}</span>" if extra else "")

@@ -1,4 +1,4 @@
-"""Small dialogs: the fidelity report, compaction, compression, open model.
+"""Small dialogs: compaction, compression, open model, new session; report values.
 
 Dialogs only collect values or show them; they never call the engine.
 """
@@ -9,7 +9,6 @@ import dataclasses
 from typing import Any
 
 import numpy as np
-from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -24,8 +23,6 @@ from PySide6.QtWidgets import (
     QPlainTextEdit,
     QPushButton,
     QSpinBox,
-    QTableWidget,
-    QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
@@ -69,39 +66,6 @@ def format_value(v: Any) -> str:
     return str(v)
 
 
-class ReportDialog(QDialog):
-    """Non-modal table of the last operation's report (fidelity first)."""
-
-    FIRST = ("cosine", "kl", "top1_agree", "elapsed_ms")
-
-    def __init__(self, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.setWindowTitle("Fidelity report")
-        self.setModal(False)
-        # A report must not take the keyboard from the session (shortcuts, typing).
-        self.setAttribute(Qt.WidgetAttribute.WA_ShowWithoutActivating)
-        self.setWindowFlag(Qt.WindowType.Tool)
-        self.heading = QLabel()
-        self.table = QTableWidget(0, 2)
-        self.table.setHorizontalHeaderLabels(["field", "value"])
-        self.table.horizontalHeader().setStretchLastSection(True)
-        self.table.verticalHeader().hide()
-        lay = QVBoxLayout(self)
-        lay.addWidget(self.heading)
-        lay.addWidget(self.table)
-        self.resize(460, 340)
-
-    def show_report(self, title: str, report: dict[str, Any]) -> None:
-        self.heading.setText(f"<b>{title}</b>")
-        keys = [k for k in self.FIRST if k in report] + [k for k in report if k not in self.FIRST]
-        self.table.setRowCount(len(keys))
-        for r, k in enumerate(keys):
-            self.table.setItem(r, 0, QTableWidgetItem(k))
-            self.table.setItem(r, 1, QTableWidgetItem(format_value(report[k])))
-        self.table.resizeColumnToContents(0)
-        self.show()
-
-
 class CompactDialog(QDialog):
     """Summary text for a compaction; empty + 'generate' lets the model write it."""
 
@@ -136,7 +100,7 @@ class CompressDialog(QDialog):
         self.use_budget.toggled.connect(lambda on: self.ratio.setEnabled(not on))
         form = QFormLayout(self)
         form.addRow("policy", self.policy_box)
-        form.addRow("keep ratio", self.ratio)
+        form.addRow("share of rows kept", self.ratio)
         form.addRow(self.use_budget, self.budget)
         form.addRow(_buttons(self))
 

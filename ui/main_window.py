@@ -1,12 +1,20 @@
-"""MainWindow: sessions side by side, decisions, latency, menus, status bar.
+"""MainWindow: session tabs (or two side by side), report, decisions,
+latency, menus, status bar.
 
 Promises:
 - owns no engine state: it forwards batches of engine events and snapshots
   from the `EngineBridge` to the views, panels and status bar;
+- the active session changes only on a person's action: a selection, click
+  or typing inside a view (focus), a click on its tab or its list entry, a
+  new session; a streaming view never takes the role by itself;
+- fits a 1024 px wide screen with any number of sessions (tabs), the
+  status bar always visible;
 - redraws on one ~30 Hz timer, each view from its newest snapshot, so a
   fast decode never costs more than one redraw per frame;
-- file work (load model, export trace/session, import segment) runs on the
-  engine thread through the bridge; errors are shown, never swallowed.
+- the prefix tree tab shows every open session's cached blocks as one tree;
+- the progress bar closes at 100 % when its load or turn ends in any way;
+- file work runs on the engine thread through the bridge (`FileActions`);
+  errors stay on screen until dismissed, never swallowed.
 """
 
 from __future__ import annotations
@@ -14,40 +22,39 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import Qt, QTimer
-from PySide6.QtGui import QAction, QCloseEvent, QKeySequence
-from PySide6.QtWidgets import QDockWidget, QFileDialog, QMainWindow, QMessageBox, QSplitter, QTabWidget, QWidget
+from PySide6.QtGui import QAction, QCloseEvent, QKeySequence, QShowEvent
+from PySide6.QtWidgets import QApplication, QDockWidget, QMainWindow, QSplitter, QTabWidget, QWidget
 
 from kvscope.engine.events import (
     EngineError,
     Event,
+    GenerationFinished,
     PrefillChunk,
     SessionClosed,
     SessionCreated,
     SessionId,
+    TokenSampled,
     TurnStarted,
 )
 from kvscope.engine.snapshot import SessionSnapshot
 from kvscope.ui.bridge import EngineBridge
 from kvscope.ui.decision_panel import DecisionPanel
-from kvscope.ui.dialogs import OpenModelDialog
+from kvscope.ui.edit_menu import EditMenu
+from kvscope.ui.fidelity_jobs import FidelityJobs
+from kvscope.ui.file_actions import MESSAGE_MS, FileActions
 from kvscope.ui.latency_panel import LatencyPanel
+from kvscope.ui.naming import next_chat_name, unique_name
+from kvscope.ui.prefix_tree import PrefixTreePanel
+from kvscope.ui.report_panel import ReportPanel
+from kvscope.ui.requests_panel import RequestsPanel
+from kvscope.ui.session_area import SessionArea
 from kvscope.ui.session_view import SessionView
 from kvscope.ui.sessions_panel import SessionsPanel
-from kvscope.ui.span_actions import SHORTCUTS
 from kvscope.ui.status import StatusBar
 
 REDRAW_MS = 33  # idle: 30 Hz
 REDRAW_BUSY_MS = 100  # while a session decodes: 10 Hz leaves the GIL to the decode loop
-EDIT_LABELS = {
-    "mask": "Mask span",
-    "unmask": "Unmask span",
-    "compact": "Compact span with summary…",
-    "erratum": "Append erratum…",
-    "delete": "Delete span",
-    "compress": "Compress with policy…",
-    "save": "Save span as segment…",
-    "undo": "Undo",
-}
+PROGRESS_MIN_TOKENS = 256  # prefills shorter than this finish before a bar could be read
 
 
 class MainWindow(QMainWindow):
@@ -56,16 +63,22 @@ class MainWindow(QMainWindow):
         self.bridge = bridge
         self.views: dict[str, SessionView] = {}
         self.active: str | None = None
+        self._previous: str | None = None
         self.model_name: str | None = None
         self.last_error: str | None = None
+        self._progress_sid: str | None = None
+        self._pending_names: set[str] = set()
+        self.files = FileActions(self)
+        self.fidelity = FidelityJobs(bridge, self)
         self.setWindowTitle("kvscope")
-        self.resize(1500, 950)
+        self.resize(1280, 800)
         self._build()
         self._menus()
         bridge.events.connect(self._on_events)
         bridge.snapshot_ready.connect(self._on_snapshot)
         bridge.call_failed.connect(self._on_call_failed)
-        bridge.busy_changed.connect(self.status.set_busy)
+        bridge.busy_changed.connect(lambda _busy: self._update_busy())
+        self._focus_hooked = False
         self.redraw_timer = QTimer(self)
         self.redraw_timer.setInterval(REDRAW_MS)
         self.redraw_timer.timeout.connect(self.redraw)
@@ -74,7 +87,7 @@ class MainWindow(QMainWindow):
     # ------------------------------------------------------------ layout
     def _build(self) -> None:
         self.sessions = SessionsPanel()
-        self.sessions.new_requested.connect(lambda: self.new_session())
+        self.sessions.new_requested.connect(lambda: self.new_session(system=self.sessions.system_prompt()))
         self.sessions.duplicate_requested.connect(self.duplicate_session)
         self.sessions.rename_requested.connect(self.rename_session)
         self.sessions.close_requested.connect(self.close_session)
@@ -82,85 +95,89 @@ class MainWindow(QMainWindow):
         dock = QDockWidget("Sessions", self)
         dock.setObjectName("sessions")
         dock.setWidget(self.sessions)
+        dock.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetMovable)
+        self.sessions.setMaximumWidth(220)
         self.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, dock)
-        self.splitter = QSplitter(Qt.Orientation.Horizontal)
-        self.splitter.setChildrenCollapsible(False)
+        self.area = SessionArea()
+        self.area.tab_chosen.connect(self.set_active)
+        self.report = ReportPanel()
+        self.report.inline_max.setValue(self.fidelity.inline_max_tokens)
+        self.report.inline_max.valueChanged.connect(lambda n: setattr(self.fidelity, "inline_max_tokens", n))
+        self.report.skip_requested.connect(self._skip_measuring)
+        self.fidelity.measured.connect(self._on_measured)
         self.decisions = DecisionPanel(self._apply_policy)
         self.latency = LatencyPanel()
         self.tabs = QTabWidget()
+        self.tabs.addTab(self.report, "Report")
         self.tabs.addTab(self.decisions, "Decisions")
         self.tabs.addTab(self.latency, "Latency && memory")
+        self.prefix_tree = PrefixTreePanel()
+        self.tabs.addTab(self.prefix_tree, "Prefix tree")
+        self.tabs.currentChanged.connect(lambda _i: self.prefix_tree.refresh())
+        self.requests = RequestsPanel(self.bridge)  # kvscope serve: requests as sessions
+        self.requests.session_selected.connect(self.open_session)
+        self.tabs.addTab(self.requests, "Requests")
         vsplit = QSplitter(Qt.Orientation.Vertical)
-        vsplit.addWidget(self.splitter)
+        vsplit.setChildrenCollapsible(False)
+        vsplit.addWidget(self.area)
         vsplit.addWidget(self.tabs)
-        vsplit.setSizes([680, 260])
+        vsplit.setStretchFactor(0, 3)
+        vsplit.setStretchFactor(1, 1)
+        vsplit.setSizes([540, 200])
         self.setCentralWidget(vsplit)
         self.status = StatusBar(self.bridge)
         self.setStatusBar(self.status)
 
     def _menus(self) -> None:
         file = self.menuBar().addMenu("&File")
-        self.open_action = _act(self, file, "Open model…", self._ask_open_model, QKeySequence.StandardKey.Open)
-        _act(self, file, "Export trace…", self._ask_export_trace)
-        _act(self, file, "Export session…", self._ask_export_session)
-        _act(self, file, "Import segment…", self._ask_import_segment)
-        _act(self, file, "Import session…", self._ask_import_session)
+        self.open_action = _act(self, file, "Open model…", self.files.ask_open_model, QKeySequence.StandardKey.Open)
+        _act(self, file, "Export trace…", self.files.ask_export_trace)
+        _act(self, file, "Export session…", self.files.ask_export_session)
+        _act(self, file, "Import segment…", self.files.ask_import_segment)
+        _act(self, file, "Import session…", self.files.ask_import_session)
         file.addSeparator()
         _act(self, file, "Quit", self.close, QKeySequence.StandardKey.Quit)
         sess = self.menuBar().addMenu("&Session")
-        _act(self, sess, "New", lambda: self.new_session(), QKeySequence.StandardKey.New)
+        _act(self, sess, "New", lambda: self.new_session(system=self.sessions.system_prompt()), "Ctrl+N")
         _act(self, sess, "Duplicate", lambda: self.active and self.duplicate_session(self.active))
         _act(self, sess, "Close", lambda: self.active and self.close_session(self.active))
+        sess.addSeparator()
+        self.compare_action = _act(self, sess, "Compare two side by side", self.toggle_compare, "Ctrl+\\")
+        self.compare_action.setCheckable(True)
         edit = self.menuBar().addMenu("&Edit")
-        self.edit_actions: dict[str, QAction] = {}
-        for key, label in EDIT_LABELS.items():
-            act = _act(self, edit, label, lambda k=key: self._span_op(k), SHORTCUTS[key])
-            self.edit_actions[key] = act
-            if key == "save":
-                edit.addSeparator()
+        self.edit = EditMenu(self, edit, self.active_view, lambda text: self.status.showMessage(text, MESSAGE_MS))
+        self.edit_actions = self.edit.actions
 
-    def _span_op(self, key: str) -> None:
-        """Edit menu / shortcut: act on the active session's selected span."""
-        view = self.active_view()
-        if view is not None:
-            view.actions_.trigger(key)
-
-    # ------------------------------------------------------------ model
+    # ------------------------------------------------------------ model and files
     def load_model(self, id_or_path: str | None) -> int:
-        """Load a model on the engine thread; opens one session when done."""
-        self.status.start_progress(f"loading {id_or_path or 'the demo model'}…")
-        for sid in list(self.views):
-            self._remove_view(sid)
-        return self.bridge.call(
-            lambda eng: (eng.load(id_or_path), eng.info())[1], self._on_model_loaded, self._on_load_failed
-        )
+        return self.files.load_model(id_or_path)
 
-    def _on_model_loaded(self, info: dict) -> None:
-        self.model_name = info.get("model")
-        self.status.finish_progress()
-        self.status.set_info(info)
-        self.setWindowTitle(f"kvscope — {self.model_name}")
-        if info.get("sessions", 0) == 0:  # saved sessions of this model reopen by themselves
-            self.new_session("chat 1")
-        errors = info.get("load_errors") or []
-        if errors:
-            self.status.showMessage(f"{len(errors)} saved session(s) could not be reopened: {errors[0]}")
+    def export_trace(self, path: str | Path) -> int:
+        return self.files.export_trace(path)
 
-    def _on_load_failed(self, exc: BaseException) -> None:
-        self.status.finish_progress()
-        self.status.showMessage(f"No model loaded: {exc} — use File ▸ Open model…")
-        box = QMessageBox(QMessageBox.Icon.Critical, "Could not load the model", str(exc), parent=self)
-        box.setInformativeText("Use File ▸ Open model… to pick a model folder or a hub id.")
-        box.open()  # non-modal: the window stays usable
+    def export_session(self, sid: str, path: str | Path) -> int:
+        return self.files.export_session(sid, path)
 
-    def _ask_open_model(self) -> None:
-        dlg = OpenModelDialog(self)
-        if dlg.exec():
-            self.load_model(dlg.model())
+    def import_session(self, path: str | Path) -> int:
+        return self.files.import_session(path)
+
+    def show_error(self, text: str) -> None:
+        self.last_error = text
+        self.status.show_error(text)
 
     # ------------------------------------------------------------ sessions
+    def next_name(self) -> str:
+        """“chat N” with the smallest N no open session uses."""
+        return next_chat_name({v.name for v in self.views.values()} | self._pending_names)
+
     def new_session(self, name: str | None = None, system: str | None = None) -> int:
-        return self.bridge.call(lambda eng: eng.new_session(name, system))
+        name = name or self.next_name()
+        self._pending_names.add(name)  # asked for, not yet created: the next name must differ
+        return self.bridge.call(
+            lambda eng: eng.new_session(name, system or None),
+            lambda _sid: self._pending_names.discard(name),
+            lambda _exc: self._pending_names.discard(name),
+        )
 
     def duplicate_session(self, sid: str) -> int:
         return self.bridge.call(lambda eng: eng.duplicate_session(SessionId(sid)))
@@ -171,14 +188,29 @@ class MainWindow(QMainWindow):
     def close_session(self, sid: str) -> int:
         return self.bridge.call(lambda eng: eng.close_session(SessionId(sid)))
 
+    def _unique_name(self, sid: str, name: str) -> str:
+        self._pending_names.discard(name)
+        return unique_name(name, {v.name for s, v in self.views.items() if s != sid})
+
     def _add_view(self, sid: str, name: str) -> SessionView:
-        view = SessionView(self.bridge, SessionId(sid), name)
+        unique = self._unique_name(sid, name)
+        view = SessionView(self.bridge, SessionId(sid), unique)
         view.activated.connect(self.set_active)
-        view.actions_.report_ready.connect(lambda op, rep, s=sid: self.decisions.on_report(s, op, rep))
-        view.actions_.failed.connect(lambda op, msg: self.status.showMessage(f"{op} failed: {msg}", 10_000))
+        view.selection_changed.connect(lambda s, lo, hi: s == self.active and self.edit.refresh())
+        view.turn_ended.connect(self._on_turn_ended)
+        view.notice.connect(lambda text: self.status.showMessage(text, MESSAGE_MS))
+        view.actions_.report_ready.connect(lambda op, rep, v=view: self._on_report(v, op, rep))
+        view.actions_.failed.connect(lambda op, msg, v=view: self.show_error(f"{op} on {v.name} failed: {msg}"))
+        view.actions_.submitted.connect(lambda op, v=view: self._say_if_queued(v, op))
+        # A newer operation changes what a queued measurement would measure: drop it.
+        view.actions_.submitted.connect(lambda _op, v=view: self.fidelity.skip(v.sid))
+        view.actions_.inline_fidelity = lambda v: self.fidelity.inline(v.snapshot.n_tokens if v.snapshot else 0)
+        view.actions_.measure_later.connect(lambda op, rep, v=view: self.fidelity.queue(v.sid, op, rep))
         self.views[sid] = view
-        self.splitter.addWidget(view)
-        self.sessions.add(sid, name)
+        self.area.add(view)
+        self.sessions.add(sid, unique)
+        if unique != name:  # imports and copies can repeat a name: keep names unique
+            self.rename_session(sid, unique)
         self.bridge.want_snapshot(SessionId(sid))
         self.set_active(sid)
         return view
@@ -186,30 +218,118 @@ class MainWindow(QMainWindow):
     def _remove_view(self, sid: str) -> None:
         view = self.views.pop(sid, None)
         if view is not None:
+            self.area.remove(view)
             view.setParent(None)
             view.deleteLater()
         self.sessions.remove(sid)
+        if self._previous == sid:
+            self._previous = None
         if self.active == sid:
+            self.active = None
             self.set_active(next(iter(self.views), None))
+        if self._progress_sid == sid:
+            self._close_progress()
+        self.fidelity.skip(sid)
+        self.compare_action.setChecked(self.area.comparing)
 
     def set_active(self, sid: str | None) -> None:
-        if sid == self.active:
+        if sid == self.active or (sid is not None and sid not in self.views):
             return
-        self.active = sid
+        self._previous, self.active = self.active, sid
         for s, v in self.views.items():
             v.setStyleSheet("SessionView { border: 1px solid #4a90d9; }" if s == sid else "")
         if sid is not None:
             self.sessions.select(sid)
+            self.area.show_view(self.views[sid])
             self.bridge.want_snapshot(SessionId(sid))
         self.decisions.set_session(sid)
+        self.edit.refresh()
+
+    def open_session(self, sid: str, name: str) -> None:
+        """Show a session that has no view yet (a served request) and make it active."""
+        if sid not in self.views:
+            self._add_view(sid, name)
+        self.set_active(sid)
 
     def active_view(self) -> SessionView | None:
         return self.views.get(self.active or "")
+
+    def toggle_compare(self) -> None:
+        """Show the active session and the one before it side by side (or fold back)."""
+        if self.area.comparing:
+            self.area.end_compare()
+        else:
+            view = self.active_view()
+            other = self.views.get(self._previous or "") or next(
+                (v for v in self.views.values() if v is not view), None
+            )
+            if view is not None and other is not None:
+                self.area.compare(other, view)
+        self.compare_action.setChecked(self.area.comparing)
+
+    def compare(self, left: str, right: str) -> None:
+        self.area.compare(self.views[left], self.views[right])
+        self.compare_action.setChecked(True)
+
+    def _on_focus_changed(self, _old: QWidget | None, new: QWidget | None) -> None:
+        """Typing or clicking into a view makes it the active one."""
+        w = new
+        while w is not None and not isinstance(w, SessionView):
+            w = w.parentWidget()
+        if isinstance(w, SessionView) and w.sid in self.views:
+            self.set_active(w.sid)
 
     def _apply_policy(self, policy: str, ratio: float | None, budget: int | None) -> None:
         view = self.active_view()
         if view is not None:
             view.actions_.compress(policy, ratio, budget)
+
+    def _on_report(self, view: SessionView, op: str, report: dict) -> None:
+        measuring = view.sid if view.sid in self.fidelity.pending else None
+        self.report.show_report(op, view.name, report, measuring)
+        self.decisions.on_report(view.sid, op, report)
+        self.tabs.setCurrentWidget(self.report)
+
+    def _on_measured(self, sid: str, op: str, report: dict) -> None:
+        view = self.views.get(sid)
+        if view is not None:
+            view.actions_.last_report = report
+            self.report.show_report(op, view.name, report, note=" · fidelity measured after the edit")
+
+    def _skip_measuring(self, sid: str) -> None:
+        self.fidelity.skip(sid)
+        view = self.views.get(sid)
+        if view is not None and self.report.last is not None:
+            op, name, report = self.report.last
+            self.report.show_report(op, name, report, note=" · fidelity not measured (skipped)")
+
+    def _say_if_queued(self, view: SessionView, op: str) -> None:
+        busy = [v.name for v in self.views.values() if v.generating and v is not view]
+        if busy:
+            self.status.showMessage(
+                f"{op} on {view.name} is queued behind {', '.join(busy)} (generating): "
+                "it runs when that turn ends — press Stop there to run it now",
+                MESSAGE_MS,
+            )
+        self._update_busy()
+
+    def _update_busy(self) -> None:
+        generating = [v.name for v in self.views.values() if v.generating]
+        if generating:
+            self.status.set_busy(f"generating: {', '.join(generating)}")
+        else:
+            self.status.set_busy("engine busy" if self.bridge.in_flight() else "")
+
+    # ------------------------------------------------------------ progress
+    def _on_turn_ended(self, sid: str) -> None:
+        if sid == self._progress_sid:
+            self._close_progress()
+        self._update_busy()
+        self.edit.refresh()
+
+    def _close_progress(self) -> None:
+        self._progress_sid = None
+        self.status.finish_progress()
 
     # ------------------------------------------------------------ engine -> window
     def _on_events(self, batch: list[Event]) -> None:
@@ -219,16 +339,28 @@ class MainWindow(QMainWindow):
     def _dispatch(self, ev: Event) -> None:
         sid = getattr(ev, "session", None)
         if isinstance(ev, SessionCreated):
-            self._add_view(ev.session, ev.name)
+            if not self.requests.hides(ev.session, ev.name):  # a served request opens when selected
+                self._add_view(ev.session, ev.name)
         elif isinstance(ev, SessionClosed):
             self._remove_view(ev.session)
-        elif isinstance(ev, TurnStarted) and ev.prefilled_tokens > 256:
-            self.status.start_progress(f"prefill {ev.prefilled_tokens} tokens", ev.prefilled_tokens)
-        elif isinstance(ev, PrefillChunk):
+            self.prefix_tree.forget(ev.session)
+        elif isinstance(ev, TurnStarted):
+            self.fidelity.skip(ev.session)  # the turn changes the cache a queued measurement was for
+            self._update_busy()
+            self.edit.refresh()
+            if ev.prefilled_tokens > PROGRESS_MIN_TOKENS:
+                self._progress_sid = ev.session
+                name = self.views[ev.session].name if ev.session in self.views else ev.session
+                self.status.start_progress(f"{name}: prefill {ev.prefilled_tokens} tokens", ev.prefilled_tokens)
+        elif isinstance(ev, PrefillChunk) and sid == self._progress_sid:
             self.status.set_progress(ev.start + ev.n_tokens, ev.total)
+        elif isinstance(ev, (TokenSampled, GenerationFinished)) and sid == self._progress_sid:
+            self._close_progress()  # the prefill is over (the last prompt token is fed with the first decode)
         elif isinstance(ev, EngineError):
-            self.last_error = ev.message
-            self.status.showMessage(f"{ev.kind}: {ev.message}", 10_000)
+            if sid is not None and sid == self._progress_sid:
+                self._close_progress()
+            name = self.views[sid].name if sid in self.views else None
+            self.show_error(f"{ev.kind}{' in ' + name if name else ''}: {ev.message}")
         if sid in self.views:
             self.views[sid].on_event(ev)
         self.latency.on_event(ev)
@@ -240,69 +372,36 @@ class MainWindow(QMainWindow):
             return
         view.on_snapshot(snap)
         self.sessions.set_name(snap.session, snap.name)
+        self.area.set_name(view, snap.name)
         self.latency.on_snapshot(snap)
         self.decisions.on_snapshot(snap)
+        self.prefix_tree.on_snapshot(snap)
+        if snap.session == self.active:
+            self.edit.refresh()
 
     def _on_call_failed(self, ticket: int, kind: str, message: str) -> None:
-        self.last_error = message
-        self.status.showMessage(f"{kind}: {message}", 10_000)
+        if self.last_error is None or message not in self.last_error:
+            self.show_error(f"{kind}: {message}")
 
     def redraw(self) -> int:
         """One frame: redraw what changed; returns how many widgets drew."""
         drawn = sum(v.refresh() for v in self.views.values())
         busy = any(v.generating for v in self.views.values())
         self.redraw_timer.setInterval(REDRAW_BUSY_MS if busy else REDRAW_MS)
-        return drawn + int(self.latency.refresh())
+        return drawn + int(self.latency.refresh()) + int(self.prefix_tree.refresh())
 
-    # ------------------------------------------------------------ files
-    def export_trace(self, path: str | Path) -> int:
-        return self.bridge.call(
-            lambda eng: eng.export_trace(path), lambda p: self.status.showMessage(f"trace written to {p}", 10_000)
-        )
-
-    def export_session(self, sid: str, path: str | Path) -> int:
-        return self.bridge.call(
-            lambda eng: eng.export_session(SessionId(sid), Path(path)),
-            lambda p: self.status.showMessage(f"session written to {p or path}", 10_000),
-        )
-
-    def _ask_export_trace(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(
-            self, "Export trace", "kvscope-trace.json", "Chrome/Perfetto trace (*.json)"
-        )
-        if path:
-            self.export_trace(path)
-
-    def _ask_export_session(self) -> None:
-        if self.active is None:
-            return
-        path, _ = QFileDialog.getSaveFileName(
-            self, "Export session", f"{self.active}.kvsession", "kvscope session (*.kvsession)"
-        )
-        if path:
-            self.export_session(self.active, path)
-
-    def _ask_import_segment(self) -> None:
-        view = self.active_view()
-        if view is None:
-            return
-        path, _ = QFileDialog.getOpenFileName(self, "Import segment", "", "Segments (*.safetensors)")
-        if path:
-            view.actions_.splice_file(path, None)
-
-    def import_session(self, path: str | Path) -> int:
-        return self.bridge.call(
-            lambda eng: eng.import_session(Path(path)),
-            lambda sid: self.status.showMessage(f"session {sid} opened from {path}", 10_000),
-        )
-
-    def _ask_import_session(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Import session", "", "kvscope session (*.kvsession)")
-        if path:
-            self.import_session(path)
+    def showEvent(self, ev: QShowEvent) -> None:  # noqa: N802
+        if not self._focus_hooked:  # follow focus while shown (a closed window may be shown again)
+            QApplication.instance().focusChanged.connect(self._on_focus_changed)
+            self._focus_hooked = True
+        super().showEvent(ev)
 
     def closeEvent(self, ev: QCloseEvent) -> None:  # noqa: N802
         self.redraw_timer.stop()
+        self.requests.stop()
+        if self._focus_hooked:  # a window can be closed more than once
+            QApplication.instance().focusChanged.disconnect(self._on_focus_changed)
+            self._focus_hooked = False
         for v in self.views.values():
             if v.generating:
                 self.bridge.cancel(v.sid)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 from PySide6.QtGui import QColor
-from PySide6.QtWidgets import QHBoxLayout, QLabel, QWidget
+from PySide6.QtWidgets import QLabel, QSizePolicy, QWidget
 
 from kvscope.engine.blocks import N_STATES, TokenState
 
@@ -36,20 +36,22 @@ def state_name(state: int) -> str:
     return TokenState(state).name.lower()
 
 
+def reduce_states(token_state: np.ndarray) -> np.ndarray:
+    """Per token, the state most layers agree on: `[layers, tokens]` -> `[tokens]`."""
+    if token_state.shape[1] == 0:
+        return np.zeros(0, np.uint8)
+    counts = np.stack([(token_state == s).sum(axis=0) for s in range(N_STATES)])
+    return counts.argmax(axis=0).astype(np.uint8)
+
+
 def state_legend() -> QWidget:
-    """A compact row of coloured swatches naming each state (EMPTY left out)."""
-    box = QWidget()
-    row = QHBoxLayout(box)
-    row.setContentsMargins(0, 0, 0, 0)
-    row.setSpacing(6)
-    for state in TokenState:
-        if state == TokenState.EMPTY:
-            continue
-        swatch = QLabel()
-        swatch.setFixedSize(10, 10)
-        swatch.setStyleSheet(f"background: {state_colour(state).name()}; border: 1px solid #222;")
-        row.addWidget(swatch)
-        label = QLabel(state_name(state))
-        label.setStyleSheet("color: #888; font-size: 9pt;")
-        row.addWidget(label)
-    return box
+    """Coloured swatches naming each state (EMPTY left out); wraps when narrow."""
+    items = " ".join(
+        f"<span style='color:{state_colour(state).name()}'>■</span>&nbsp;{state_name(state)}"
+        for state in TokenState
+        if state != TokenState.EMPTY
+    )
+    label = QLabel(f"<span style='color:#888'>{items}</span>")
+    label.setWordWrap(True)
+    label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+    return label

@@ -4,6 +4,8 @@ Emits what the person asked for (`new_requested`, `duplicate_requested`,
 `rename_requested`, `close_requested`, `current_changed`); the main window
 turns them into engine calls. The list mirrors the engine's sessions: it is
 updated from `SessionCreated` / `SessionClosed` events and snapshots.
+The "system prompt" box below the list is the system prompt of the next
+new session (sessions that share it share its cached blocks).
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QGridLayout,
+    QLabel,
     QListWidget,
     QListWidgetItem,
+    QPlainTextEdit,
     QPushButton,
     QVBoxLayout,
     QWidget,
@@ -44,9 +48,18 @@ class SessionsPanel(QWidget):
         self.rename_btn.clicked.connect(self._start_rename)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)
+        self.system = QPlainTextEdit()
+        self.system.setPlaceholderText("System prompt for new sessions (optional)")
+        self.system.setMaximumHeight(90)
+        self.system.setTabChangesFocus(True)
         lay.addWidget(self.list, 1)
         lay.addLayout(buttons)
+        lay.addWidget(QLabel("System prompt of new sessions:"))
+        lay.addWidget(self.system)
         self._names: dict[str, str] = {}
+
+    def system_prompt(self) -> str | None:
+        return self.system.toPlainText().strip() or None
 
     def current(self) -> str | None:
         item = self.list.currentItem()

@@ -4,8 +4,11 @@ Each action is a `QAction` with a shortcut (also in the strip's context
 menu) that asks for its parameters in a dialog, then calls a method taking
 them as arguments (`mask()`, `compact(summary)`, `compress(policy, ...)`) —
 tests and scripts call those methods directly. Every call goes through the
-bridge; its fidelity report is shown in a non-modal `ReportDialog` and kept
-in `last_report`; errors are shown, never swallowed.
+bridge; its report goes out as `report_ready(op, report)` (the window shows
+it in its docked report panel) and is kept in `last_report`; errors go out
+as `failed(op, message)`, never swallowed. `submitted(op)` says an
+operation was queued for the engine thread (the window tells the person
+when it waits behind another session's generation).
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import QFileDialog, QInputDialog, QMenu
 
 from kvscope.engine.engine import Engine
-from kvscope.ui.block_map import MIME_SEGMENT
-from kvscope.ui.dialogs import CompactDialog, CompressDialog, ReportDialog, report_dict
+from kvscope.ui.dialogs import CompactDialog, CompressDialog, report_dict
+from kvscope.ui.drops import MIME_SEGMENT
 
 if TYPE_CHECKING:
     from kvscope.ui.session_view import SessionView
@@ -41,13 +44,16 @@ SHORTCUTS = {
 class SpanActions(QObject):
     report_ready = Signal(str, object)  # operation, report dict
     failed = Signal(str, str)  # operation, message
+    submitted = Signal(str)  # operation
+    measure_later = Signal(str, object)  # operation, report without fidelity: measure it off the critical path
 
     def __init__(self, view: SessionView) -> None:
         super().__init__(view)
         self.view = view
         self.last_report: dict[str, Any] | None = None
         self.last_error: str | None = None
-        self._dialog: ReportDialog | None = None
+        # Measure fidelity inside the edit (True) or after it (False); the window sets the policy.
+        self.inline_fidelity: Callable[[SessionView], bool] = lambda _view: True
         self.actions: dict[str, QAction] = {}
         labels = {
             "mask": ("Mask span", self.mask),
@@ -89,15 +95,25 @@ class SpanActions(QObject):
         return menu
 
     # ------------------------------------------------------------ operations
-    def run(self, op: str, fn: Callable[[Engine], Any], on_done: Callable[[Any], None] | None = None) -> int:
-        """Run one engine operation for this session and show its report."""
+    def run(
+        self,
+        op: str,
+        fn: Callable[[Engine], Any],
+        on_done: Callable[[Any], None] | None = None,
+        deferred: bool = False,
+    ) -> int:
+        """Run one engine operation for this session and show its report.
+
+        `deferred`: the edit ran without measuring fidelity; `measure_later` asks for it.
+        """
         self.view.activated.emit(self.view.sid)
 
         def done(result: Any) -> None:
             self.last_report = report_dict(result)
             self.last_error = None
+            if deferred:  # first: the report then says "measuring…"
+                self.measure_later.emit(op, self.last_report)
             self.report_ready.emit(op, self.last_report)
-            self._show_report(op, self.last_report)
             self.view.bridge.want_snapshot(self.view.sid)
             if on_done is not None:
                 on_done(result)
@@ -107,36 +123,46 @@ class SpanActions(QObject):
             self.failed.emit(op, str(exc))
             self.view.bridge.want_snapshot(self.view.sid)
 
-        return self.view.bridge.call(fn, done, failed)
+        ticket = self.view.bridge.call(fn, done, failed)
+        self.submitted.emit(op)
+        return ticket
 
     def _span(self) -> tuple[int, int] | None:
         lo, hi = self.view.selection()
         return (lo, hi) if hi > lo else None
 
+    def _measured(self, op: str, fn: Callable[[Engine, bool], Any]) -> int:
+        """Run an edit that can measure its fidelity inline or leave it for later."""
+        inline = self.inline_fidelity(self.view)
+        return self.run(op, lambda e: fn(e, inline), deferred=not inline)
+
     def mask(self) -> int | None:
         sid, span = self.view.sid, self._span()
-        return span and self.run("mask", lambda e: e.mask(sid, *span))
+        return span and self._measured("mask", lambda e, f: e.mask(sid, *span, fidelity=f))
 
     def unmask(self) -> int | None:
         sid, span = self.view.sid, self._span()
-        return span and self.run("unmask", lambda e: e.unmask(sid, *span))
+        return span and self._measured("unmask", lambda e, f: e.unmask(sid, *span, fidelity=f))
 
     def compact(self, summary: str | None) -> int | None:
         sid, span = self.view.sid, self._span()
-        return span and self.run("compact", lambda e: e.compact(sid, *span, summary=summary))
+        return span and self._measured("compact", lambda e, f: e.compact(sid, *span, summary=summary, fidelity=f))
 
     def erratum(self, text: str) -> int:
         sid = self.view.sid
-        return self.run("erratum", lambda e: e.erratum(sid, text))
+        return self._measured("erratum", lambda e, f: e.erratum(sid, text, fidelity=f))
 
     def delete(self, shift: bool = True) -> int | None:
         sid, span = self.view.sid, self._span()
-        return span and self.run("delete", lambda e: e.delete_span(sid, *span, shift=shift))
+        return span and self._measured("delete", lambda e, f: e.delete_span(sid, *span, shift=shift, fidelity=f))
 
     def compress(self, policy: str, keep_ratio: float | None = None, budget_tokens: int | None = None) -> int:
         sid = self.view.sid
+        # The engine's compress reports its decision, not its fidelity: always measure it after.
         return self.run(
-            "compress", lambda e: _compress(e)(sid, policy, keep_ratio=keep_ratio, budget_tokens=budget_tokens)
+            "compress",
+            lambda e: _compress(e)(sid, policy, keep_ratio=keep_ratio, budget_tokens=budget_tokens),
+            deferred=True,
         )
 
     def save(self, path: str | Path) -> int | None:
@@ -149,11 +175,15 @@ class SpanActions(QObject):
 
     def splice(self, src: str, lo: int, hi: int, at: int | None, seam_repair: int = 0) -> int:
         dst = self.view.sid
-        return self.run("splice", lambda e: e.splice(dst, src, lo, hi, at=at, seam_repair=seam_repair))
+        return self._measured(
+            "splice", lambda e, f: e.splice(dst, src, lo, hi, at=at, seam_repair=seam_repair, fidelity=f)
+        )
 
     def splice_file(self, path: str | Path, at: int | None, seam_repair: int = 0) -> int:
         dst = self.view.sid
-        return self.run("splice", lambda e: e.splice_file(dst, Path(path), at=at, seam_repair=seam_repair))
+        return self._measured(
+            "splice", lambda e, f: e.splice_file(dst, Path(path), at=at, seam_repair=seam_repair, fidelity=f)
+        )
 
     # ------------------------------------------------------------ drops
     def handle_drop(self, mime: QMimeData, at: int) -> int | None:
@@ -190,11 +220,6 @@ class SpanActions(QObject):
         )
         if path:
             self.save(path)
-
-    def _show_report(self, op: str, report: dict[str, Any]) -> None:
-        if self._dialog is None:
-            self._dialog = ReportDialog(self.view)
-        self._dialog.show_report(f"{op} · {self.view.sid}", report)
 
 
 def _compress(eng: Engine) -> Callable[..., Any]:

@@ -6,11 +6,19 @@
 Promises:
 - row i shows exactly block i, so the strip lines up with the block map's
   x axis (block index) and its selection maps 1:1 to block spans;
-- press and drag selects a token span `[lo, hi)` (`selection_changed`);
-  dragging from inside the selection starts a Qt drag carrying
-  `application/x-kvscope-segment` JSON `{session, lo, hi}`;
+- press and drag selects a token span `[lo, hi)` (`selection_changed`,
+  emitted only for a person's mouse or keyboard action); pressing inside
+  the selection and moving past `QApplication.startDragDistance()` starts
+  a Qt drag carrying `application/x-kvscope-segment` JSON `{session, lo,
+  hi}`; a plain click inside the selection selects that token, never drags;
+- the keyboard does what the mouse does: Left/Right move the cursor token,
+  Up/Down a block, Home/End to the row's ends (Ctrl: the cache's ends),
+  Shift extends the selection, Ctrl+A selects all, Escape clears; the
+  strip takes focus with Tab or a click (`cursor_moved` scrolls to it);
 - drops (segments, `.safetensors` files) emit `dropped(mime, at_token)`,
-  `at` snapped to the block boundary nearest the cursor;
+  `at` snapped to the block boundary nearest the cursor; a span dropped
+  onto its own session is refused (`drop_refused(reason)`) unless Ctrl is
+  held (see `drops.py`);
 - paints only the visible rows, so a 100k-token cache scrolls smoothly.
 
 Knows nothing about the engine.
@@ -21,11 +29,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from PySide6.QtCore import QMimeData, QPoint, QRect, Qt, Signal
-from PySide6.QtGui import QColor, QDrag, QFont, QFontMetrics, QMouseEvent, QPainter, QPaintEvent
+from PySide6.QtCore import QMimeData, QPoint, QRect, QSize, Qt, Signal
+from PySide6.QtGui import QColor, QDrag, QFont, QFontMetrics, QKeyEvent, QMouseEvent, QPainter, QPaintEvent
 from PySide6.QtWidgets import QApplication, QToolTip, QWidget
 
-from kvscope.ui.block_map import MIME_SEGMENT, _accepts
+from kvscope.ui.drops import MIME_SEGMENT, has_payload, refusal
 from kvscope.ui.palette import state_colour, state_name
 
 LABEL_W = 52
@@ -43,6 +51,8 @@ class TokenStrip(QWidget):
     dropped = Signal(QMimeData, int)  # mime, token index to insert at
     menu_requested = Signal(QPoint)  # global position
     token_hovered = Signal(int)
+    cursor_moved = Signal(int)  # token index the keyboard cursor is on
+    drop_refused = Signal(str)  # why a drop was refused
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -59,13 +69,15 @@ class TokenStrip(QWidget):
         self.positions = np.zeros(0, np.int64)
         self.selection = (0, 0)
         self._anchor: int | None = None
+        self.cursor = 0  # keyboard cursor (token index)
+        self.drags_started = 0
         self._press_pos: QPoint | None = None
         self._press_in_selection = False
         self._edges: dict[int, list[int]] = {}
         self._drop_row: int | None = None
         self.setMouseTracking(True)
         self.setAcceptDrops(True)
-        self.setFocusPolicy(Qt.FocusPolicy.ClickFocus)
+        self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
 
     # ------------------------------------------------------------ data
     def set_tokens(self, texts: tuple[str, ...], states: np.ndarray, positions: np.ndarray, block_size: int) -> None:
@@ -73,18 +85,32 @@ class TokenStrip(QWidget):
         first = self._first_changed(texts, states, block_size)
         if first is None:
             return
+        text_first = self._first_text_changed(texts, block_size)
         self.texts, self.states, self.positions, self.block_size = texts, states, positions, block_size
         row0 = first // block_size
-        for row in [r for r in self._edges if r >= row0]:
+        # Token boxes depend on the text only: a state change (mask, evict) keeps them.
+        text_row0 = self.n_rows if text_first is None else text_first // block_size
+        for row in [r for r in self._edges if r >= text_row0]:
             del self._edges[row]
         lo, hi = self.selection
         self.selection = (min(lo, len(texts)), min(hi, len(texts)))
-        if self.minimumHeight() != max(self.n_rows, 1) * self.row_h:
-            self.setMinimumHeight(max(self.n_rows, 1) * self.row_h)
+        width = max((self._row_edges(r)[-1] for r in range(text_row0, self.n_rows)), default=LABEL_W) + PAD
+        if self.minimumHeight() != max(self.n_rows, 1) * self.row_h or width > self.minimumWidth():
+            # Rows wider than the view scroll sideways instead of being cut off.
+            self.setMinimumSize(max(width, self.minimumWidth()), max(self.n_rows, 1) * self.row_h)
             self.updateGeometry()
         # Only rows from the first changed token down are repainted: while a
         # turn streams, that is the last row or two.
         self.update(QRect(0, row0 * self.row_h, self.width(), self.height() - row0 * self.row_h))
+
+    def _first_text_changed(self, texts: tuple[str, ...], block_size: int) -> int | None:
+        """First token index whose text (or row) differs from what is drawn (None: same texts)."""
+        if block_size != self.block_size:
+            return 0
+        n = min(len(texts), len(self.texts))
+        if texts[:n] != self.texts[:n]:
+            return next(i for i in range(n) if texts[i] != self.texts[i])
+        return n if len(texts) != len(self.texts) else None
 
     def _first_changed(self, texts: tuple[str, ...], states: np.ndarray, block_size: int) -> int | None:
         """First token index that differs from what is drawn (None: nothing)."""
@@ -113,6 +139,17 @@ class TokenStrip(QWidget):
 
     def row_rect(self, row: int) -> QRect:
         return QRect(0, row * self.row_h, self.width(), self.row_h)
+
+    def token_rect(self, i: int) -> QRect:
+        """The box of token i (clamped to the tokens there are)."""
+        if not self.texts:
+            return QRect(0, 0, LABEL_W, self.row_h)
+        row, col = divmod(max(0, min(i, len(self.texts) - 1)), self.block_size)
+        xs = self._row_edges(row)
+        return QRect(xs[col], row * self.row_h, xs[col + 1] - xs[col], self.row_h)
+
+    def sizeHint(self) -> QSize:  # noqa: N802
+        return QSize(self.minimumWidth(), self.minimumHeight())
 
     # ------------------------------------------------------------ geometry
     def _row_edges(self, row: int) -> list[int]:
@@ -194,6 +231,7 @@ class TokenStrip(QWidget):
         elif not self._press_in_selection:
             self._anchor = i
             self.set_selection(i, i + 1, notify=False)
+        self.cursor = i
 
     def mouseMoveEvent(self, ev: QMouseEvent) -> None:  # noqa: N802
         pos = ev.position().toPoint()
@@ -207,14 +245,60 @@ class TokenStrip(QWidget):
             return
         if self._anchor is not None:
             i = self.token_at(pos)
+            self.cursor = i
             self.set_selection(min(self._anchor, i), max(self._anchor, i) + 1, notify=False)
 
     def mouseReleaseEvent(self, ev: QMouseEvent) -> None:  # noqa: N802
+        if ev.button() != Qt.MouseButton.LeftButton or self._press_pos is None:
+            return super().mouseReleaseEvent(ev)
         if self._press_in_selection:  # a click inside the selection selects that token
             i = self.token_at(ev.position().toPoint())
             self.set_selection(i, i + 1, notify=False)
         self._anchor, self._press_pos, self._press_in_selection = None, None, False
         self.selection_changed.emit(*self.selection)
+
+    # ------------------------------------------------------------ keyboard
+    def keyPressEvent(self, ev: QKeyEvent) -> None:  # noqa: N802
+        target = self._key_target(ev)
+        if target is None:
+            if ev.key() == Qt.Key.Key_Escape and self.selection[1] > self.selection[0]:
+                self.set_selection(self.cursor, self.cursor)
+                return
+            if ev.key() == Qt.Key.Key_A and ev.modifiers() & Qt.KeyboardModifier.ControlModifier and self.texts:
+                self.set_selection(0, len(self.texts))
+                return
+            return super().keyPressEvent(ev)
+        lo, hi = self.selection
+        if ev.modifiers() & Qt.KeyboardModifier.ShiftModifier:
+            anchor = lo if self.cursor >= hi - 1 and hi > lo else (hi - 1 if hi > lo else self.cursor)
+            self.cursor = target
+            self.set_selection(min(anchor, target), max(anchor, target) + 1)
+        else:
+            self.cursor = target
+            self.set_selection(target, target + 1)
+        self.cursor_moved.emit(self.cursor)
+
+    def _key_target(self, ev: QKeyEvent) -> int | None:
+        """The token a navigation key moves the cursor to (None: not a navigation key)."""
+        n = len(self.texts)
+        if not n:
+            return None
+        c, bs = min(self.cursor, n - 1), self.block_size
+        ctrl = bool(ev.modifiers() & Qt.KeyboardModifier.ControlModifier)
+        key = ev.key()
+        moves = {
+            Qt.Key.Key_Left: c - 1,
+            Qt.Key.Key_Right: c + 1,
+            Qt.Key.Key_Up: c - bs,
+            Qt.Key.Key_Down: c + bs,
+            Qt.Key.Key_PageUp: c - 8 * bs,
+            Qt.Key.Key_PageDown: c + 8 * bs,
+            Qt.Key.Key_Home: 0 if ctrl else c - c % bs,
+            Qt.Key.Key_End: n - 1 if ctrl else min(c - c % bs + bs - 1, n - 1),
+        }
+        if key not in moves:
+            return None
+        return max(0, min(n - 1, moves[key]))
 
     def contextMenuEvent(self, ev: object) -> None:  # noqa: N802
         self.menu_requested.emit(ev.globalPos())
@@ -244,18 +328,22 @@ class TokenStrip(QWidget):
         mime.setText("".join(self.texts[lo:hi]))
         return mime
 
-    def start_drag(self) -> None:
+    def start_drag(self) -> Qt.DropAction:
         if self.selection[1] <= self.selection[0]:
-            return
+            return Qt.DropAction.IgnoreAction
+        self.drags_started += 1
         drag = QDrag(self)
         drag.setMimeData(self.segment_mime())
-        drag.exec(Qt.DropAction.CopyAction)
+        return drag.exec(Qt.DropAction.CopyAction)
 
     def dragEnterEvent(self, ev: object) -> None:  # noqa: N802
-        ev.acceptProposedAction() if _accepts(ev.mimeData()) else ev.ignore()
+        # Accept a segment of this session on enter: Ctrl may still be pressed on the way.
+        ev.acceptProposedAction() if has_payload(ev.mimeData()) else ev.ignore()
 
     def dragMoveEvent(self, ev: object) -> None:  # noqa: N802
-        if not _accepts(ev.mimeData()):
+        if refusal(ev.mimeData(), self.session, ev.modifiers()) is not None:
+            self._drop_row = None
+            self.update()
             return ev.ignore()
         self._drop_row = self.boundary_at(ev.position().toPoint()) // self.block_size
         self.update()
@@ -268,7 +356,9 @@ class TokenStrip(QWidget):
     def dropEvent(self, ev: object) -> None:  # noqa: N802
         self._drop_row = None
         self.update()
-        if not _accepts(ev.mimeData()):
+        why = refusal(ev.mimeData(), self.session, ev.modifiers())
+        if why is not None:
+            self.drop_refused.emit(why)
             return ev.ignore()
         self.dropped.emit(ev.mimeData(), self.boundary_at(ev.position().toPoint()))
         ev.acceptProposedAction()

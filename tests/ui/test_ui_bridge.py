@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from kvscope.engine.events import GenerationFinished, TokenSampled
 from kvscope.engine.generation import SamplingParams
@@ -46,15 +47,32 @@ def test_snapshots_are_coalesced_one_in_flight(qtbot, bridge):
     assert snaps[-1].session == sid
 
 
-def test_event_loop_never_stalls_during_generation(qtbot, window):
-
+def _longest_stall_share(qtbot, window, block_qt_thread: bool = False) -> tuple[float, int]:
+    """Longest event-loop gap during one turn as a share of the turn's wall time, and the ticks seen."""
     view = window.active_view()
     meter = StallMeter(5)
-    meter.start()
     view.max_tokens.setValue(400)
+    t0 = time.perf_counter()
+    meter.start()
     view.send("the red code is blue")
+    if block_qt_thread:  # what the guard is for: the Qt thread waiting on the engine
+        qtbot.waitUntil(lambda: len(view.live_texts) > 0, timeout=30_000)
+        window.bridge.worker.call(lambda e: None, timeout=60)
     qtbot.waitUntil(lambda: not view.generating, timeout=30_000)
-    qtbot.wait(200)
-    worst = meter.stop()
-    assert len(meter.gaps_ms) > 10
-    assert worst <= 50.0, f"event loop stalled for {worst:.1f} ms"
+    turn_ms = (time.perf_counter() - t0) * 1000
+    return meter.stop() / turn_ms, len(meter.gaps_ms)
+
+
+def test_event_loop_never_stalls_during_generation(qtbot, window):
+    # No wall-clock bound (the machine is shared; bench/gui.py measures the stall
+    # in ms). The sanity bound is relative to the turn, measured in the same run:
+    # a window that waits on the engine thread stalls for most of the turn
+    # (shown below), a healthy one for a few frames.
+    share, ticks = _longest_stall_share(qtbot, window)
+    assert ticks > 10  # the meter ran
+    assert share < 0.5, f"the event loop stalled for {share:.0%} of the turn"
+
+
+def test_the_stall_bound_fires_when_the_qt_thread_waits_on_the_engine(qtbot, window):
+    share, _ = _longest_stall_share(qtbot, window, block_qt_thread=True)
+    assert share >= 0.5

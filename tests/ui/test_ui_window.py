@@ -7,38 +7,10 @@ import json
 
 import numpy as np
 import pytest
-from conftest import WAIT_MS, chat, engine_call, settle
+from conftest import WAIT_MS, chat, drag_select, engine_call, send_drop, settle
 from PySide6.QtCore import QPoint, QPointF, Qt
-from PySide6.QtGui import QDropEvent
-from PySide6.QtWidgets import QApplication
 
 from kvscope.engine.blocks import TokenState
-
-
-def strip_point(strip, i: int) -> QPoint:
-    """Centre of token i's box in the token strip."""
-    row, col = divmod(i, strip.block_size)
-    xs = strip._row_edges(row)
-    return QPoint((xs[col] + xs[col + 1]) // 2, row * strip.row_h + strip.row_h // 2)
-
-
-def drag_select(qtbot, strip, lo: int, hi: int) -> None:
-    qtbot.mousePress(strip, Qt.MouseButton.LeftButton, pos=strip_point(strip, lo))
-    qtbot.mouseMove(strip, strip_point(strip, hi - 1))
-    qtbot.mouseRelease(strip, Qt.MouseButton.LeftButton, pos=strip_point(strip, hi - 1))
-
-
-def send_drop(target, mime, pos: QPoint) -> None:
-    from PySide6.QtGui import QDragEnterEvent, QDragMoveEvent
-
-    actions = Qt.DropAction.CopyAction
-    for cls in (QDragEnterEvent, QDragMoveEvent):
-        QApplication.sendEvent(
-            target, cls(pos, actions, mime, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier)
-        )
-    QApplication.sendEvent(
-        target, QDropEvent(QPointF(pos), actions, mime, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier)
-    )
 
 
 def test_chat_streams_into_the_view_and_engine(qtbot, window):
@@ -163,6 +135,9 @@ def test_apply_policy_from_decision_panel(qtbot, window):
     assert (snap.token_state == TokenState.EVICTED).any()
     assert view.sid in panel.decisions
     assert panel.decisions[view.sid].policy in panel.summary.text()
+    # Compress reports no fidelity itself: the window measures it after the edit.
+    qtbot.waitUntil(lambda: window.report.last_verdict is not None, timeout=WAIT_MS)
+    assert "compress" in window.report.title.text() and "after the edit" in window.report.title.text()
     assert (view.strip.states == TokenState.EVICTED).any()
     # The keep-mask and score plots show the whole layer x token grid, not a fixed corner.
     n_layers, n_tokens = snap.token_state.shape
@@ -208,13 +183,32 @@ def test_session_list_new_duplicate_rename_close(qtbot, window):
     assert dup not in engine_call(window, lambda e: e.sessions())
 
 
-def test_two_sessions_side_by_side(qtbot, window):
-    window.new_session("second")
-    qtbot.waitUntil(lambda: len(window.views) == 2, timeout=WAIT_MS)
+def test_many_sessions_fit_1024_wide_and_two_compare_side_by_side(qtbot, window):
+    for _ in range(5):
+        window.new_session()
+    qtbot.waitUntil(lambda: len(window.views) == 6, timeout=WAIT_MS)
     settle(qtbot, window)
-    views = list(window.views.values())
-    assert all(v.isVisible() and v.width() > 200 for v in views)
-    assert views[0].geometry().right() < views[1].geometry().left()
+    window.resize(1024, 700)
+    qtbot.wait(50)
+    assert window.minimumSizeHint().width() <= 1024
+    assert window.width() <= 1024
+    status = window.status
+    assert status.isVisible() and status.mapTo(window, QPoint(0, status.height())).y() <= window.height()
+    view = window.active_view()
+    stop = view.stop_btn.mapTo(window, QPoint(view.stop_btn.width(), 0))
+    assert view.stop_btn.isVisible() and stop.x() <= window.width()
+    # Default names: "chat N", numbered in order, never repeated.
+    assert sorted(v.name for v in window.views.values()) == [f"chat {i}" for i in range(1, 7)]
+    a, b = list(window.views)[:2]
+    window.compare(a, b)
+    qtbot.wait(50)
+    va, vb = window.views[a], window.views[b]
+    assert window.minimumSizeHint().width() <= 1024 and window.width() <= 1024  # two side by side still fit
+    assert va.isVisible() and vb.isVisible() and va.width() > 300 and vb.width() > 300
+    assert va.mapTo(window, QPoint(va.width(), 0)).x() <= vb.mapTo(window, QPoint(0, 0)).x()
+    window.toggle_compare()  # fold back: one pane of tabs
+    qtbot.wait(50)
+    assert not window.area.comparing and len(window.area.visible_views()) == 1
 
 
 def test_hover_describes_a_block(qtbot, window):
@@ -223,16 +217,6 @@ def test_hover_describes_a_block(qtbot, window):
     text = view.describe_block(1, 0)
     assert "block 0" in text and "layer 1" in text and "tokens [0, 16)" in text
     assert "hash" in text and "KiB" in text and "shared by" in text and "score" in text
-
-
-def test_load_failure_is_shown_and_window_stays_usable(qtbot, window, llama_dir, tmp_path):
-    window.load_model(str(tmp_path / "no-such-model"))
-    qtbot.waitUntil(lambda: window.bridge.in_flight() == 0, timeout=WAIT_MS)
-    assert "no-such-model" in (window.last_error or "") or "No model loaded" in window.status.currentMessage()
-    window.load_model(str(llama_dir))
-    qtbot.waitUntil(lambda: window.active_view() is not None, timeout=WAIT_MS)
-    chat(qtbot, window, window.active_view(), "the red code")
-    assert window.active_view().strip.texts
 
 
 def test_stop_button_cancels_generation(qtbot, window):
@@ -261,3 +245,28 @@ def test_export_and_import_session(qtbot, window, tmp_path):
     other = next(s for s in window.views if s != first)
     a, b = (engine_call(window, lambda e, s=s: e.snapshot(s)) for s in (first, other))
     assert np.array_equal(a.token_ids, b.token_ids) and a.messages == b.messages
+
+
+def test_after_a_restart_the_decision_panel_still_shows_the_evictions(qtbot, llama_dir, tmp_path):
+    from conftest import close_window, open_window
+
+    from kvscope.engine import EngineConfig
+
+    config = EngineConfig(persist=True, data_dir=str(tmp_path))
+    win = open_window(qtbot, llama_dir, config)
+    try:
+        view = win.active_view()
+        chat(qtbot, win, view, "the red code is blue and the locker is green and the water is hot", max_tokens=30)
+        view.actions_.compress("random", 0.5, None)
+        settle(qtbot, win)
+        evicted = (engine_call(win, lambda e: e.snapshot(view.sid)).token_state == TokenState.EVICTED).sum()
+        assert evicted > 0
+    finally:
+        close_window(win)
+    win = open_window(qtbot, llama_dir, config)  # the saved session reopens
+    try:
+        settle(qtbot, win)
+        assert win.active_view().sid == view.sid
+        assert f"({evicted} in all)" in win.decisions.summary.text()
+    finally:
+        close_window(win)

@@ -1,0 +1,75 @@
+"""`kvscope serve`: wiring only; the server is kvscope.server, the work kvscope.engine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from kvscope.app.common import add_model_arg
+
+_MB = 1024 * 1024
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server on the engine; every request becomes an inspectable session",
+    )
+    add_model_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument(
+        "--api-key", default=os.environ.get("KVSCOPE_API_KEY"), help="require this bearer key (env KVSCOPE_API_KEY)"
+    )
+    p.add_argument("--record", metavar="LOG.jsonl", help="append every request body to this JSON-lines file")
+    p.add_argument("--gui", action="store_true", help="open the window with its Requests panel, serving from it")
+    p.add_argument("--memory-budget", type=float, metavar="MB", help="cap on cache memory (default: half the RAM)")
+    p.add_argument(
+        "--session-budget",
+        type=float,
+        metavar="MB",
+        help="cap on the request sessions' cache; the least recently used unpinned ones are closed past it",
+    )
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from kvscope.server import ServeOptions
+
+    options = ServeOptions(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or None,
+        record=args.record,
+        session_budget_bytes=int(args.session_budget * _MB) if args.session_budget else None,
+        model_alias=args.model,
+        log_level="info",
+    )
+    config = {"memory_budget_bytes": int(args.memory_budget * _MB) if args.memory_budget else None}
+    if args.gui:
+        from kvscope.app.gui import launch
+
+        return launch(args.model, config=dict(config, persist=False), serve=options)
+    return _serve_headless(args, options, config)
+
+
+def _serve_headless(args: argparse.Namespace, options: object, config: dict) -> int:
+    from kvscope.engine import EngineConfig, demo_model_path
+    from kvscope.engine.worker import EngineWorker
+    from kvscope.server import Server
+
+    worker = EngineWorker(EngineConfig.from_dict(config))
+    try:
+        if not args.model:
+            print(f"kvscope: no --model given, using the bundled demo model ({demo_model_path()})", file=sys.stderr)
+        worker.call(lambda eng: eng.load(args.model))
+        server = Server(worker, options)  # type: ignore[arg-type]
+        print(f"kvscope serve: model {server.model.id} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+        try:
+            server.run()
+        except KeyboardInterrupt:  # Ctrl-C is how a server is stopped
+            print("kvscope serve: stopped", file=sys.stderr)
+    finally:
+        worker.shutdown()
+    return 0
