@@ -130,12 +130,20 @@ def run_export_trace(args: argparse.Namespace) -> int:
 def run_sessions(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from kvscope.engine.errors import KVScopeError
     from kvscope.engine.persistence import SessionStore
 
     store = SessionStore(Path(args.data_dir) if args.data_dir else None)
+    failed = 0
     for sid in args.delete:
-        store.delete(sid)
-        print(f"deleted {sid}")
+        try:
+            store.delete(sid)  # ids only: never a path, never outside the data folder
+        except KVScopeError as exc:
+            print(f"kvscope: error: {exc}", file=sys.stderr)
+            failed += 1
+        else:
+            print(f"deleted {sid}")
+    store.close()
     rows = store.list()
     if not rows:
         print(f"no saved sessions in {store.root}")
@@ -146,4 +154,4 @@ def run_sessions(args: argparse.Namespace) -> int:
             print(
                 f"{r['id']:>6}  {r['name']!r:30} {r['tokens']:6d} tokens  model {r['model']} ({r['fingerprint'][:8]})"
             )
-    return 0
+    return 2 if failed else 0

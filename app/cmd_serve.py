@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from kvscope.app.common import add_model_arg
+from kvscope.app.common import add_model_arg, memory_budget_mb
 
 _MB = 1024 * 1024
 
@@ -24,7 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--record", metavar="LOG.jsonl", help="append every request body to this JSON-lines file")
     p.add_argument("--gui", action="store_true", help="open the window with its Requests panel, serving from it")
-    p.add_argument("--memory-budget", type=float, metavar="MB", help="cap on cache memory (default: half the RAM)")
+    p.add_argument(
+        "--memory-budget", type=memory_budget_mb, metavar="MB", help="cap on cache memory (default: half the RAM)"
+    )
     p.add_argument(
         "--session-budget",
         type=float,
@@ -46,7 +48,7 @@ def run_serve(args: argparse.Namespace) -> int:
         model_alias=args.model,
         log_level="info",
     )
-    config = {"memory_budget_bytes": int(args.memory_budget * _MB) if args.memory_budget else None}
+    config = {"memory_budget_bytes": int(args.memory_budget * _MB) if args.memory_budget is not None else None}
     if args.gui:
         from kvscope.app.gui import launch
 

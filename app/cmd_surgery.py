@@ -165,7 +165,8 @@ def run_segment_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(man, indent=2))
         return 0
     n = len(man["token_ids"])
-    print(f"{args.file}: kvscope segment v{man['version']}, {n} tokens, checksum OK")
+    covers = "tensors and manifest" if man["version"] >= 2 else "tensors only: a version 1 file"
+    print(f"{args.file}: kvscope segment v{man['version']}, {n} tokens, checksum OK ({covers})")
     for key in ("model_name", "model_fingerprint", "n_layers", "n_kv_heads", "head_dim", "dtype", "rope"):
         print(f"  {key:>17}: {man[key]}")
     print(f"  {'positions':>17}: {man['positions'][0]}..{man['positions'][-1]}")

@@ -10,6 +10,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from kvscope.app.common import memory_budget_mb
+
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="kvscope gui", description="Open the kvscope window.")
@@ -23,7 +25,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--prompt", default=None, help="send this message in the first session once loaded")
     parser.add_argument("--no-persist", action="store_true", help="do not save or reopen sessions")
     parser.add_argument("--data-dir", help="where sessions are saved (default: KVSCOPE_HOME or the user data folder)")
-    parser.add_argument("--memory-budget", type=float, help="cap on cache memory in MB (default: half the RAM)")
+    parser.add_argument(
+        "--memory-budget", type=memory_budget_mb, help="cap on cache memory in MB (default: half the RAM)"
+    )
     return parser
 
 
@@ -36,7 +40,7 @@ def launch_from_args(args: argparse.Namespace) -> int:
     config = {
         "persist": not args.no_persist,
         "data_dir": args.data_dir,
-        "memory_budget_bytes": int(args.memory_budget * 1024 * 1024) if args.memory_budget else None,
+        "memory_budget_bytes": int(args.memory_budget * 1024 * 1024) if args.memory_budget is not None else None,
     }
     return launch(args.model, args.quit_after_ms, args.prompt, config)
 

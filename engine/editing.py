@@ -1,8 +1,10 @@
 """The editing half of the Engine API: mask, erratum, delete, splice, compact, undo.
 
 Promises, for every operation:
-- it is refused while the session generates (`BusyError`), and a failure
-  leaves the session exactly as it was (restored from a clone);
+- it is refused while the session generates (`BusyError`); it runs as a
+  transaction — validate and apply, measure, persist — and a failure at any
+  step leaves the session exactly as it was, in memory (restored from a
+  clone, undo stack and log included) and on disk (not saved);
 - it returns a `FidelityReport` against a full recompute of the same visible
   tokens (skip with `fidelity=False`), emits its event with that report in
   `details`, and is appended to the session's operations log;
@@ -14,6 +16,7 @@ Mixed into `Engine`; uses only its public pieces (`session`, `model`, `bus`).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +43,7 @@ from kvscope.engine.fidelity import FidelityReport, measure
 from kvscope.engine.generation import SamplingParams, prefill
 from kvscope.engine.model_loading import LoadedModel
 from kvscope.engine.rope import check_compatible
-from kvscope.engine.segment_file import read_mlx_prompt_cache, read_segment, write_segment
+from kvscope.engine.segment_file import check_segment, read_mlx_prompt_cache, read_segment, write_segment
 from kvscope.engine.session import Session
 from kvscope.engine.surgery import (
     Segment,
@@ -65,6 +68,7 @@ class EditingMixin:
     _guard: Callable[..., Any]
     persist: Callable[[SessionId], None]
     ensure_budget: Callable[[int, str], None]
+    _cancel: dict[SessionId, threading.Event]
 
     # ------------------------------------------------------------ plumbing
     def _edit(
@@ -81,24 +85,28 @@ class EditingMixin:
         verdict = self._guard(sid, lambda: self.model.require(label))  # refused before anything changes
 
         def run() -> FidelityReport:
-            saved = s.clone()
+            # A transaction: validate + apply (op), measure, persist; any failure puts everything back.
+            saved, undo, n_ops = s.clone(), list(s.undo_stack), len(s.operations)
             t0 = time.perf_counter()
             try:
                 rows, extra = op(s)
                 if verdict.status != "exact":  # e.g. masking a hybrid model: the report says approximate
                     extra = {**extra, "approximate": verdict.reason}
+                elapsed = (time.perf_counter() - t0) * 1000
+                if fidelity:
+                    report = measure(self.model, s, label, elapsed, rows, **extra)
+                else:
+                    nan = float("nan")
+                    report = FidelityReport(label, nan, nan, nan, 0, elapsed, 0.0, rows, extra)
+                s.operations.append({"op": label, **extra, "report": report.as_dict()})
+                if undoable:
+                    s.push_undo(label, saved, UNDO_DEPTH)
+                self.persist(sid)
             except BaseException:
                 s.restore(saved)
+                s.undo_stack = undo
+                del s.operations[n_ops:]
                 raise
-            elapsed = (time.perf_counter() - t0) * 1000
-            if undoable:
-                s.push_undo(label, saved, UNDO_DEPTH)
-            if fidelity:
-                report = measure(self.model, s, label, elapsed, rows, **extra)
-            else:
-                report = FidelityReport(label, float("nan"), float("nan"), float("nan"), 0, elapsed, 0.0, rows, extra)
-            s.operations.append({"op": label, **extra, "report": report.as_dict()})
-            self.persist(sid)
             self.bus.emit(event(self.bus.now_ms(), report.as_dict()))
             return report
 
@@ -115,8 +123,11 @@ class EditingMixin:
         if delta is None:
             delta = f"\n{content}\n"
         ids = chat.encode(lm.tokenizer, delta) if s.n_tokens else chat.encode(lm.tokenizer, delta, special=True)
+        self.ensure_budget(len(ids), f"appending {len(ids)} tokens")
+        flag = self._cancel[s.id]
+        flag.clear()
         s.append_tokens(ids, origin)
-        prefill(lm.model, s.caches, ids, 512)
+        prefill(lm.model, s.caches, ids, 512, flag.is_set)  # cancellable between chunks; callers roll back
         s.messages = messages
         s.transcript_text = chat.render(lm.tokenizer, messages, add_generation_prompt=False)
         return len(ids)
@@ -126,11 +137,20 @@ class EditingMixin:
         """Prefill a message (e.g. a long document) without generating. Returns its token count."""
         s = self.session(sid)
         s.require_idle("appending a message")
-        self._guard(sid, lambda: self.ensure_budget(len(content) // 2 + 16, "appending this message"))
-        n: int = self._guard(sid, lambda: self._append_message(s, role, content, TokenState.COMPUTED))
-        s.undo_stack.clear()
-        self.persist(sid)
-        return n
+        saved = s.clone()
+
+        def run() -> int:
+            try:
+                n = self._append_message(s, role, content, TokenState.COMPUTED)
+                self.persist(sid)
+            except BaseException:
+                s.restore(saved)
+                raise
+            s.undo_stack.clear()
+            return n
+
+        result: int = self._guard(sid, run)
+        return result
 
     def mask(
         self, sid: SessionId, lo: int, hi: int, layers: list[int] | None = None, fidelity: bool = True
@@ -217,6 +237,7 @@ class EditingMixin:
 
         def op(s: Session) -> tuple[int, dict[str, Any]]:
             check_compatible(self.model, "splicing")
+            check_segment(seg, self.model)  # ids inside the vocabulary, positions in range, shapes
             self.ensure_budget(seg.n_tokens, "this splice")
             where = s.n_tokens if at is None else at
             box["lo"] = where
@@ -290,10 +311,11 @@ class EditingMixin:
     ) -> FidelityReport:
         """Splice a segment file (or, with `prompt`, an mlx-lm prompt cache) into `dst`."""
         self.session(dst)
+        reserve = lambda n: self.ensure_budget(n, "this splice")  # noqa: E731 - before the tensors are read
         if prompt is not None:
-            seg = self._guard(dst, lambda: read_mlx_prompt_cache(path, self.model, prompt))
+            seg = self._guard(dst, lambda: read_mlx_prompt_cache(path, self.model, prompt, reserve))
         else:
-            seg = self._guard(dst, lambda: read_segment(path, self.model))
+            seg = self._guard(dst, lambda: read_segment(path, self.model, reserve))
         return self.splice_segment(dst, seg, at, seam_repair, fidelity=fidelity)
 
     def compress(
@@ -313,11 +335,14 @@ class EditingMixin:
         decision = self._guard(
             sid,
             lambda: _or_restore(
-                s, saved, lambda: compress_session(self, sid, policy, keep_ratio, budget_tokens, **params)
+                s,
+                saved,
+                lambda: _then(
+                    compress_session(self, sid, policy, keep_ratio, budget_tokens, **params), self.persist, sid
+                ),
             ),
         )
         s.push_undo("compress", saved, UNDO_DEPTH)
-        self.persist(sid)
         return decision
 
     def replay_decision(self, sid: SessionId, decision: Any) -> None:
@@ -327,9 +352,10 @@ class EditingMixin:
         s = self.session(sid)
         s.require_idle("replaying a decision")
         saved = s.clone()
-        self._guard(sid, lambda: _or_restore(s, saved, lambda: replay_decision(self, sid, decision)))
+        self._guard(
+            sid, lambda: _or_restore(s, saved, lambda: _then(replay_decision(self, sid, decision), self.persist, sid))
+        )
         s.push_undo("replay decision", saved, UNDO_DEPTH)
-        self.persist(sid)
 
     def undo(self, sid: SessionId) -> str:
         """Undo the last reversible edit (until the next chat turn). Returns its name."""
@@ -391,11 +417,19 @@ class EditingMixin:
 
 def _or_restore(s: Session, saved: Session, fn: Callable[[], Any]) -> Any:
     """Run `fn`; if it fails, put the session back as `saved` (an operation is a transaction)."""
+    n_ops = len(s.operations)
     try:
         return fn()
     except BaseException:
         s.restore(saved)
+        del s.operations[n_ops:]
         raise
+
+
+def _then(result: Any, after: Callable[[SessionId], None], sid: SessionId) -> Any:
+    """`result`, once `after(sid)` (the save that ends a transaction) has succeeded."""
+    after(sid)
+    return result
 
 
 def _unrotated(seg: Segment, s: Session, at: int) -> Segment:

@@ -77,7 +77,10 @@ class Engine(EditingMixin, LifecycleMixin):
         self._next_number = 1  # session ids are s1, s2, ...; restored ones move it past theirs
         self._pieces: dict[int, str] = {}
         cfg = self.config
-        self.memory_budget_bytes = cfg.memory_budget_bytes or physical_memory_bytes() // 2
+        budget = cfg.memory_budget_bytes
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+            raise InvalidRequestError(f"the memory budget must be a positive number of bytes, got {budget!r}")
+        self.memory_budget_bytes = budget if budget is not None else physical_memory_bytes() // 2
         self.persistence = SessionStore(Path(cfg.data_dir) if cfg.data_dir else None) if cfg.persist else None
         self.load_errors: list[str] = []
         self.auto_compress: AutoCompress | None = None  # default for new sessions
@@ -152,7 +155,7 @@ class Engine(EditingMixin, LifecycleMixin):
             s.messages.append({"role": "system", "content": system})
         s.auto_compress = self.auto_compress
         self._register(s)
-        self.persist(sid)
+        self._persist_or_drop(sid)
         return sid
 
     def _register(self, s: Session) -> None:
@@ -195,18 +198,32 @@ class Engine(EditingMixin, LifecycleMixin):
         self.bus.emit(SessionClosed(self.bus.now_ms(), sid))
 
     def rename_session(self, sid: SessionId, name: str) -> None:
-        self.session(sid).name = name
-        self.persist(sid)
+        s = self.session(sid)
+        old, s.name = s.name, name
+        try:
+            self._guard(sid, lambda: self.persist(sid))
+        except KVScopeError:
+            s.name = old
+            raise
         self.bus.emit(SessionChanged(self.bus.now_ms(), sid, "renamed"))
 
     def duplicate_session(self, sid: SessionId, name: str | None = None) -> SessionId:
         """A new session with a copy of `sid`'s messages and cache."""
         src = self.session(sid)
+        self._guard(sid, lambda: self.ensure_budget_bytes(src.nbytes, "duplicating this session"))
         new = self.new_session_id()
         s = src.clone(new, name or f"{src.name} (copy)")
         self._register(s)
-        self.persist(new)
+        self._persist_or_drop(new)
         return new
+
+    def _persist_or_drop(self, sid: SessionId) -> None:
+        """Save a just-registered session; if that fails it is not kept either."""
+        try:
+            self._guard(sid, lambda: self.persist(sid))
+        except KVScopeError:
+            self._drop(sid)
+            raise
 
     # ------------------------------------------------------------ chat
     def chat(self, sid: SessionId, user_text: str, params: SamplingParams | None = None) -> TurnResult:
@@ -217,7 +234,8 @@ class Engine(EditingMixin, LifecycleMixin):
         p = params or SamplingParams()
         store = self.store
         assert store is not None
-        self._guard(sid, lambda: self.ensure_budget(len(user_text) // 2 + 32 + p.max_tokens, "this turn"))
+        pending = user_text if s.n_tokens else "".join(m["content"] for m in s.messages) + user_text
+        self._guard(sid, lambda: self.ensure_budget_for_text(pending, 32 + p.max_tokens, "this turn"))
         flag = self._cancel[sid]
         flag.clear()
         s.generating = True

@@ -2,6 +2,7 @@
 
 Layout, one folder per session under the data folder::
 
+    <data>/kvscope.lock                                   held by the one process that writes here
     <data>/sessions/<session id>/session.json          transcript, tokens, positions,
                                                         per-layer rows, operations log
     <data>/sessions/<session id>/cache-<sha12>.safetensors   the K/V rows
@@ -15,33 +16,43 @@ model) and reopening is a file read instead of an O(L^2) prefill.
 Crash safety: the tensor file gets a new content-addressed name, is written
 to a temporary file, fsynced and renamed; only then is session.json
 replaced the same way; old tensor files are deleted last. A kill at any
-moment leaves either the previous or the new state, both complete.
+moment leaves either the previous or the new state, both complete; a
+failed write removes its temporary file, and the next writer removes any a
+kill left behind.
+
+Ids are data, never paths: a session id matches `SESSION_ID`, its folder is
+`<data>/sessions/<id>` and nothing else; deleting refuses any id that is
+not one session folder there. One process writes a data folder at a time
+(`fcntl.flock` on `kvscope.lock`, released by the OS when the process
+dies); a second process gets the folder read-only and is told so.
 
 Knows nothing about Qt; reads and writes only its own folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-import mlx.core as mx
 import numpy as np
 
-from kvscope.engine.errors import SegmentFileError
+from kvscope.engine.bounded_io import MAX_JSON_BYTES, loads_json, read_regular
+from kvscope.engine.errors import InvalidRequestError, KVScopeError
 from kvscope.engine.events import SessionId
-from kvscope.engine.kv_cache import ScopeKVCache
-from kvscope.engine.segment_file import json_int, read_safetensors
-from kvscope.engine.session import Session, TurnStats
+from kvscope.engine.model_limits import ModelLimits
+from kvscope.engine.session import Session
+from kvscope.engine.session_file import FORMAT, SESSION_ID, VERSION, check_doc, read_session
 from kvscope.engine.tensor_ops import to_numpy
 
-FORMAT = "kvscope-session"
-VERSION = 1
+LOCK_NAME = "kvscope.lock"
 
 
 def default_data_dir() -> Path:
@@ -54,13 +65,27 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "kvscope"
 
 
+def check_session_id(sid: object) -> SessionId:
+    """`sid` as a `SessionId`, or `InvalidRequestError` if it is not one (e.g. a path)."""
+    if not isinstance(sid, str) or not SESSION_ID.fullmatch(sid):
+        raise InvalidRequestError(
+            f"{str(sid)[:80]!r} is not a session id: ids are letters, digits, '-' and '_' (like s1), never paths"
+        )
+    return SessionId(sid)
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -81,66 +106,158 @@ def _cache_bytes(s: Session) -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()
 
 
+def session_doc(s: Session, fingerprint: str, model_name: str, cache_name: str, sha: str) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_fingerprint": fingerprint,
+        "model_name": model_name,
+        "id": s.id,
+        "name": s.name,
+        "messages": s.messages,
+        "tokens": s.tokens,
+        "origin": s.origin,
+        "positions": s.positions,
+        "transcript_text": s.transcript_text,
+        "edited": s.edited,
+        "operations": _finite(s.operations),
+        "turns": [t.__dict__ for t in s.turns],
+        "cache_file": cache_name,
+        "cache_sha256": sha,
+        "layers": [
+            {
+                "offset": c.offset,
+                "next_token": c.n_tokens,
+                "row_token": c.row_token.tolist(),
+                "row_position": c.row_position.tolist(),
+                "row_visible": c.row_visible.astype(int).tolist(),
+            }
+            for c in s.caches
+        ],
+    }
+
+
+def write_session_folder(folder: Path, s: Session, fingerprint: str, model_name: str) -> None:
+    """Write `s` into `folder` atomically (used by the store and by exports)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data, sha = _cache_bytes(s)
+    cache_name = f"cache-{sha[:12]}.safetensors"
+    if not (folder / cache_name).exists():
+        _atomic_write(folder / cache_name, data)
+    doc = session_doc(s, fingerprint, model_name, cache_name, sha)
+    _atomic_write(folder / "session.json", json.dumps(doc, default=_jsonable, allow_nan=False).encode())
+    for old in folder.glob("cache-*.safetensors"):
+        if old.name != cache_name:
+            old.unlink(missing_ok=True)
+
+
 class SessionStore:
-    """Saves and reopens sessions in `root/sessions`."""
+    """Saves and reopens sessions in `root/sessions`; writes only while it holds the folder's lock."""
 
     def __init__(self, root: Path | None = None) -> None:
-        self.root = (root or default_data_dir()) / "sessions"
+        self.data_dir = root or default_data_dir()
+        self.root = self.data_dir / "sessions"
+        self._lock: IO[bytes] | None = None
 
-    def folder(self, sid: SessionId) -> Path:
-        return self.root / sid
+    # ------------------------------------------------------------ the lock
+    def acquire(self) -> str | None:
+        """Take the data folder for this process. None when taken; else why not (shown to the person)."""
+        if self._lock is not None:
+            return None
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fh = open(self.data_dir / LOCK_NAME, "a+b")  # noqa: SIM115 - held for the store's lifetime
+        except OSError as exc:
+            return f"the data folder {self.data_dir} cannot be written ({exc.strerror or exc}): sessions are read-only"
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read(32).decode("ascii", "replace").strip() or "?"
+            fh.close()
+            return (
+                f"the data folder {self.data_dir} is in use by another kvscope process (pid {holder}): "
+                "its sessions open read-only here and changes in this window are not saved"
+            )
+        fh.truncate(0)
+        fh.write(str(os.getpid()).encode())
+        fh.flush()
+        self._lock = fh
+        self.remove_temp_files()
+        return None
+
+    @property
+    def writable(self) -> bool:
+        return self._lock is not None
+
+    def close(self) -> None:
+        """Release the data folder (the OS also releases it when the process ends)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _require_lock(self, what: str) -> None:
+        if self._lock is None:
+            reason = self.acquire()
+            if reason is not None:
+                raise InvalidRequestError(f"cannot {what}: {reason}")
+
+    def remove_temp_files(self) -> list[Path]:
+        """Delete temporary files that a failed or killed save left behind (only while holding the lock)."""
+        gone: list[Path] = []
+        if self._lock is None or not self.root.is_dir():
+            return gone
+        for folder in self.root.iterdir():
+            if folder.is_dir() and not folder.is_symlink():
+                for tmp in folder.glob(".*.tmp"):
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
+                        gone.append(tmp)
+        return gone
+
+    # ------------------------------------------------------------ sessions
+    def folder(self, sid: str) -> Path:
+        return self.root / check_session_id(sid)
 
     def save(self, s: Session, fingerprint: str, model_name: str) -> Path:
         """Write the session atomically; returns its folder."""
+        self._require_lock(f"save session {s.id}")
         folder = self.folder(s.id)
-        folder.mkdir(parents=True, exist_ok=True)
-        data, sha = _cache_bytes(s)
-        cache_name = f"cache-{sha[:12]}.safetensors"
-        if not (folder / cache_name).exists():
-            _atomic_write(folder / cache_name, data)
-        doc = {
-            "format": FORMAT,
-            "version": VERSION,
-            "model_fingerprint": fingerprint,
-            "model_name": model_name,
-            "id": s.id,
-            "name": s.name,
-            "messages": s.messages,
-            "tokens": s.tokens,
-            "origin": s.origin,
-            "positions": s.positions,
-            "transcript_text": s.transcript_text,
-            "edited": s.edited,
-            "operations": s.operations,
-            "turns": [t.__dict__ for t in s.turns],
-            "cache_file": cache_name,
-            "cache_sha256": sha,
-            "layers": [
-                {
-                    "offset": c.offset,
-                    "next_token": c.n_tokens,
-                    "row_token": c.row_token.tolist(),
-                    "row_position": c.row_position.tolist(),
-                    "row_visible": c.row_visible.astype(int).tolist(),
-                }
-                for c in s.caches
-            ],
-        }
-        _atomic_write(folder / "session.json", json.dumps(doc, default=_jsonable).encode())
-        for old in folder.glob("cache-*.safetensors"):
-            if old.name != cache_name:
-                old.unlink(missing_ok=True)
+        write_session_folder(folder, s, fingerprint, model_name)
         return folder
 
-    def delete(self, sid: SessionId) -> None:
-        shutil.rmtree(self.folder(sid), ignore_errors=True)
+    def delete(self, sid: str, missing_ok: bool = False) -> bool:
+        """Delete one saved session's folder. Refuses ids that are not one session folder in the store."""
+        folder = self.folder(sid)
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise InvalidRequestError(f"{folder} is not a session folder: nothing deleted")
+        if not folder.is_dir():
+            if missing_ok:
+                return False
+            raise InvalidRequestError(f"no saved session {sid!r} in {self.root}")
+        self._require_lock(f"delete session {sid}")
+        shutil.rmtree(folder)
+        return True
 
     def list(self) -> list[dict[str, Any]]:
         """Summaries of the saved sessions (broken ones carry an `error`)."""
         out = []
-        for f in sorted(self.root.glob("*/session.json")) if self.root.exists() else []:
+        folders = sorted(self.root.iterdir()) if self.root.is_dir() else []
+        for folder in folders:
+            if folder.name.startswith(".") or not (folder / "session.json").exists():
+                continue
             try:
-                doc = json.loads(f.read_text(encoding="utf-8"))
+                if not SESSION_ID.fullmatch(folder.name) or folder.is_symlink():
+                    raise InvalidRequestError(f"{folder.name!r} is not a session folder")
+                doc = check_doc(
+                    folder.name,
+                    loads_json(
+                        read_regular(folder / "session.json", MAX_JSON_BYTES, follow_symlinks=False),
+                        f"session {folder.name}: session.json",
+                    ),
+                )
+                if doc["id"] != folder.name:
+                    raise InvalidRequestError(f"session.json says its id is {doc['id']!r}, not its folder's name")
                 out.append(
                     {
                         "id": doc["id"],
@@ -150,13 +267,27 @@ class SessionStore:
                         "tokens": len(doc["tokens"]),
                     }
                 )
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                out.append({"id": f.parent.name, "error": f"{type(exc).__name__}: {exc}"})
+            except KVScopeError as exc:
+                out.append({"id": folder.name, "error": str(exc)})
         return out
 
-    def load(self, sid: str, fingerprint: str) -> Session:
+    def load(self, sid: str, limits: ModelLimits, reserve: Callable[[int], None] | None = None) -> Session:
         """Reopen one session; `SegmentFileError` names what is wrong."""
-        return load_session_folder(self.root / sid, fingerprint)
+        folder = self.folder(sid)
+        if folder.is_symlink():
+            raise InvalidRequestError(f"{folder} is a symbolic link, not a session folder")
+        return read_session(folder, limits, expect_id=sid, reserve=reserve)
+
+
+def _finite(v: Any) -> Any:
+    """NaN/inf (a skipped fidelity measure) become null: saved JSON holds finite numbers only."""
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
 
 
 def _jsonable(v: Any) -> Any:
@@ -165,110 +296,3 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, np.ndarray):
         return v.tolist()
     return str(v)
-
-
-def load_session_folder(folder: Path, fingerprint: str) -> Session:
-    name = folder.name
-    try:
-        doc = json.loads((folder / "session.json").read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise SegmentFileError(f"session {name}: cannot read session.json ({exc.strerror or exc})") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SegmentFileError(f"session {name}: session.json is corrupt ({exc})") from exc
-    _check_doc(name, doc, fingerprint)
-    cache_file = folder / doc["cache_file"]
-    try:
-        if hashlib.sha256(cache_file.read_bytes()).hexdigest() != doc["cache_sha256"]:
-            raise SegmentFileError(f"session {name}: cache file checksum mismatch (modified or corrupted)")
-    except OSError as exc:
-        raise SegmentFileError(f"session {name}: cannot read {cache_file.name} ({exc.strerror or exc})") from exc
-    arrays, _ = read_safetensors(cache_file)
-    positions = np.asarray(doc["positions"], np.int64)
-    layers = [_layer(name, i, lay, arrays, positions) for i, lay in enumerate(doc["layers"])]
-    s = Session(SessionId(doc["id"]), doc["name"], layers)
-    s.messages, s.tokens, s.origin = doc["messages"], doc["tokens"], doc["origin"]
-    s.transcript_text, s.edited, s.operations = doc["transcript_text"], doc["edited"], doc["operations"]
-    s.turns = [_turn(name, i, t) for i, t in enumerate(doc["turns"])]
-    return s
-
-
-_DOC_FIELDS: dict[str, type] = {
-    "format": str,
-    "version": int,
-    "model_fingerprint": str,
-    "model_name": str,
-    "id": str,
-    "name": str,
-    "messages": list,
-    "tokens": list,
-    "origin": list,
-    "positions": list,
-    "transcript_text": str,
-    "edited": bool,
-    "operations": list,
-    "turns": list,
-    "cache_file": str,
-    "cache_sha256": str,
-    "layers": list,
-}
-
-
-def _check_doc(name: str, doc: Any, fingerprint: str) -> None:
-    if not isinstance(doc, dict):
-        raise SegmentFileError(f"session {name}: session.json is not a JSON object")
-    for key, typ in _DOC_FIELDS.items():
-        if key not in doc:
-            raise SegmentFileError(f"session {name}: session.json is missing {key!r}")
-        if not isinstance(doc[key], typ):
-            raise SegmentFileError(f"session {name}: field {key!r} has the wrong type ({type(doc[key]).__name__})")
-    if doc["format"] != FORMAT or doc["version"] != VERSION:
-        raise SegmentFileError(f"session {name}: format {doc['format']!r} v{doc['version']} is not {FORMAT} v{VERSION}")
-    if doc["model_fingerprint"] != fingerprint:
-        raise SegmentFileError(f"session {name} belongs to model {doc['model_name']!r}, not the loaded one")
-    n = len(doc["tokens"])
-    if len(doc["origin"]) != n or len(doc["positions"]) != n or not all(json_int(t) for t in doc["tokens"]):
-        raise SegmentFileError(f"session {name}: tokens, origin and positions disagree")
-    if "/" in doc["cache_file"] or not doc["cache_file"].startswith("cache-"):
-        raise SegmentFileError(f"session {name}: invalid cache file name {doc['cache_file']!r}")
-    if not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in doc["messages"]
-    ):
-        raise SegmentFileError(f"session {name}: messages must be role/content objects")
-    if not all(isinstance(t, dict) for t in doc["turns"]):
-        raise SegmentFileError(f"session {name}: turns must be objects")
-
-
-def _turn(name: str, i: int, fields: dict[str, Any]) -> TurnStats:
-    try:
-        return TurnStats(**fields)
-    except TypeError as exc:  # a missing or unknown field
-        raise SegmentFileError(f"session {name}: turn {i} is corrupt ({exc})") from exc
-
-
-def _layer(name: str, i: int, lay: Any, arrays: dict[str, np.ndarray], positions: np.ndarray) -> ScopeKVCache:
-    try:
-        rows = [np.asarray(lay[k], np.int64) for k in ("row_token", "row_position", "row_visible")]
-        offset, n_tokens = int(lay["offset"]), int(lay["next_token"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SegmentFileError(f"session {name}: layer {i} bookkeeping is corrupt ({exc})") from exc
-    n = len(rows[0])
-    if any(len(r) != n for r in rows) or any(r.ndim != 1 for r in rows):
-        raise SegmentFileError(f"session {name}: layer {i} row lists disagree")
-    if n_tokens != len(positions):
-        raise SegmentFileError(f"session {name}: layer {i} has {n_tokens} tokens, the session {len(positions)}")
-    k: np.ndarray | None
-    v: np.ndarray | None
-    if n == 0:
-        k = v = np.zeros((1, 1, 0, 1), np.float32)
-    else:
-        k, v = arrays.get(f"{i}.keys"), arrays.get(f"{i}.values")
-        if k is None or v is None or k.ndim != 4 or k.shape[2] != n or v.shape[:3] != k.shape[:3]:
-            raise SegmentFileError(f"session {name}: layer {i} tensors do not match its {n} rows")
-    try:
-        c = ScopeKVCache.from_rows(mx.array(k), mx.array(v), rows[0], rows[2].astype(bool), positions)
-    except ValueError as exc:
-        raise SegmentFileError(f"session {name}: layer {i} rows are inconsistent ({exc})") from exc
-    if not np.array_equal(c.row_position, rows[1]) or c.offset != offset:
-        raise SegmentFileError(f"session {name}: layer {i} positions disagree with the session's")
-    return c

@@ -7,43 +7,49 @@ load_prompt_cache` opens a kvscope segment as a list of `KVCache`)::
     metadata  "0.kvscope" manifest JSON | "1.{layer}" "KVCache" | "2.*" mlx-lm scalar table
 
 The manifest holds format + version, model fingerprint, layers, KV heads,
-head dim, dtype, RoPE parameters, positions, token ids, text and the sha256
-of the tensors. `read_segment` parses the file with its own strict reader
-(never pickle, never trusting offsets) and names the first thing that is
-wrong; nothing is applied to a session until the whole file checks out.
+head dim, dtype, RoPE parameters, positions, token ids, per-layer
+visibility, text and a sha256 over the tensors *and* the manifest (format
+2; format 1 files, whose checksum covered the tensors only, still read).
+
+Reading goes through `safetensors_reader` (bounded, strict) and checks every
+manifest field's type and range — against the loaded model in
+`read_segment` (token ids inside the vocabulary, positions below
+`MAX_POSITION`, layers, heads, head dim, RoPE) — *before* any tensor byte is
+read; nothing reaches a session until the whole file checks out.
 
 Knows nothing about sessions; returns `Segment`s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import math
 import os
-import struct
+import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
-from kvscope.engine.errors import SegmentFileError
+from kvscope.engine.bounded_io import loads_json
+from kvscope.engine.errors import InvalidRequestError, SegmentFileError
+from kvscope.engine.model_limits import MAX_POSITION, ModelLimits, limits_of
 from kvscope.engine.model_loading import LoadedModel
+from kvscope.engine.safetensors_reader import SafetensorsFile, json_int, open_safetensors
 from kvscope.engine.surgery import Segment
 from kvscope.engine.tensor_ops import to_numpy
 
+__all__ = ["check_segment", "inspect_segment", "json_int", "read_segment", "write_segment"]
+
 FORMAT = "kvscope-segment"
-VERSION = 1
-MAX_HEADER = 64 * 1024 * 1024
-_DTYPES: dict[str, np.dtype[Any]] = {
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<f2"),
-    "BF16": np.dtype("<u2"),
-    "I32": np.dtype("<i4"),
-    "I64": np.dtype("<i8"),
-}
-_MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MAX_LAYERS, MAX_HEADS, MAX_HEAD_DIM = 1024, 1024, 65536
+MAX_TOKEN_ID = 1 << 31  # no vocabulary is larger; the loaded model's is checked too
+_FIELDS: dict[str, type] = {
     "format": str,
     "version": int,
     "model_fingerprint": str,
@@ -56,18 +62,22 @@ _MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
     "positions": list,
     "token_ids": list,
     "text": str,
-    "tensors_sha256": str,
 }
+_SUMS = ("sha256", "tensors_sha256")
 
 
-def _tensor_hash(arrays: list[np.ndarray]) -> str:
+def _digest(ordered: list[np.ndarray], manifest: dict[str, Any] | None) -> str:
+    """sha256 over the K/V tensors, then (format 2) the manifest without its checksum, canonically."""
     h = hashlib.sha256()
-    for a in arrays:
+    for a in ordered:
         h.update(np.ascontiguousarray(a).tobytes())
+    if manifest is not None:
+        body = {k: v for k, v in manifest.items() if k not in _SUMS}
+        h.update(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
     return h.hexdigest()
 
 
-def manifest_for(lm: LoadedModel, seg: Segment, sha: str) -> dict[str, Any]:
+def manifest_for(lm: LoadedModel, seg: Segment) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -76,23 +86,56 @@ def manifest_for(lm: LoadedModel, seg: Segment, sha: str) -> dict[str, Any]:
         "n_layers": lm.n_layers,
         "n_kv_heads": lm.n_kv_heads,
         "head_dim": lm.head_dim,
-        "value_dim": lm.value_dim,  # differs from head_dim on MLA caches (latent keys, k_pe values)
-        "layer_dims": [list(d) for d in lm.cache_dims],  # per layer [kv heads, key dim, value dim]
-        "dtype": lm.dtype,
+        "layer_dims": _layer_dims(lm),  # per layer [kv heads, key dim, value dim]: MLA values differ
+        "dtype": "float32",
         "rope": lm.rope.as_dict() if lm.rope else {},
         "positions": [int(p) for p in seg.positions],
         "token_ids": [int(t) for t in seg.token_ids],
         "text": seg.text,
-        "tensors_sha256": sha,
         "visible": [[bool(x) for x in v] for v in seg.visible],
         "source": seg.source,
     }
+
+
+def _layer_dims(lm: LoadedModel) -> list[list[int]]:
+    dims = [list(d) for d in lm.cache_dims] if lm.cache_dims else []
+    return dims if len(dims) == lm.n_layers else [[lm.n_kv_heads, lm.head_dim, lm.head_dim]] * lm.n_layers
+
+
+def _shapes(fname: str, man: dict[str, Any], n: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Per layer, the (keys, values) shape the manifest promises."""
+    n_layers = man["n_layers"]
+    dims = man.get("layer_dims") or [[man["n_kv_heads"], man["head_dim"], man["head_dim"]]] * n_layers
+    if (
+        not isinstance(dims, list)
+        or len(dims) != n_layers
+        or not all(
+            isinstance(d, list) and len(d) == 3 and all(isinstance(x, int) and 0 < x <= MAX_HEAD_DIM for x in d)
+            for d in dims
+        )
+    ):
+        raise SegmentFileError(f"{fname}: layer_dims must be {n_layers} [kv heads, key dim, value dim] triples")
+    return [((1, h, n, k), (1, h, n, v)) for h, k, v in dims]
+
+
+def _refuse_special_target(path: Path) -> None:
+    """Writing replaces the target: refuse a FIFO, device or directory there."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:
+        raise SegmentFileError(f"cannot write a segment to {path!r}: {getattr(exc, 'strerror', None) or exc}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise SegmentFileError(f"cannot write a segment to {path}: it exists and is not a regular file")
 
 
 def write_segment(lm: LoadedModel, seg: Segment, path: str | os.PathLike[str]) -> Path:
     """Write `seg` atomically (temporary file, fsync, rename)."""
     from safetensors.numpy import save
 
+    path = Path(path)
+    _refuse_special_target(path)
     arrays: dict[str, np.ndarray] = {}
     ordered: list[np.ndarray] = []
     meta: dict[str, str] = {"2.0": ""}
@@ -103,11 +146,10 @@ def write_segment(lm: LoadedModel, seg: Segment, path: str | os.PathLike[str]) -
         ordered += [kn, vn]
         meta[f"1.{i}"] = "KVCache"
         meta[f"2.{i + 1}.0"], meta[f"2.{i + 1}.1"] = f"{i}.2", "scalar"
-    manifest = manifest_for(lm, seg, _tensor_hash(ordered))
-    manifest["dtype"] = "float32"
+    manifest = manifest_for(lm, seg)
+    manifest["sha256"] = _digest(ordered, manifest)
     meta["0.kvscope"] = json.dumps(manifest)
     data = save(arrays, metadata=meta)
-    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with tmp.open("wb") as fh:
@@ -115,214 +157,198 @@ def write_segment(lm: LoadedModel, seg: Segment, path: str | os.PathLike[str]) -
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise SegmentFileError(f"cannot write segment to {path}: {exc.strerror or exc}") from exc
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        with contextlib.suppress(OSError, ValueError):  # a failing cleanup must not hide the real reason
+            tmp.unlink(missing_ok=True)
+        raise SegmentFileError(f"cannot write segment to {path}: {getattr(exc, 'strerror', None) or exc}") from exc
     return path
 
 
-# ---------------------------------------------------------------- reading
-def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Strictly parse a safetensors file into numpy arrays and metadata."""
-    p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise SegmentFileError(f"cannot read {p}: {exc.strerror or exc}") from exc
-    if len(raw) < 8:
-        raise SegmentFileError(f"{p.name} is truncated: {len(raw)} bytes, not even a header length")
-    (n,) = struct.unpack("<Q", raw[:8])
-    if n > MAX_HEADER or n > len(raw) - 8:
-        raise SegmentFileError(
-            f"{p.name}: header length {n} exceeds the file ({len(raw)} bytes): truncated or not safetensors"
-        )
-    try:
-        header = json.loads(raw[8 : 8 + n].decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise SegmentFileError(f"{p.name}: header is not UTF-8 ({exc.reason})") from exc
-    except json.JSONDecodeError as exc:
-        raise SegmentFileError(f"{p.name}: header is not valid JSON ({exc.msg})") from exc
-    if not isinstance(header, dict):
-        raise SegmentFileError(f"{p.name}: header is not a JSON object")
-    meta = header.pop("__metadata__", {}) or {}
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise SegmentFileError(f"{p.name}: metadata must map strings to strings")
-    data = memoryview(raw)[8 + n :]
-    return {name: _tensor(p.name, name, info, data) for name, info in header.items()}, meta
-
-
-def json_int(x: Any) -> bool:
-    """True for a JSON integer; `true`/`false` are not (Python counts bool as int)."""
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _tensor(fname: str, name: str, info: Any, data: memoryview) -> np.ndarray:
-    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-        raise SegmentFileError(f"{fname}: tensor {name!r} entry must have exactly dtype, shape, data_offsets")
-    dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in _DTYPES:
-        raise SegmentFileError(f"{fname}: tensor {name!r} has unsupported dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(json_int(d) and 0 <= d < 1 << 31 for d in shape):
-        raise SegmentFileError(f"{fname}: tensor {name!r} has an invalid shape {shape!r}")
-    if not (isinstance(offs, list) and len(offs) == 2 and all(json_int(o) for o in offs) and 0 <= offs[0] <= offs[1]):
-        raise SegmentFileError(f"{fname}: tensor {name!r} has invalid data offsets {offs!r}")
-    if offs[1] > len(data):
-        raise SegmentFileError(f"{fname} is truncated: tensor {name!r} ends at byte {offs[1]}, data has {len(data)}")
-    want = math.prod(shape) * _DTYPES[dtype].itemsize
-    if offs[1] - offs[0] != want:
-        raise SegmentFileError(
-            f"{fname}: tensor {name!r} has {offs[1] - offs[0]} bytes, shape {shape} {dtype} needs {want}"
-        )
-    arr = np.frombuffer(data[offs[0] : offs[1]], _DTYPES[dtype]).reshape(shape)
-    if dtype == "BF16":
-        arr = (arr.astype(np.uint32) << 16).view(np.float32)
-    return arr.astype(np.float32) if dtype in ("F16", "BF16") else arr.copy()
-
-
-def _manifest(fname: str, meta: dict[str, str]) -> dict[str, Any]:
-    try:
-        man = json.loads(meta["0.kvscope"])
-    except json.JSONDecodeError as exc:
-        raise SegmentFileError(f"{fname}: the kvscope manifest is not valid JSON ({exc.msg})") from exc
-    if not isinstance(man, dict):
-        raise SegmentFileError(f"{fname}: the kvscope manifest is not a JSON object")
-    for key, typ in _MANIFEST_FIELDS.items():
-        if key not in man:
-            raise SegmentFileError(f"{fname}: the manifest is missing {key!r}")
-        if not isinstance(man[key], typ) or isinstance(man[key], bool):
-            raise SegmentFileError(f"{fname}: manifest field {key!r} has the wrong type ({type(man[key]).__name__})")
-    if man["format"] != FORMAT:
-        raise SegmentFileError(f"{fname}: format is {man['format']!r}, expected {FORMAT!r}")
-    if man["version"] != VERSION:
-        raise SegmentFileError(
-            f"{fname}: format version {man['version']} is not supported (this kvscope reads {VERSION})"
-        )
-    return man
-
-
-def inspect_segment(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse and verify a kvscope segment file; returns its manifest (no model needed)."""
-    arrays, meta = read_safetensors(path)
-    return _verified(Path(path).name, arrays, meta)
-
-
-def _verified(fname: str, arrays: dict[str, np.ndarray], meta: dict[str, str]) -> dict[str, Any]:
+# ---------------------------------------------------------------- checking
+def _manifest(f: SafetensorsFile) -> dict[str, Any]:
+    meta, fname = f.metadata, f.name
     if "0.kvscope" not in meta:
         if meta.get("1.0") == "KVCache":
             raise SegmentFileError(
                 f"{fname} is an mlx-lm prompt cache, not a kvscope segment: import it with its prompt text"
             )
         raise SegmentFileError(f"{fname} has no kvscope manifest: not a kvscope segment file")
-    man = _manifest(fname, meta)
-    _check_arrays(fname, man, arrays)
+    man = loads_json(meta["0.kvscope"], f"{fname}: the kvscope manifest")
+    if not isinstance(man, dict):
+        raise SegmentFileError(f"{fname}: the kvscope manifest is not a JSON object")
+    for key, typ in _FIELDS.items():
+        if key not in man:
+            raise SegmentFileError(f"{fname}: the manifest is missing {key!r}")
+        if not isinstance(man[key], typ) or isinstance(man[key], bool):
+            raise SegmentFileError(f"{fname}: manifest field {key!r} has the wrong type ({type(man[key]).__name__})")
+    if man["format"] != FORMAT:
+        raise SegmentFileError(f"{fname}: format is {man['format'][:40]!r}, expected {FORMAT!r}")
+    if man["version"] not in READABLE_VERSIONS:
+        raise SegmentFileError(
+            f"{fname}: format version {man['version']} is not supported (this kvscope reads {READABLE_VERSIONS})"
+        )
+    sum_key = "sha256" if man["version"] >= 2 else "tensors_sha256"
+    if not isinstance(man.get(sum_key), str):
+        raise SegmentFileError(f"{fname}: the manifest is missing its checksum {sum_key!r}")
+    for key, typ in (("visible", list), ("source", str)):
+        if (key in man or man["version"] >= 2 and key == "visible") and not isinstance(man.get(key), typ):
+            raise SegmentFileError(f"{fname}: manifest field {key!r} is missing or has the wrong type")
+    _check_ranges(fname, man, len(f.tensors))
     return man
 
 
-def _check_arrays(fname: str, man: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
-    n_layers, n = man["n_layers"], len(man["token_ids"])
-    if n == 0 or len(man["positions"]) != n:
-        raise SegmentFileError(f"{fname}: {n} token ids but {len(man['positions'])} positions")
-    if not all(json_int(t) and t >= 0 for t in man["token_ids"]):
-        raise SegmentFileError(f"{fname}: token ids must be non-negative integers")
-    pos = man["positions"]
-    if not all(json_int(q) for q in pos) or any(b <= a for a, b in zip(pos, pos[1:])) or pos[0] < 0:
-        raise SegmentFileError(f"{fname}: positions must be increasing non-negative integers")
-    expected = {f"{i}.{j}" for i in range(n_layers) for j in range(3)}
-    if set(arrays) != expected:
-        extra, missing = sorted(set(arrays) - expected), sorted(expected - set(arrays))
-        raise SegmentFileError(
-            f"{fname}: tensors do not match {n_layers} layers (missing {missing[:4]}, unexpected {extra[:4]})"
-        )
-    default = [man["n_kv_heads"], man["head_dim"], man.get("value_dim", man["head_dim"])]
-    dims = man.get("layer_dims") or [default] * n_layers
-    if (
-        not isinstance(dims, list)
-        or len(dims) != n_layers
-        or not all(isinstance(d, list) and len(d) == 3 and all(json_int(x) for x in d) for d in dims)
+def _check_ranges(fname: str, man: dict[str, Any], n_tensors: int) -> None:
+    """Every number in range, before anything is built from them (no model needed)."""
+    for key, hi in (("n_layers", MAX_LAYERS), ("n_kv_heads", MAX_HEADS), ("head_dim", MAX_HEAD_DIM)):
+        if not 1 <= man[key] <= hi:
+            raise SegmentFileError(f"{fname}: {key} is {man[key]}, outside [1, {hi}]")
+    if man["n_layers"] * 3 != n_tensors:
+        raise SegmentFileError(f"{fname}: {n_tensors} tensors do not match {man['n_layers']} layers (3 per layer)")
+    if man["dtype"] != "float32":
+        raise SegmentFileError(f"{fname}: dtype {man['dtype'][:40]!r} is not the segment format's float32")
+    ids, pos = man["token_ids"], man["positions"]
+    n = len(ids)
+    if n == 0 or len(pos) != n:
+        raise SegmentFileError(f"{fname}: {n} token ids but {len(pos)} positions")
+    bad = next((t for t in ids if not (json_int(t) and 0 <= t < MAX_TOKEN_ID)), None)
+    if bad is not None:
+        raise SegmentFileError(f"{fname}: token id {str(bad)[:30]} is not a token id (0 <= id < 2^31)")
+    if not all(json_int(q) and 0 <= q < MAX_POSITION for q in pos) or any(b <= a for a, b in zip(pos, pos[1:])):
+        raise SegmentFileError(f"{fname}: positions must be increasing integers in [0, {MAX_POSITION})")
+    vis = man.get("visible")
+    if vis is not None and not (
+        len(vis) == man["n_layers"]
+        and all(isinstance(v, list) and len(v) == n and all(isinstance(x, bool) for x in v) for v in vis)
     ):
-        raise SegmentFileError(f"{fname}: layer_dims must be {n_layers} [kv heads, key dim, value dim] triples")
-    ordered = []
-    for i in range(n_layers):
-        length = arrays[f"{i}.2"]
-        if length.shape != () or int(length) != n:
-            raise SegmentFileError(f"{fname}: layer {i} says it caches {length.tolist()} tokens, the manifest has {n}")
-        for j in (0, 1):
-            a = arrays[f"{i}.{j}"]
-            shape = [1, dims[i][0], n, dims[i][1 + j]]
-            if list(a.shape) != shape or a.dtype != np.float32:
-                raise SegmentFileError(
-                    f"{fname}: tensor {i}.{j} is {list(a.shape)} {a.dtype}, manifest says {shape} float32"
-                )
-            ordered.append(a)
-    if _tensor_hash(ordered) != man["tensors_sha256"]:
-        raise SegmentFileError(f"{fname}: tensor checksum mismatch: the file was modified or corrupted")
-    return ordered
+        raise SegmentFileError(f"{fname}: 'visible' must be {man['n_layers']} lists of {n} true/false values")
 
 
-def _check_model(fname: str, man: dict[str, Any], lm: LoadedModel) -> None:
-    for key, have in (
-        ("n_layers", lm.n_layers),
-        ("n_kv_heads", lm.n_kv_heads),
-        ("head_dim", lm.head_dim),
-        ("value_dim", lm.value_dim),
-    ):
-        if man.get(key, man["head_dim"]) != have:
+def _check_model(fname: str, man: dict[str, Any], lim: ModelLimits, rope: dict[str, Any] | None) -> None:
+    for key, have in (("n_layers", lim.n_layers), ("n_kv_heads", lim.n_kv_heads), ("head_dim", lim.head_dim)):
+        if man[key] != have:
             raise SegmentFileError(f"{fname}: {key} is {man[key]}, the loaded model has {have}")
-    if "layer_dims" in man and lm.cache_dims and man["layer_dims"] != [list(d) for d in lm.cache_dims]:
-        raise SegmentFileError(f"{fname}: layer shapes {man['layer_dims']} differ from the model's {lm.cache_dims}")
-    if lm.rope and man["rope"] != lm.rope.as_dict():
-        raise SegmentFileError(f"{fname}: RoPE {man['rope']} differs from the model's {lm.rope.as_dict()}")
-    if man["model_fingerprint"] != lm.fingerprint:
+    if man["model_fingerprint"] != lim.fingerprint:
         raise SegmentFileError(
-            f"{fname} was made with model {man['model_name']!r} (fingerprint {man['model_fingerprint']}); "
-            f"the loaded model is {lm.name!r} ({lm.fingerprint})"
+            f"{fname} was made with model {man['model_name'][:80]!r} (fingerprint {man['model_fingerprint'][:40]}); "
+            f"the loaded model is {lim.name!r} ({lim.fingerprint})"
+        )
+    if rope is not None and man["rope"] != rope:
+        raise SegmentFileError(f"{fname}: RoPE {str(man['rope'])[:200]} differs from the model's {rope}")
+    bad = lim.bad_token(man["token_ids"])
+    if bad >= 0:
+        raise SegmentFileError(
+            f"{fname}: token id {man['token_ids'][bad]} is outside the model's vocabulary of {lim.vocab_size}"
         )
 
 
-def read_segment(path: str | os.PathLike[str], lm: LoadedModel) -> Segment:
-    """Load and verify a segment for `lm`; raises `SegmentFileError` naming the problem."""
-    arrays, meta = read_safetensors(path)
-    fname = Path(path).name
-    man = _verified(fname, arrays, meta)
-    _check_model(fname, man, lm)
-    n_layers = man["n_layers"]
-    visible = man.get("visible")
-    n = len(man["token_ids"])
-    if not (
-        isinstance(visible, list)
-        and len(visible) == n_layers
-        and all(isinstance(v, list) and len(v) == n for v in visible)
-    ):
-        visible = [[True] * n] * n_layers
+def _tensors(f: SafetensorsFile, man: dict[str, Any]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Read and check the K/V tensors against the manifest and its checksum."""
+    n_layers, n = man["n_layers"], len(man["token_ids"])
+    expected = {f"{i}.{j}" for i in range(n_layers) for j in range(3)}
+    if set(f.tensors) != expected:
+        extra, missing = sorted(set(f.tensors) - expected), sorted(expected - set(f.tensors))
+        raise SegmentFileError(
+            f"{f.name}: tensors do not match {n_layers} layers (missing {missing[:4]}, unexpected {extra[:4]})"
+        )
+    shapes = _shapes(f.name, man, n)
+    keys: list[np.ndarray] = []
+    values: list[np.ndarray] = []
+    for i in range(n_layers):
+        length = f.tensors[f"{i}.2"]
+        said = f.read(f"{i}.2").tolist() if length.shape == () and length.dtype in ("I32", "I64") else "no count of"
+        if said != n:
+            raise SegmentFileError(f"{f.name}: layer {i} says it caches {said} tokens, the manifest has {n}")
+        for j, out in ((0, keys), (1, values)):
+            t = f.tensors[f"{i}.{j}"]
+            shape = shapes[i][j]
+            if t.shape != shape or t.dtype != "F32":
+                raise SegmentFileError(
+                    f"{f.name}: tensor {i}.{j} is {list(t.shape)} {t.dtype}, manifest says {list(shape)} F32"
+                )
+            out.append(f.read(f"{i}.{j}"))
+    ordered = [a for kv in zip(keys, values) for a in kv]
+    v2 = man["version"] >= 2
+    if _digest(ordered, man if v2 else None) != man["sha256" if v2 else "tensors_sha256"]:
+        what = "tensors or manifest" if v2 else "tensors"
+        raise SegmentFileError(f"{f.name}: checksum mismatch: the {what} were modified or corrupted")
+    return keys, values
+
+
+def inspect_segment(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse and verify a kvscope segment file; returns its manifest (no model needed)."""
+    with open_safetensors(path) as f:
+        man = _manifest(f)
+        _tensors(f, man)
+    return man
+
+
+def read_segment(
+    path: str | os.PathLike[str], lm: LoadedModel, reserve: Callable[[int], None] | None = None
+) -> Segment:
+    """Load and verify a segment for `lm`; raises `SegmentFileError` naming the problem.
+
+    `reserve(n_tokens)` is called once the manifest checks out and before any
+    tensor byte is read (the engine's memory budget).
+    """
+    with open_safetensors(path) as f:
+        man = _manifest(f)
+        _check_model(f.name, man, limits_of(lm), lm.rope.as_dict() if lm.rope else None)
+        if "layer_dims" in man and man["layer_dims"] != _layer_dims(lm):
+            raise SegmentFileError(f"{f.name}: layer shapes {str(man['layer_dims'])[:200]} differ from the model's")
+        n, n_layers = len(man["token_ids"]), man["n_layers"]
+        if reserve is not None:
+            reserve(n)
+        keys, values = _tensors(f, man)
+    visible = man.get("visible") or [[True] * n] * n_layers
     return Segment(
         token_ids=list(man["token_ids"]),
         positions=np.asarray(man["positions"], np.int64),
-        keys=[mx.array(arrays[f"{i}.0"]) for i in range(n_layers)],
-        values=[mx.array(arrays[f"{i}.1"]) for i in range(n_layers)],
+        keys=[mx.array(k) for k in keys],
+        values=[mx.array(v) for v in values],
         visible=[np.asarray(v, bool) for v in visible],
         text=man["text"],
         source=str(path),
     )
 
 
-def read_mlx_prompt_cache(path: str | os.PathLike[str], lm: LoadedModel, prompt: str) -> Segment:
+def check_segment(seg: Segment, lm: LoadedModel) -> None:
+    """Refuse a `Segment` (from a file or the Python API) that does not fit `lm`."""
+    lim, n = limits_of(lm), seg.n_tokens
+    if n == 0:
+        raise InvalidRequestError("the segment is empty")
+    ids = [int(t) if isinstance(t, np.integer) else t for t in seg.token_ids]
+    bad = lim.bad_token(ids)
+    if bad >= 0:
+        raise InvalidRequestError(
+            f"segment token id {str(ids[bad])[:30]} is outside the model's vocabulary of {lim.vocab_size}"
+        )
+    pos = np.asarray(seg.positions)
+    if pos.shape != (n,) or pos.dtype.kind not in "iu" or lim.bad_position(pos.tolist()) >= 0:
+        raise InvalidRequestError(f"segment positions must be {n} integers in [0, {MAX_POSITION})")
+    if n > 1 and not (np.diff(pos) > 0).all():
+        raise InvalidRequestError("segment positions must be increasing")
+    shapes = [((1, h, n, k), (1, h, n, v)) for h, k, v in _layer_dims(lm)]
+    if len(seg.keys) != lim.n_layers or len(seg.values) != lim.n_layers or len(seg.visible) != lim.n_layers:
+        raise InvalidRequestError(f"the segment has {len(seg.keys)} layers, the model has {lim.n_layers}")
+    for i, (k, v, vis) in enumerate(zip(seg.keys, seg.values, seg.visible)):
+        if (tuple(k.shape), tuple(v.shape)) != shapes[i] or np.shape(vis) != (n,):
+            raise InvalidRequestError(f"segment layer {i} is {list(k.shape)}, the model needs {list(shapes[i][0])}")
+
+
+def read_mlx_prompt_cache(
+    path: str | os.PathLike[str], lm: LoadedModel, prompt: str, reserve: Callable[[int], None] | None = None
+) -> Segment:
     """Import a file written by `mlx_lm.cache_prompt` as a segment.
 
     mlx-lm's files record no token ids, so the prompt text it was made from
     is required; it is tokenized as `cache_prompt` does and must give exactly
     the cached number of tokens.
     """
-    arrays, meta = read_safetensors(path)
-    fname = Path(path).name
-    classes = [meta.get(f"1.{i}") for i in range(lm.n_layers)]
-    if any(c != "KVCache" for c in classes) or f"1.{lm.n_layers}" in meta:
-        raise SegmentFileError(
-            f"{fname}: not an mlx-lm KVCache prompt cache with {lm.n_layers} layers (classes {classes[:4]}...)"
-        )
-    offsets = {int(arrays[f"{i}.2"]) for i in range(lm.n_layers) if f"{i}.2" in arrays}
-    if len(offsets) != 1:
-        raise SegmentFileError(f"{fname}: layers disagree on the cached length ({sorted(offsets)})")
-    n = offsets.pop()
+    with open_safetensors(path) as f:
+        return _mlx_prompt_cache(f, lm, prompt, str(path), reserve)
+
+
+def _prompt_ids(lm: LoadedModel, prompt: str) -> list[int]:
     tok = lm.tokenizer
     if getattr(tok, "has_chat_template", False):
         ids = tok.apply_chat_template(
@@ -330,20 +356,42 @@ def read_mlx_prompt_cache(path: str | os.PathLike[str], lm: LoadedModel, prompt:
         )
     else:
         ids = tok.encode(prompt)
-    ids = [int(t) for t in (ids["input_ids"] if isinstance(ids, dict) else ids)]
-    if len(ids) != n:
+    return [int(t) for t in (ids["input_ids"] if isinstance(ids, dict) else ids)]
+
+
+def _mlx_prompt_cache(
+    f: SafetensorsFile, lm: LoadedModel, prompt: str, source: str, reserve: Callable[[int], None] | None
+) -> Segment:
+    fname, meta = f.name, f.metadata
+    classes = [meta.get(f"1.{i}") for i in range(lm.n_layers)]
+    if any(c != "KVCache" for c in classes) or f"1.{lm.n_layers}" in meta:
+        raise SegmentFileError(
+            f"{fname}: not an mlx-lm KVCache prompt cache with {lm.n_layers} layers (classes {classes[:4]}...)"
+        )
+    scalars = [f.tensors.get(f"{i}.2") for i in range(lm.n_layers)]
+    if any(t is None or t.shape != () or t.dtype not in ("I32", "I64") for t in scalars):
+        raise SegmentFileError(f"{fname}: every layer needs an integer offset tensor '{{layer}}.2'")
+    offsets = {int(f.read(f"{i}.2")) for i in range(lm.n_layers)}
+    if len(offsets) != 1:
+        raise SegmentFileError(f"{fname}: layers disagree on the cached length ({sorted(offsets)[:4]})")
+    n = offsets.pop()
+    ids = _prompt_ids(lm, prompt)
+    if len(ids) != n or n == 0:
         raise SegmentFileError(
             f"{fname} caches {n} tokens but the given prompt has {len(ids)}: pass the exact prompt it was made from"
         )
-    keys, values = [], []
     for i in range(lm.n_layers):
-        k, v = arrays.get(f"{i}.0"), arrays.get(f"{i}.1")
-        for name, a in ((f"{i}.0", k), (f"{i}.1", v)):
-            if a is None or a.ndim != 4 or a.shape[1] != lm.n_kv_heads or a.shape[3] != lm.head_dim or a.shape[2] < n:
-                got = None if a is None else list(a.shape)
+        for name in (f"{i}.0", f"{i}.1"):
+            t = f.tensors.get(name)
+            if t is None or len(t.shape) != 4 or t.shape[:2] != (1, lm.n_kv_heads) or t.shape[3] != lm.head_dim:
+                got = None if t is None else list(t.shape)
                 raise SegmentFileError(
-                    f"{fname}: tensor {name} is {got}, expected [1, {lm.n_kv_heads}, >={n}, {lm.head_dim}]"
+                    f"{fname}: tensor {name} is {got}, expected [1, {lm.n_kv_heads}, n, {lm.head_dim}]"
                 )
-        keys.append(mx.array(k[..., :n, :]))  # type: ignore[index]
-        values.append(mx.array(v[..., :n, :]))  # type: ignore[index]
-    return Segment(ids, np.arange(n, dtype=np.int64), keys, values, [np.ones(n, bool)] * lm.n_layers, prompt, str(path))
+            if t.shape[2] < n or t.dtype not in ("F32", "F16", "BF16"):
+                raise SegmentFileError(f"{fname}: tensor {name} holds {t.shape[2]} {t.dtype} rows, needs {n} float")
+    if reserve is not None:
+        reserve(n)
+    keys = [mx.array(f.read(f"{i}.0")[..., :n, :]) for i in range(lm.n_layers)]
+    values = [mx.array(f.read(f"{i}.1")[..., :n, :]) for i in range(lm.n_layers)]
+    return Segment(ids, np.arange(n, dtype=np.int64), keys, values, [np.ones(n, bool)] * lm.n_layers, prompt, source)

@@ -5,9 +5,12 @@ Counts: each `@settings(max_examples=...)` below; docs/reliability.md adds them 
 
 from __future__ import annotations
 
+import collections
 import json
+import os
 import shutil
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +20,37 @@ from hypothesis import strategies as st
 
 from kvscope.engine import Engine
 from kvscope.engine.errors import SegmentFileError
-from kvscope.engine.persistence import SessionStore, load_session_folder
+from kvscope.engine.model_limits import limits_of
+from kvscope.engine.persistence import SessionStore
+from kvscope.engine.session_file import read_session
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+# KVSCOPE_FUZZ_EXAMPLES=1500 for the long run recorded in docs/reliability.md; the suite runs 150 a test.
+N_EXAMPLES = int(os.environ.get("KVSCOPE_FUZZ_EXAMPLES", "150"))
+FUZZ = settings(max_examples=N_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 JSONISH = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False) | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
     max_leaves=6,
 )
+
+
+# Outcome of every case, per test (KVSCOPE_FUZZ_REPORT=file.json writes it: docs/reliability.md's table).
+TALLY: collections.Counter[tuple[str, str]] = collections.Counter()
+
+
+def _count(outcome: str) -> None:
+    TALLY[(os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[-1].split("[")[0].split(" ")[0], outcome)] += 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report() -> Iterator[None]:
+    yield
+    out = os.environ.get("KVSCOPE_FUZZ_REPORT")
+    if out:
+        rows: dict[str, dict[str, int]] = {}
+        for (test, outcome), n in sorted(TALLY.items()):
+            rows.setdefault(test, {})[outcome] = n
+        Path(out).write_text(json.dumps(rows, indent=1))
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +88,11 @@ def _try_splice(setup, data: bytes) -> None:  # type: ignore[no-untyped-def]
     except SegmentFileError as exc:
         assert str(exc) and "case.safetensors" in str(exc) or "cannot read" in str(exc)
         assert _state(eng, target) == before
+        _count("rejected")
     else:  # a harmless change (e.g. header padding): the splice is real; take it back
         eng.undo(target)
         assert _state(eng, target) == before
+        _count("accepted (still valid)")
 
 
 def _header(good: bytes) -> tuple[dict, bytes]:
@@ -193,12 +221,19 @@ def test_mangled_session_files(
     elif flip % 3 == 1:
         raw = raw[: cut % len(raw)]
     cache.write_bytes(bytes(raw))
+    _try_session(eng, case)
+
+
+def _try_session(eng: Engine, case: Path) -> None:
     try:
-        s = load_session_folder(case, eng.model.fingerprint)
+        s = read_session(case, limits_of(eng.model))
     except SegmentFileError as exc:
-        assert str(exc).startswith("session ")
-    else:
-        assert len(s.tokens) == len(s.positions)
+        assert str(exc).startswith("session ") or "cannot read" in str(exc)
+        _count("rejected")
+    else:  # still a valid session: every id inside the vocabulary, every row pointing at a token
+        assert len(s.tokens) == len(s.positions) and all(0 <= t < 300 for t in s.tokens)
+        assert all(c.n_tokens == s.n_tokens and (c.row_token < s.n_tokens).all() for c in s.caches)
+        _count("accepted (still valid)")
 
 
 @pytest.mark.parametrize("turn", [{}, {"prompt_tokens": 3, "cached_tokens": 0, "prefilled_tokens": 3, "extra": 1}])
@@ -212,4 +247,103 @@ def test_a_corrupt_turn_record_is_named(setup, turn: dict[str, int]) -> None:  #
     doc["turns"] = [turn]
     (case / "session.json").write_text(json.dumps(doc))
     with pytest.raises(SegmentFileError, match="turn 0 is corrupt"):
-        load_session_folder(case, eng.model.fingerprint)
+        read_session(case, limits_of(eng.model))
+
+
+# ------------------------------------------------ structure-aware mutations (issue 15)
+# Numbers at the edges of every range kvscope checks: the vocabulary (300 here), float32 RoPE (2^24),
+# int32/int64/uint64, and values of the wrong JSON type. Checksums are recomputed, so only the range
+# checks stand between these and the model.
+EDGES = st.sampled_from(
+    [-1, 0, 1, 299, 300, 2**24 - 1, 2**24, 2**31, 2**53, 2**62, 2**63 - 1, 2**63, 2**64, 10**19, True, 1.5, "7", None]
+)
+
+
+def _pick(doc: object, path: list[int]) -> tuple[object, object]:
+    """Walk into nested lists/dicts by `path` (indices taken modulo the size); returns (container, key)."""
+    parent: object = None
+    key: object = None
+    for step in path:
+        if isinstance(doc, dict) and doc:
+            parent, key = doc, sorted(doc)[step % len(doc)]
+        elif isinstance(doc, list) and doc:
+            parent, key = doc, step % len(doc)
+        else:
+            break
+        doc = parent[key]  # type: ignore[index]
+    return parent, key
+
+
+@FUZZ
+@given(
+    field=st.sampled_from(["token_ids", "positions", "n_layers", "n_kv_heads", "head_dim", "visible", "version"]),
+    path=st.lists(st.integers(0, 100), min_size=1, max_size=2),
+    value=EDGES,
+)
+def test_manifest_numbers_at_the_edges(setup, field: str, path: list[int], value: object) -> None:  # type: ignore[no-untyped-def]
+    from crafted import resum
+
+    header, data = _header(setup[2])
+    man = json.loads(header["__metadata__"]["0.kvscope"])
+    parent, key = _pick(man[field], path) if isinstance(man[field], list) else (man, field)
+    if parent is None:
+        parent, key = man, field
+    parent[key] = value  # type: ignore[index]
+    header["__metadata__"]["0.kvscope"] = json.dumps(resum(header, data, man))
+    _try_splice(setup, _pack(header, data))
+
+
+@FUZZ
+@given(
+    field=st.sampled_from(["tokens", "positions", "origin", "layers", "id", "model_fingerprint", "turns"]),
+    path=st.lists(st.integers(0, 100), min_size=1, max_size=3),
+    value=EDGES | st.sampled_from(["", ".", "..", "/abs/dir", "../sessions/s1", "s1/..", "a" * 65, "s1\0"]),
+)
+def test_session_fields_at_the_edges(setup, field: str, path: list[int], value: object) -> None:  # type: ignore[no-untyped-def]
+    eng, _, _, folder, root = setup
+    case = root / "session-edge"
+    shutil.rmtree(case, ignore_errors=True)
+    shutil.copytree(folder, case)
+    doc = json.loads((case / "session.json").read_text())
+    parent, key = _pick(doc[field], path) if isinstance(doc[field], (list, dict)) else (doc, field)
+    if parent is None:
+        parent, key = doc, field
+    parent[key] = value  # type: ignore[index]
+    (case / "session.json").write_text(json.dumps(doc))
+    _try_session(eng, case)
+
+
+@FUZZ
+@given(
+    depth=st.integers(33, 20_000),
+    digits=st.integers(21, 8_000),
+    where=st.sampled_from(["manifest", "header", "session"]),
+    kind=st.sampled_from(["depth", "digits", "nan", "duplicate"]),
+)
+def test_json_bombs_everywhere(setup, depth: int, digits: int, where: str, kind: str) -> None:  # type: ignore[no-untyped-def]
+    bomb = {
+        "depth": "[" * depth + "]" * depth,
+        "digits": "9" * digits,
+        "nan": "NaN",
+        "duplicate": '{"a": 1, "a": 2}',
+    }[kind]
+    eng, _, good, folder, root = setup
+    if where == "session":
+        case = root / "session-bomb"
+        shutil.rmtree(case, ignore_errors=True)
+        shutil.copytree(folder, case)
+        text = (case / "session.json").read_text()
+        (case / "session.json").write_text(text.replace('"edited": ', f'"bomb": {bomb}, "edited": ', 1))
+        with pytest.raises(SegmentFileError, match="session .*session.json"):
+            read_session(case, limits_of(eng.model))
+        _count("rejected")
+        return
+    header, data = _header(good)
+    if where == "manifest":
+        man = header["__metadata__"]["0.kvscope"]
+        header["__metadata__"]["0.kvscope"] = man.replace('"text": ', f'"bomb": {bomb}, "text": ', 1)
+        _try_splice(setup, _pack(header, data))
+    else:
+        body = json.dumps(header)
+        text = body.replace('"__metadata__": ', f'"bomb": {bomb}, "__metadata__": ', 1)
+        _try_splice(setup, struct.pack("<Q", len(text.encode())) + text.encode() + data)

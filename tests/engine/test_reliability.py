@@ -81,6 +81,8 @@ def test_sigkill_mid_generation_loses_at_most_the_answer(tmp_path: Path, llama_d
         n_messages = _consistent(eng)
         assert n_messages >= seen_turns  # nothing completed earlier was lost
         seen_turns = n_messages + 2  # _consistent added a turn, saved too
+        assert eng.persistence is not None
+        eng.persistence.close()  # hand the data folder to the next child
         eng.persistence = None  # keep what is on disk as the next child sees it
 
 
@@ -88,6 +90,8 @@ def test_sigkill_mid_save_keeps_the_previous_state(tmp_path: Path, llama_dir: Pa
     data = tmp_path / "data"
     first = _reopen(data, llama_dir)
     first.chat(first.new_session("work", system="you are a code locker"), "hello", SamplingParams(max_tokens=2))
+    assert first.persistence is not None
+    first.persistence.close()  # one writer per data folder: let the children write
     for nth in (1, 2, 3, 5, 8):
         child = _spawn(data, llama_dir, kill_on_replace=nth)
         child.wait(timeout=120)
@@ -121,9 +125,13 @@ def test_saved_sessions_of_another_model_stay_on_disk(tmp_path: Path, tiny_model
     a = Engine(EngineConfig(persist=True, data_dir=str(data)))
     a.load(tiny_model_dirs["llama"])
     a.chat(a.new_session(), "the code ?", SamplingParams(max_tokens=2))
+    assert a.persistence is not None
+    a.persistence.close()
     b = _reopen(data, tiny_model_dirs["qwen2"])
     assert b.sessions() == [] and b.load_errors == []
     b.chat(b.new_session(), "another model's chat", SamplingParams(max_tokens=2))  # must not overwrite it
+    assert b.persistence is not None
+    b.persistence.close()
     assert len(_reopen(data, tiny_model_dirs["llama"]).sessions()) == 1
     assert os.listdir(data / "sessions")
 
@@ -155,3 +163,88 @@ def test_session_files_round_trip_and_bad_ones_are_refused(tmp_path: Path, llama
     with pytest.raises(SegmentFileError, match="not a kvscope session file"):
         eng.import_session(evil)
     assert eng.sessions() == before and not (tmp_path.parent / "escape.txt").exists()
+
+
+# Issue 15, finding 9: two processes on one data folder. Each child loads, says whether it was told the
+# folder is in use, then runs turns in steps the test releases through stdin (so the interleaving is fixed).
+NEIGHBOUR = textwrap.dedent(
+    """
+    import sys
+    import kvscope.engine
+    from kvscope.engine import Engine, EngineConfig, SamplingParams
+    data, model, tag = sys.argv[1], sys.argv[2], sys.argv[3]
+    eng = Engine(EngineConfig(persist=True, data_dir=data))
+    eng.load(model)
+    print("read-only", any("in use by another kvscope process" in e for e in eng.load_errors), flush=True)
+    sid = eng.sessions()[0] if eng.sessions() else eng.new_session("work")
+    for line in sys.stdin:
+        for i in range(int(line)):
+            eng.chat(sid, f"{tag} turn {i}", SamplingParams(max_tokens=4))
+        print("done", flush=True)
+    """
+)
+
+
+def _neighbour(data: Path, model: Path, tag: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", NEIGHBOUR, str(data), str(model), tag],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _step(p: subprocess.Popen[str], n: int) -> None:
+    assert p.stdin is not None and p.stdout is not None
+    p.stdin.write(f"{n}\n")
+    p.stdin.flush()
+    assert p.stdout.readline().strip() == "done", p.stderr.read() if p.stderr else ""
+
+
+def _read_only(p: subprocess.Popen[str]) -> bool:
+    assert p.stdout is not None
+    line = p.stdout.readline().split()
+    assert line[:1] == ["read-only"], p.stderr.read() if p.stderr else ""
+    return line[1] == "True"
+
+
+def _finish(*procs: subprocess.Popen[str]) -> None:
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.close()
+        assert p.wait(timeout=300) == 0, p.stderr.read() if p.stderr else ""
+
+
+def _saved_user_turns(data: Path, model: Path) -> list[str]:
+    eng = _reopen(data, model)
+    assert eng.persistence is not None
+    eng.persistence.close()
+    return [m["content"] for sid in eng.sessions() for m in eng.session(sid).messages if m["role"] == "user"]
+
+
+def test_a_second_process_never_overwrites_saved_turns(tmp_path: Path, llama_dir: Path) -> None:
+    data = tmp_path / "data"
+    a = _neighbour(data, llama_dir, "A")
+    assert not _read_only(a)
+    _step(a, 6)
+    b = _neighbour(data, llama_dir, "B")  # opens A's session while A still works on it
+    assert _read_only(b)
+    _step(a, 6)
+    _finish(a)
+    _step(b, 1)  # B is the last to finish a turn: before, its save replaced A's last 6 turns
+    _finish(b)
+    assert _saved_user_turns(data, llama_dir) == [f"A turn {i}" for i in range(6)] * 2
+
+
+def test_two_windows_started_together_do_not_mix_their_chats(tmp_path: Path, llama_dir: Path) -> None:
+    data = tmp_path / "data"
+    a, b = _neighbour(data, llama_dir, "A"), _neighbour(data, llama_dir, "B")
+    flags = {"A": _read_only(a), "B": _read_only(b)}
+    assert sorted(flags.values()) == [False, True]  # exactly one writes; the other was told
+    _step(a, 3)
+    _step(b, 3)
+    _finish(a, b)
+    writer = next(tag for tag, ro in flags.items() if not ro)
+    assert _saved_user_turns(data, llama_dir) == [f"{writer} turn {i}" for i in range(3)]
+    assert os.listdir(data / "sessions") == ["s1"]

@@ -124,7 +124,7 @@ def _corruptions(good: bytes) -> dict[str, tuple[bytes, str]]:
         "tampered": (bytes(tampered), "checksum mismatch"),
         "huge header": (struct.pack("<Q", 1 << 40) + good[8:], "header length"),
         "not json": (struct.pack("<Q", 8) + b"{{{{{{{{" + good[16:], "not valid JSON"),
-        "not utf8": (struct.pack("<Q", 8) + b"\xff\xfe\xfa\xfb{{{{" + good[16:], "not UTF-8"),
+        "not utf8": (struct.pack("<Q", 8) + b"{\xff\xfe\xfa\xfb{{{" + good[16:], "not UTF-8"),
         "wrong model": (with_manifest(model_fingerprint="0" * 32, model_name="other"), "made with model 'other'"),
         "missing field": (with_manifest(token_ids=None), "missing 'token_ids'"),
         "wrong type": (with_manifest(positions="zero"), "'positions' has the wrong type"),
