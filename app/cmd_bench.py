@@ -1,4 +1,4 @@
-"""`kvscope bench compression`: wiring only; the work is in kvscope.engine.policies.bench."""
+"""`kvscope bench compression`: wiring only; the work is in kvscope.lab.compression_bench."""
 
 from __future__ import annotations
 
@@ -55,8 +55,8 @@ def _command(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from kvscope.engine.policies import POLICIES
-    from kvscope.engine.policies.bench import BenchConfig, run_benchmark, summarize
-    from kvscope.engine.policies.bench_report import format_table, headline, write_report
+    from kvscope.lab.compression_bench import BenchConfig, run_benchmark, summarize
+    from kvscope.lab.compression_report import format_table, headline, write_report
 
     policies = tuple(args.policies or [n for n, cls in POLICIES.items() if cls.evicts])
     unknown = [p for p in policies if p not in POLICIES or not POLICIES[p].evicts]

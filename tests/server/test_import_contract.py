@@ -13,8 +13,9 @@ from lint_imports import run  # noqa: E402
 
 
 def _tree(tmp: Path) -> Path:
-    for folder in ("engine", "ui", "app", "server", "assets"):
-        shutil.copytree(ROOT / folder, tmp / folder, ignore=shutil.ignore_patterns("models", "__pycache__"))
+    # Every package pyproject maps (lab, ...), or its contracts name modules that are missing.
+    for folder in [d for d in ROOT.iterdir() if d.is_dir() and (d / "__init__.py").exists()]:
+        shutil.copytree(folder, tmp / folder.name, ignore=shutil.ignore_patterns("models", "__pycache__"))
     return tmp
 
 

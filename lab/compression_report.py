@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from kvscope.engine.policies.bench import BenchConfig, Row
+from kvscope.lab.compression_bench import BenchConfig, Row
+from kvscope.lab.stats import mcnemar
 
 
 def _pct(x: float) -> str:
@@ -24,7 +25,7 @@ def format_table(rows: list[Row], config: BenchConfig) -> str:
     """A markdown table: one row per (policy, keep ratio)."""
     ctx_cols = " | ".join(f"acc {c // 1024}k" if c % 1024 == 0 else f"acc {c}" for c in config.contexts)
     head = (
-        f"| policy | keep | fact rows kept | {ctx_cols} | acc vs full | answer log-prob | log-prob ratio | next-token KL "
+        f"| policy | keep | fact rows kept | {ctx_cols} | acc, all [95% CI] | acc vs full | answer log-prob | log-prob ratio | next-token KL "
         f"| cache KiB @{max(config.contexts)} | decode tok/s |"
     )
     sep = "|" + "---|" * (head.count("|") - 1)
@@ -33,10 +34,50 @@ def format_table(rows: list[Row], config: BenchConfig) -> str:
         keep = "100%" if r.keep_ratio is None else f"{r.keep_ratio:.1%}".replace(".0%", "%")
         accs = " | ".join(_pct(r.accuracy[c]) for c in config.contexts)
         lines.append(
-            f"| {r.label} | {keep} | {_pct(r.fact_kept)} | {accs} | {_pct(r.accuracy_ratio)} | {_num(r.answer_logprob, '.2f')} "
+            f"| {r.label} | {keep} | {_pct(r.fact_kept)} | {accs} | {r.accuracy_ci.fmt()} | {_pct(r.accuracy_ratio)} | {_num(r.answer_logprob, '.2f')} "
             f"| {_num(r.logprob_ratio, '.2f')} | {_num(r.kl, '.4f')} | {r.cache_bytes / 1024:,.0f} "
             f"| {_num(r.decode_tps, '.0f')} |"
         )
+    return "\n".join(lines)
+
+
+LAYERWISE = ("pyramidkv", "dynamickv")  # SnapKV scores with per-layer budgets: compared against snapkv
+
+
+def paired_comparisons(rows: list[Row]) -> str:
+    """At each keep ratio, the two most accurate eviction policies compared on the same episodes.
+
+    Returns markdown: one line per ratio with both accuracies, the McNemar
+    discordant counts and p, and which other policies' Wilson intervals
+    overlap the leader's (those cannot be told apart from it on this run);
+    then each layer-wise policy against uniform SnapKV on the same episodes.
+    """
+    lines = []
+    ratios = sorted({r.keep_ratio for r in rows if r.keep_ratio is not None}, reverse=True)
+    for ratio in ratios:
+        at = sorted(
+            (r for r in rows if r.keep_ratio == ratio and "+" not in r.label),
+            key=lambda r: r.accuracy_ci.value,
+            reverse=True,
+        )
+        if len(at) < 2:
+            continue
+        a, b = at[0], at[1]
+        test = mcnemar(a.correct, b.correct)
+        tied = [r.label for r in at[1:] if r.accuracy_ci.hi >= a.accuracy_ci.lo]
+        verdict = "different" if test.p_value < 0.05 else "not separable"
+        lines.append(
+            f"- keep {ratio:.1%}: **{a.label}** {a.accuracy_ci.fmt()} vs **{b.label}** {b.accuracy_ci.fmt()}, "
+            f"McNemar {test.fmt()} ({verdict}); intervals overlapping the leader's: {', '.join(tied) or 'none'}."
+        )
+        uniform = next((r for r in at if r.label == "snapkv"), None)
+        for layered in (r for r in at if r.label in LAYERWISE and uniform is not None):
+            assert uniform is not None
+            t = mcnemar(layered.correct, uniform.correct)
+            lines.append(
+                f"  - layer-wise vs uniform at equal bytes: **{layered.label}** {layered.accuracy_ci.fmt()} vs "
+                f"snapkv {uniform.accuracy_ci.fmt()}, McNemar {t.fmt()}."
+            )
     return "\n".join(lines)
 
 
@@ -97,9 +138,16 @@ def plot(tables: dict[str, list[Row]], path: Path) -> bool:
             (axes[1][col], "answer_logprob", "answer log-prob (mean)", 1.0),
         ):
             for label in labels:
-                pts = sorted((r.keep_ratio, getattr(r, metric)) for r in rows if r.label == label and r.keep_ratio)
+                pts = sorted((r.keep_ratio, r) for r in rows if r.label == label and r.keep_ratio)
+                xs = [100 * x for x, _ in pts]
+                ys = [scale * getattr(r, metric) for _, r in pts]
                 style = "--" if label == "random" else ("-." if "+" in label else "-")
-                ax.plot([100 * x for x, _ in pts], [scale * y for _, y in pts], style, marker="o", label=label)
+                if metric == "accuracy_all":  # Wilson 95% intervals
+                    err = [[y - scale * r.accuracy_ci.lo for y, (_, r) in zip(ys, pts)]]
+                    err.append([scale * r.accuracy_ci.hi - y for y, (_, r) in zip(ys, pts)])
+                    ax.errorbar(xs, ys, yerr=err, fmt=style, marker="o", capsize=2, label=label)
+                else:
+                    ax.plot(xs, ys, style, marker="o", label=label)
             ax.axhline(scale * getattr(full, metric), color="black", lw=1, label="full cache")
             ax.set_xscale("log", base=2)
             ax.set_xticks([12.5, 25, 50, 75, 100], ["12.5", "25", "50", "75", "100"])
@@ -123,9 +171,9 @@ on held-out recall episodes (`kvscope.engine.tasks`, kind `recall`): a fact
 such as *The phone extension of Maya is 017.* hides at a given depth among
 distractor facts and filler; the question comes as its own user turn.
 
-How one episode runs (`engine/policies/bench.py`): the context is prefilled
+How one episode runs (`lab/compression_bench.py`): the context is prefilled
 once into kvscope caches; every policy and keep ratio then works on a copy:
-score the visible rows, evict (`ScopeKVCache.keep_rows`: positions stay, so
+score the visible rows, evict (`ScopeKVCache.evict_tokens`: positions stay, so
 generation continues at the right RoPE positions), optionally quantize, feed
 the rest of the prompt, teacher-force the answer for its log-prob and
 greedy-decode it. The full cache runs through the same code.
@@ -136,7 +184,10 @@ greedy-decode it. The full cache runs through the same code.
   compressed, so the observation window of SnapKV, PyramidKV and DynamicKV
   holds the question (SnapKV's own setting).
 
-Columns: *fact rows kept* = share of the fact's token rows (the needle) still
+Columns: *acc, all* = accuracy over every episode of the run with its Wilson
+95% interval (n in the run line); the paired comparisons under each table test
+the two most accurate policies at each keep ratio with an exact McNemar test
+on the same episodes. *fact rows kept* = share of the fact's token rows (the needle) still
 in the cache after compression, averaged over layers and episodes — a property
 of the policy alone, whatever the model makes of it; accuracy = exact match of the greedy answer; *acc vs full* = accuracy
 as a share of the full cache's; *answer log-prob* = teacher-forced sum over the
@@ -157,6 +208,8 @@ POLICY_NOTES = """## Policies (defaults)
 | `snapkv` | attention of the last `window` queries, mean-pooled over `kernel` rows; the window is always kept | `window=32`, `kernel=5` |
 | `key_norm` | keys with the lowest L2 norm (per KV head, averaged) | `sinks=0`, `recent=0` |
 | `random` | uniform random rows (seeded) — the baseline | `seed` |
+| `keydiff` | keys least like the layer's mean key direction, per KV head (query-agnostic) | `sinks=0`, `recent=0` |
+| `tova` | attention of the last query, averaged over heads | `sinks=0`, `recent=1` |
 | `pyramidkv` | SnapKV scores; a fixed pyramid of per-layer budgets (layer 0 keeps most) with the same total | `beta=20` |
 | `dynamickv` | SnapKV scores; per-layer budgets proportional to the rows each layer needs to cover `mass` of its attention on this input | `mass=0.9` |
 | `quantize` | every row, K/V quantized to 8 or 4 bits (mlx affine, group 64), dequantized in place | `bits` |
@@ -184,7 +237,8 @@ def write_report(
         INTRO,
         f"Run: `{command}` — model `{model}`, {config.kind} episodes, contexts {', '.join(map(str, config.contexts))} tokens, "
         f"fact depths {', '.join(f'{d:g}' for d in config.depths)}, {n} episodes per context "
-        f"({config.n_per_cell} per depth, seed {config.seed}), {seconds:.0f} s in all.\n",
+        f"({config.n_per_cell} per depth, seed {config.seed}), so n = {n * len(config.contexts)} episodes behind "
+        f"every accuracy interval; {seconds:.0f} s in all.\n",
     ]
     if drawn:
         parts.append(f"![recall accuracy vs rows kept]({png_path.name})\n")
@@ -192,6 +246,7 @@ def write_report(
         parts.append("(matplotlib is not installed: no plot; `pip install matplotlib` and re-run.)\n")
     for mode, rows in tables.items():
         parts += [f"## {mode} mode\n", headline(rows) + "\n", format_table(rows, config) + "\n"]
+        parts += ["Paired comparisons (the same episodes under both policies):\n", paired_comparisons(rows) + "\n"]
     parts.append(POLICY_NOTES)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(parts), encoding="utf-8")

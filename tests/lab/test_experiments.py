@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kvscope.engine import Engine
-from kvscope.engine.experiments import erratum_vs_overwrite, mask_vs_restart
 from kvscope.engine.tasks import make_episodes
+from kvscope.lab.experiments import erratum_vs_overwrite, mask_vs_restart
 
 
 @pytest.fixture(scope="module")
@@ -34,3 +34,15 @@ def test_erratum_prefills_far_less_than_recompute(demo: Engine) -> None:
     # The demo model decides from the record: recomputing the corrected record
     # gives the new decision, leaving the cache uncorrected keeps the old one.
     assert full.accuracy == 1.0 and stale.accuracy == 0.0
+    # Intervals and paired tests come from the same per-episode outcomes.
+    assert full.accuracy_ci.n == 2 and full.accuracy_ci.lo < 1.0 == full.accuracy_ci.hi
+    assert (stale.versus(full).only_a, stale.versus(full).only_b) == (0, 2)
+
+
+def test_erratum_grades_the_values_it_is_given(demo: Engine) -> None:
+    eps = make_episodes("decision", 1, 384, 0.5, 3, demo.model.tokenizer)
+    same = eps[0].value
+    assert same is not None
+    # "Changing" the field to its current value: the stale cache is already right.
+    stale, *_ = erratum_vs_overwrite(demo, eps, [same])
+    assert stale.accuracy == 1.0

@@ -14,7 +14,7 @@ Two modes, saying what the policy may see:
     question (query-aware): compress the whole prompt but its last token;
              the observation window of SnapKV & co. then holds the question.
 
-Knows nothing about files or the command line (see `bench_report`).
+Knows nothing about files or the command line (see `compression_report`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from kvscope.engine.generation import prefill
 from kvscope.engine.kv_cache import ScopeKVCache
 from kvscope.engine.model_loading import LoadedModel
 from kvscope.engine.policies import POLICIES
+from kvscope.lab.stats import Estimate, accuracy
 
 EXTRA_DECODE_TOKENS = 3
 PREFILL_CHUNK = 512
@@ -222,6 +223,8 @@ class Row:
     cache_bytes: float  # mean over episodes at the longest context
     decode_tps: float
     fact_kept: float  # share of the fact's rows kept (1 = the needle survived everywhere)
+    accuracy_ci: Estimate  # accuracy over every episode with its Wilson 95% interval
+    correct: tuple[bool, ...]  # per episode, in run order (the same episodes for every variant)
 
 
 def summarize(result: BenchResult) -> list[Row]:
@@ -248,6 +251,8 @@ def summarize(result: BenchResult) -> list[Row]:
             cache_bytes=float(np.mean([o.cache_bytes for o in outs if o.context == longest])),
             decode_tps=steps / secs if secs > 0 else math.nan,
             fact_kept=float(np.mean([o.fact_kept for o in outs])),
+            accuracy_ci=accuracy([o.correct for o in outs]),
+            correct=tuple(o.correct for o in outs),
         )
         if v.policy is None:
             full = row

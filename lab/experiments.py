@@ -4,6 +4,9 @@
   going with the notes masked (compact = summarise, mask, continue) or a new
   session starts from system + summary (restart). Accuracy and TTFT of the
   question, next to the uncompacted full cache.
+Every tally keeps its per-episode outcomes: Wilson intervals and paired
+McNemar tests come from `Tally.accuracy_ci` and `Tally.versus`.
+
 - `erratum_vs_overwrite`: a decision field changes. Either a correction turn
   is appended (erratum: only its tokens are prefilled), or the field's own
   rows are recomputed in place (overwrite: later rows stay stale), or the
@@ -22,6 +25,7 @@ from typing import TYPE_CHECKING
 from kvscope.engine.generation import SamplingParams
 from kvscope.engine.tasks import Episode, erratum
 from kvscope.engine.tasks.scoring import is_correct
+from kvscope.lab.stats import Estimate, McNemar, accuracy, mcnemar
 
 if TYPE_CHECKING:
     from kvscope.engine.engine import Engine
@@ -41,16 +45,27 @@ class Tally:
     n: int = 0
     ttft_ms: list[float] = field(default_factory=list)
     prefilled: list[int] = field(default_factory=list)
+    outcomes: list[bool] = field(default_factory=list)  # per episode, in episode order
 
     def add(self, ok: bool, ttft_ms: float, prefilled: int) -> None:
         self.correct += int(ok)
         self.n += 1
+        self.outcomes.append(ok)
         self.ttft_ms.append(ttft_ms)
         self.prefilled.append(prefilled)
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.n if self.n else float("nan")
+
+    @property
+    def accuracy_ci(self) -> Estimate:
+        """Accuracy with its Wilson 95% interval."""
+        return accuracy(self.outcomes)
+
+    def versus(self, other: Tally) -> McNemar:
+        """Exact McNemar test against a strategy graded on the same episodes."""
+        return mcnemar(self.outcomes, other.outcomes)
 
     @property
     def median_ttft_ms(self) -> float:
@@ -135,12 +150,18 @@ def _ask_timed(
     eng.close_session(sid)
 
 
-def erratum_vs_overwrite(eng: Engine, episodes: list[Episode]) -> list[Tally]:
-    """Decision accuracy after a field changes: erratum vs in-place overwrite vs full recompute."""
+def erratum_vs_overwrite(eng: Engine, episodes: list[Episode], new_values: list[str] | None = None) -> list[Tally]:
+    """Decision accuracy after a field changes: erratum vs in-place overwrite vs full recompute.
+
+    Args:
+        new_values: the changed value per episode (default: `tasks.erratum`'s
+            choice); `kv_patching` passes its same-length values so both
+            experiments grade the same edits.
+    """
     stale, err, over, full = Tally("no correction"), Tally("erratum"), Tally("overwrite span"), Tally("full recompute")
-    for ep in episodes:
+    for i, ep in enumerate(episodes):
         assert ep.field is not None and ep.value is not None
-        correction, new_answer = erratum(ep)
+        correction, new_answer = erratum(ep, new_values[i] if new_values is not None else None)
         new_value = correction.rsplit("-> ", 1)[-1].strip()
         graded = replace(ep, value=new_value, answer=new_answer)  # the decision after the change
         question = ep.messages[-1]["content"]
