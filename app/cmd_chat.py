@@ -110,8 +110,15 @@ def run_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2, default=str))
     else:
+        ops = info.pop("operations", [])
+        info.pop("cache_layout", None)  # the text form is printed; --json has the per-cache list
         for k, v in info.items():
             print(f"{k:>20}: {v}")
+        if ops:
+            print("\ncache operations on this model (exact / measured / refused):")
+            width = max(len(o["op"]) for o in ops)
+            for o in ops:
+                print(f"  {o['op']:<{width}}  {o['status']:<8}  {o['reason']}".rstrip())
     return 0
 
 

@@ -231,6 +231,7 @@ def _compress(
     budget_tokens: int | None,
     **params: Any,
 ) -> Decision:
+    lm.require("compress")
     policy_params, bits = _split_params(params)
     pol = make_policy(policy, **policy_params)
     if not session.caches or session.caches[0].n_rows == 0:

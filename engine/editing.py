@@ -26,6 +26,7 @@ import numpy as np
 
 from kvscope.engine import chat
 from kvscope.engine.blocks import TokenState
+from kvscope.engine.caches.sliding import check_layer_subset
 from kvscope.engine.errors import InvalidRequestError
 from kvscope.engine.events import (
     CacheChanged,
@@ -81,6 +82,7 @@ class EditingMixin:
     ) -> FidelityReport:
         s = self.session(sid)
         s.require_idle(label)
+        verdict = self._guard(sid, lambda: self.model.require(label))  # refused before anything changes
 
         def run() -> FidelityReport:
             # A transaction: validate + apply (op), measure, persist; any failure puts everything back.
@@ -88,6 +90,8 @@ class EditingMixin:
             t0 = time.perf_counter()
             try:
                 rows, extra = op(s)
+                if verdict.status != "exact":  # e.g. masking a hybrid model: the report says approximate
+                    extra = {**extra, "approximate": verdict.reason}
                 elapsed = (time.perf_counter() - t0) * 1000
                 if fidelity:
                     report = measure(self.model, s, label, elapsed, rows, **extra)
@@ -154,6 +158,7 @@ class EditingMixin:
         """Hide tokens [lo, hi) from attention (reversible; positions unchanged)."""
 
         def op(s: Session) -> tuple[int, dict[str, Any]]:
+            check_layer_subset(s.caches, layers)
             return set_mask(s, lo, hi, False, layers), {"lo": lo, "hi": hi, "layers": layers}
 
         return self._edit(sid, "mask", op, lambda t, d: RegionMasked(t, sid, lo, hi, d, tuple(layers or ())), fidelity)
@@ -162,6 +167,7 @@ class EditingMixin:
         self, sid: SessionId, lo: int, hi: int, layers: list[int] | None = None, fidelity: bool = True
     ) -> FidelityReport:
         def op(s: Session) -> tuple[int, dict[str, Any]]:
+            check_layer_subset(s.caches, layers)
             return set_mask(s, lo, hi, True, layers), {"lo": lo, "hi": hi, "layers": layers}
 
         return self._edit(
@@ -278,6 +284,7 @@ class EditingMixin:
     ) -> FidelityReport:
         """Copy tokens [lo, hi) of session `src` into `dst` at `at` (None = end)."""
         s = self.session(src)
+        self._guard(dst, lambda: check_compatible(self.model, "splice"))  # before reading the source rows
         seg = self._guard(src, lambda: extract_segment(s, lo, hi, self.model.tokenizer.decode(s.tokens[lo:hi])))
         return self.splice_segment(dst, seg, at, seam_repair, reposition, fidelity, message)
 
@@ -286,6 +293,7 @@ class EditingMixin:
         s = self.session(sid)
 
         def run() -> Path:
+            check_compatible(self.model, "segment files")
             seg = extract_segment(s, lo, hi, self.model.tokenizer.decode(s.tokens[lo:hi]))
             return write_segment(self.model, seg, path)
 

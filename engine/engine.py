@@ -25,6 +25,7 @@ import mlx.core as mx
 
 from kvscope.engine import blas
 from kvscope.engine.blocks import DEFAULT_BLOCK_SIZE
+from kvscope.engine.caches.layout import make_session_caches
 from kvscope.engine.compression import AutoCompress, set_auto_compress
 from kvscope.engine.editing import EditingMixin
 from kvscope.engine.errors import InvalidRequestError, KVScopeError, MemoryBudgetError
@@ -39,7 +40,6 @@ from kvscope.engine.events import (
 )
 from kvscope.engine.fidelity import FidelityReport, measure
 from kvscope.engine.generation import SamplingParams
-from kvscope.engine.kv_cache import ScopeKVCache
 from kvscope.engine.kv_publisher import publisher_from_config
 from kvscope.engine.lifecycle import LifecycleMixin, physical_memory_bytes
 from kvscope.engine.model_loading import LoadedModel, load_model
@@ -147,6 +147,9 @@ class Engine(EditingMixin, LifecycleMixin):
                 rope=lm.rope.as_dict() if lm.rope else None,
                 surgery_supported=lm.unsupported_reason is None,
                 unsupported_reason=lm.unsupported_reason,
+                cache_layout=lm.layout.as_dict() if lm.layout else None,
+                cache_layout_text=lm.layout.describe() if lm.layout else "",
+                operations=lm.support.as_rows() if lm.support else [],
             )
         return out
 
@@ -154,7 +157,7 @@ class Engine(EditingMixin, LifecycleMixin):
     def new_session(self, name: str | None = None, system: str | None = None) -> SessionId:
         lm = self.model
         sid = self.new_session_id()
-        s = Session(sid, name or sid, [ScopeKVCache() for _ in range(lm.n_layers)])
+        s = Session(sid, name or sid, make_session_caches(lm.model))
         if system:
             s.messages.append({"role": "system", "content": system})
         s.auto_compress = self.auto_compress
@@ -234,6 +237,7 @@ class Engine(EditingMixin, LifecycleMixin):
         """One turn: prefill what is not cached, generate, keep the cache (and save it)."""
         s = self.session(sid)
         s.require_idle("starting another turn")
+        self._guard(sid, lambda: self.model.require("chat"))
         p = params or SamplingParams()
         store = self.store
         assert store is not None

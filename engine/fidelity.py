@@ -20,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from kvscope.engine import chat
+from kvscope.engine.caches.layout import make_session_caches
 from kvscope.engine.generation import forward, prefill
 from kvscope.engine.kv_cache import ScopeKVCache
 from kvscope.engine.model_loading import LoadedModel
@@ -57,8 +58,13 @@ def probe_tokens(lm: LoadedModel, s: Session) -> list[int]:
 
 
 def visible_tokens(s: Session) -> tuple[list[int], np.ndarray]:
-    """Ids and positions of the tokens layer 0 attends, in logical order."""
-    c = s.caches[0]
+    """Ids and positions of the tokens the first attention cache attends, in logical order.
+
+    A model without one (recurrent state only) attends every token it has seen.
+    """
+    c = next((c for c in s.caches if isinstance(c, ScopeKVCache)), None)
+    if c is None:
+        return list(s.tokens), np.arange(s.n_tokens)
     vis = c.visible_tokens
     return [s.tokens[i] for i in vis], c.token_positions[vis]
 
@@ -78,7 +84,7 @@ def recompute_logits(
     lm: LoadedModel, tokens: list[int], positions: np.ndarray | None, probe: list[int], chunk: int = 512
 ) -> mx.array:
     """Logits of `probe` after a fresh prefill of `tokens` at `positions` (None = 0, 1, 2, ...)."""
-    caches = [ScopeKVCache() for _ in range(lm.n_layers)]
+    caches = make_session_caches(lm.model)  # the model's own layout (sliding, recurrent...)
     pos = np.arange(len(tokens)) if positions is None else np.asarray(positions)
     runs = np.split(np.arange(len(tokens)), np.nonzero(np.diff(pos) != 1)[0] + 1) if len(tokens) else []
     for run in runs:  # each run of consecutive positions is one plain prefill

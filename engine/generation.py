@@ -26,6 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.sample_utils import make_sampler
 
+from kvscope.engine.caches.adopted import note_feed
 from kvscope.engine.errors import CancelledError
 from kvscope.engine.kv_cache import ScopeKVCache
 
@@ -73,6 +74,7 @@ class Step:
 def forward(model: nn.Module, token_ids: list[int] | mx.array, caches: list[ScopeKVCache]) -> mx.array:
     """Run tokens through the model on `caches`; returns logits `[1, n, vocab]`."""
     ids = token_ids if isinstance(token_ids, mx.array) else mx.array(token_ids)
+    note_feed(caches, int(ids.shape[0]))
     return model(ids[None], cache=caches)
 
 
@@ -132,6 +134,7 @@ def decode(
     sampler = make_token_sampler(params)
 
     def step(y: mx.array) -> tuple[mx.array, mx.array]:
+        note_feed(caches, 1)
         logits = model(y[None], cache=caches)[:, -1, :]
         logprobs = logits - mx.logsumexp(logits, keepdims=True)
         return sampler(logprobs), logprobs.squeeze(0)

@@ -93,6 +93,8 @@ class LifecycleMixin:
         if store is None or not store.writable or sid not in self._sessions:
             return
         lm = self.model
+        if lm.support is not None and not lm.support.allows("persistence"):
+            return  # `kvscope info` says why: this model's caches are not saved
         try:
             store.save(self._sessions[sid], lm.fingerprint, lm.name)
         except OSError as exc:

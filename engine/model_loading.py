@@ -7,10 +7,13 @@ Promises:
 - on the CPU the weights run in float32 (f16/bf16 matmuls do not use BLAS);
 - a fingerprint (sha256 over config + weights) identifies the model in
   segment files and traces;
-- `describe_support` says whether the model's layers are plain attention
-  caches that kvscope's cache can stand in for.
+- nothing runs the model before its cache layout is known: the layout comes
+  from the model's own `make_cache()` (`caches.layout`), the RoPE of every
+  cache from a probe on caches of the kinds the model asks for
+  (`caches.rope_probe`), and `support` says, per operation, whether it is
+  exact, measured or refused on this model (`caches.support`).
 
-Knows nothing about sessions, caches or the window.
+Knows nothing about sessions or the window.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache
 
+from kvscope.engine.caches.layout import CacheLayout, detect_layout
+from kvscope.engine.caches.rope_probe import LayerRotation, probe_rotations
+from kvscope.engine.caches.support import SupportTable, Verdict, build_table
 from kvscope.engine.errors import ModelLoadError, UnsupportedModelError
 
 _FULL_HASH_LIMIT = 512 * 1024 * 1024  # hash every byte below this, sample above
@@ -70,12 +75,21 @@ class LoadedModel:
     name: str
     fingerprint: str
     dtype: str
-    n_layers: int
+    n_layers: int  # caches, one per cache-carrying layer (see layout.n_model_layers)
     n_kv_heads: int
     head_dim: int
     rope: RopeInfo | None
     unsupported_reason: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    layout: CacheLayout | None = None
+    rotations: list[LayerRotation] = field(default_factory=list)
+    support: SupportTable | None = None
+    value_dim_: int | None = None  # width of stored values when it differs from head_dim (MLA)
+    cache_dims: list[tuple[int, int, int]] = field(default_factory=list)  # per cache: kv heads, key dim, value dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.value_dim_ if self.value_dim_ is not None else self.head_dim
 
     @property
     def bytes_per_token(self) -> int:
@@ -84,9 +98,15 @@ class LoadedModel:
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * itemsize
 
     def require_supported(self, what: str) -> None:
-        """Raise `UnsupportedModelError` if kvscope's cache cannot stand in."""
+        """Raise `UnsupportedModelError` if rows cannot be moved exactly on this model."""
         if self.unsupported_reason:
             raise UnsupportedModelError(f"{what} is not supported for this model: {self.unsupported_reason}")
+
+    def require(self, op: str) -> Verdict:
+        """The support verdict of operation `op`; raises `UnsupportedModelError` if refused."""
+        if self.support is None:
+            return Verdict(op, "exact")
+        return self.support.require(op)
 
 
 def _check_folder(path: Path) -> dict[str, Any]:
@@ -144,7 +164,7 @@ def _resolve(id_or_path: str) -> Path:
         ) from exc
 
 
-def _rope_info(model: nn.Module) -> RopeInfo | None:
+def _rope_info(model: nn.Module, rotations: list[LayerRotation]) -> RopeInfo | None:
     layers = getattr(model, "layers", None)
     attn = getattr(layers[0], "self_attn", None) if layers else None
     rope = getattr(attn, "rope", None)
@@ -152,9 +172,9 @@ def _rope_info(model: nn.Module) -> RopeInfo | None:
         return None
     kind = type(rope).__name__
     dims = int(getattr(rope, "dims", getattr(rope, "dim", 0)) or 0)
-    # nn.RoPE and Llama3RoPE rotate with fixed frequencies and no magnitude
-    # scaling, so rotating by d after p equals rotating by p + d.
-    composable = kind in ("RoPE", "Llama3RoPE")
+    # Whether rotating by d after p equals rotating by p + d is measured on the
+    # model itself (caches.rope_probe); the class name only describes it.
+    composable = all(r.exact for r in rotations)
     return RopeInfo(
         kind=kind,
         dims=dims,
@@ -165,16 +185,10 @@ def _rope_info(model: nn.Module) -> RopeInfo | None:
     )
 
 
-def _unsupported_reason(model: nn.Module, rope: RopeInfo | None) -> str | None:
-    if hasattr(model, "make_cache"):
-        kinds = {type(c).__name__ for c in model.make_cache()}
-        if kinds != {"KVCache"}:
-            return f"its layers use {', '.join(sorted(kinds))} caches (sliding-window or non-attention layers)"
-    if rope is None:
-        return "its attention layers have no RoPE module kvscope recognises"
-    if not rope.composable:
-        return f"its RoPE ({rope.kind}) is not a pure rotation, so segments cannot be repositioned exactly"
-    return None
+def _unsupported_reason(support: SupportTable) -> str | None:
+    """Why rows cannot be moved (spliced, deleted with shift) on this model, or None."""
+    v = support.verdict("splice")
+    return v.reason if v.status == "refused" else None
 
 
 def load_model(id_or_path: str | os.PathLike[str] | None = None) -> LoadedModel:
@@ -202,36 +216,41 @@ def load_model(id_or_path: str | os.PathLike[str] | None = None) -> LoadedModel:
     if dtype == "float32":
         model.set_dtype(mx.float32)
     mx.eval(model.parameters())
-    rope = _rope_info(model)
-    n_layers = len(model.layers)
-    n_kv_heads, head_dim = _kv_layout(model)
+    name = path.name if Path(target).exists() else target
+    try:
+        layout = detect_layout(model)
+    except Exception as exc:  # noqa: BLE001 - a model's make_cache may reject its own config
+        raise ModelLoadError(f"{name}: the model could not build its caches ({type(exc).__name__}: {exc})") from exc
+    rotations, dims, _ = probe_rotations(model)  # a failed probe refuses row moves, not chat
+    support = build_table(name, layout, rotations)
+    rope = _rope_info(model, [r for r, e in zip(rotations, layout.entries) if e.kind == "attention"])
+    n_kv_heads, head_dim, value_dim = next((d for d in dims if d[0]), (0, 0, 0))
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         config=config,
         path=path,
-        name=path.name if Path(target).exists() else target,
+        name=name,
         fingerprint=fingerprint_folder(path),
         dtype=dtype,
-        n_layers=n_layers,
+        n_layers=layout.n_caches,  # cache-carrying layers (shared-KV layers keep none)
         n_kv_heads=n_kv_heads,
         head_dim=head_dim,
         rope=rope,
-        unsupported_reason=_unsupported_reason(model, rope),
+        unsupported_reason=_unsupported_reason(support),
+        layout=layout,
+        rotations=rotations,
+        support=support,
+        value_dim_=value_dim,
+        cache_dims=dims,
     )
 
 
 def _param_dtype(model: nn.Module) -> str:
     from mlx.utils import tree_flatten
 
+    # The compute dtype: a quantized model packs its weights into uint32, but its
+    # scales, norms and activations keep the checkpoint's float dtype.
     flat: Any = tree_flatten(model.parameters())
-    return str(flat[0][1].dtype).replace("mlx.core.", "") if flat else "float32"
-
-
-def _kv_layout(model: nn.Module) -> tuple[int, int]:
-    """(kv heads, head dim), read by running one token through layer 0's cache."""
-    caches = [KVCache() for _ in model.layers]
-    model(mx.array([[0]]), cache=caches)
-    k = caches[0].keys
-    assert k is not None
-    return int(k.shape[1]), int(k.shape[3])
+    floats = [v.dtype for _, v in flat if mx.issubdtype(v.dtype, mx.floating)]
+    return str(floats[0]).replace("mlx.core.", "") if floats else "float32"

@@ -86,6 +86,7 @@ def manifest_for(lm: LoadedModel, seg: Segment) -> dict[str, Any]:
         "n_layers": lm.n_layers,
         "n_kv_heads": lm.n_kv_heads,
         "head_dim": lm.head_dim,
+        "layer_dims": _layer_dims(lm),  # per layer [kv heads, key dim, value dim]: MLA values differ
         "dtype": "float32",
         "rope": lm.rope.as_dict() if lm.rope else {},
         "positions": [int(p) for p in seg.positions],
@@ -94,6 +95,27 @@ def manifest_for(lm: LoadedModel, seg: Segment) -> dict[str, Any]:
         "visible": [[bool(x) for x in v] for v in seg.visible],
         "source": seg.source,
     }
+
+
+def _layer_dims(lm: LoadedModel) -> list[list[int]]:
+    dims = [list(d) for d in lm.cache_dims] if lm.cache_dims else []
+    return dims if len(dims) == lm.n_layers else [[lm.n_kv_heads, lm.head_dim, lm.head_dim]] * lm.n_layers
+
+
+def _shapes(fname: str, man: dict[str, Any], n: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Per layer, the (keys, values) shape the manifest promises."""
+    n_layers = man["n_layers"]
+    dims = man.get("layer_dims") or [[man["n_kv_heads"], man["head_dim"], man["head_dim"]]] * n_layers
+    if (
+        not isinstance(dims, list)
+        or len(dims) != n_layers
+        or not all(
+            isinstance(d, list) and len(d) == 3 and all(isinstance(x, int) and 0 < x <= MAX_HEAD_DIM for x in d)
+            for d in dims
+        )
+    ):
+        raise SegmentFileError(f"{fname}: layer_dims must be {n_layers} [kv heads, key dim, value dim] triples")
+    return [((1, h, n, k), (1, h, n, v)) for h, k, v in dims]
 
 
 def _refuse_special_target(path: Path) -> None:
@@ -222,13 +244,13 @@ def _check_model(fname: str, man: dict[str, Any], lim: ModelLimits, rope: dict[s
 def _tensors(f: SafetensorsFile, man: dict[str, Any]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Read and check the K/V tensors against the manifest and its checksum."""
     n_layers, n = man["n_layers"], len(man["token_ids"])
-    shape = (1, man["n_kv_heads"], n, man["head_dim"])
     expected = {f"{i}.{j}" for i in range(n_layers) for j in range(3)}
     if set(f.tensors) != expected:
         extra, missing = sorted(set(f.tensors) - expected), sorted(expected - set(f.tensors))
         raise SegmentFileError(
             f"{f.name}: tensors do not match {n_layers} layers (missing {missing[:4]}, unexpected {extra[:4]})"
         )
+    shapes = _shapes(f.name, man, n)
     keys: list[np.ndarray] = []
     values: list[np.ndarray] = []
     for i in range(n_layers):
@@ -238,6 +260,7 @@ def _tensors(f: SafetensorsFile, man: dict[str, Any]) -> tuple[list[np.ndarray],
             raise SegmentFileError(f"{f.name}: layer {i} says it caches {said} tokens, the manifest has {n}")
         for j, out in ((0, keys), (1, values)):
             t = f.tensors[f"{i}.{j}"]
+            shape = shapes[i][j]
             if t.shape != shape or t.dtype != "F32":
                 raise SegmentFileError(
                     f"{f.name}: tensor {i}.{j} is {list(t.shape)} {t.dtype}, manifest says {list(shape)} F32"
@@ -270,6 +293,8 @@ def read_segment(
     with open_safetensors(path) as f:
         man = _manifest(f)
         _check_model(f.name, man, limits_of(lm), lm.rope.as_dict() if lm.rope else None)
+        if "layer_dims" in man and man["layer_dims"] != _layer_dims(lm):
+            raise SegmentFileError(f"{f.name}: layer shapes {str(man['layer_dims'])[:200]} differ from the model's")
         n, n_layers = len(man["token_ids"]), man["n_layers"]
         if reserve is not None:
             reserve(n)
@@ -302,12 +327,12 @@ def check_segment(seg: Segment, lm: LoadedModel) -> None:
         raise InvalidRequestError(f"segment positions must be {n} integers in [0, {MAX_POSITION})")
     if n > 1 and not (np.diff(pos) > 0).all():
         raise InvalidRequestError("segment positions must be increasing")
-    shape = (1, lim.n_kv_heads, n, lim.head_dim)
+    shapes = [((1, h, n, k), (1, h, n, v)) for h, k, v in _layer_dims(lm)]
     if len(seg.keys) != lim.n_layers or len(seg.values) != lim.n_layers or len(seg.visible) != lim.n_layers:
         raise InvalidRequestError(f"the segment has {len(seg.keys)} layers, the model has {lim.n_layers}")
     for i, (k, v, vis) in enumerate(zip(seg.keys, seg.values, seg.visible)):
-        if tuple(k.shape) != shape or tuple(v.shape) != shape or np.shape(vis) != (n,):
-            raise InvalidRequestError(f"segment layer {i} is {list(k.shape)}, the model needs {list(shape)}")
+        if (tuple(k.shape), tuple(v.shape)) != shapes[i] or np.shape(vis) != (n,):
+            raise InvalidRequestError(f"segment layer {i} is {list(k.shape)}, the model needs {list(shapes[i][0])}")
 
 
 def read_mlx_prompt_cache(

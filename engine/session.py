@@ -121,6 +121,8 @@ class Session:
         origin = np.asarray(self.origin, np.uint8)
         out = np.broadcast_to(origin, (len(self.caches), n)).copy()
         for i, c in enumerate(self.caches):
+            if getattr(c, "kind", "") == "recurrent":
+                continue  # a state has no rows: it absorbed every token, masked or not (shown as their origin)
             rows = c.row_token
             present = np.zeros(n, bool)
             present[rows[rows < n]] = True  # rows fed a moment before the bookkeeping catches up

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvscope.engine.blocks import block_states, chain_hashes
+from kvscope.engine.caches.describe import layer_label, layer_note
 from kvscope.engine.events import BlockHash, SessionId
 from kvscope.engine.session import Session, TurnStats
 
@@ -35,6 +36,8 @@ class SessionSnapshot:
     generating: bool
     messages: tuple[tuple[str, str], ...]
     turns: tuple[TurnStats, ...]
+    layer_labels: tuple[str, ...] = ()  # per cache: "3 attn", "4 win 512", "5 state"
+    layer_notes: tuple[str, ...] = ()  # per cache: what kind of cache it is, bytes, last token absorbed
 
     @property
     def n_tokens(self) -> int:
@@ -88,4 +91,6 @@ def take_snapshot(
         generating=session.generating,
         messages=tuple((m["role"], m["content"]) for m in session.messages),
         turns=tuple(session.turns),
+        layer_labels=tuple(layer_label(i, c) for i, c in enumerate(session.caches)),
+        layer_notes=tuple(layer_note(c) for c in session.caches),
     )

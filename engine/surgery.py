@@ -33,7 +33,7 @@ from kvscope.engine.errors import InvalidRequestError
 from kvscope.engine.generation import forward
 from kvscope.engine.kv_cache import ScopeKVCache
 from kvscope.engine.model_loading import LoadedModel
-from kvscope.engine.rope import reposition_keys
+from kvscope.engine.rope import key_rotation, reposition_rows, rotate_moved_values
 from kvscope.engine.session import Session
 
 
@@ -101,8 +101,8 @@ def extract_segment(s: Session, lo: int, hi: int, text: str = "") -> Segment:
     return Segment(list(s.tokens[lo:hi]), positions, keys, values, visible, text, s.id)
 
 
-def _rotate(lm: LoadedModel) -> Callable[[mx.array, int], mx.array]:
-    return lambda keys, delta: reposition_keys(lm, keys, delta)
+def _rotate(lm: LoadedModel, layer: int) -> Callable[[mx.array, int], mx.array]:
+    return key_rotation(lm, layer)
 
 
 def _position_at(s: Session, at: int) -> int:
@@ -116,8 +116,9 @@ def delete_span(lm: LoadedModel, s: Session, lo: int, hi: int, shift: bool = Tru
     check_span(s, lo, hi)
     gap = _position_at(s, hi) - _position_at(s, lo)
     d_pos = -gap if shift else 0
-    for c in s.caches:
-        c.delete_tokens(lo, hi, d_pos, _rotate(lm))
+    for i, c in enumerate(s.caches):
+        c.delete_tokens(lo, hi, d_pos, _rotate(lm, i))
+        rotate_moved_values(lm, i, c, lo, d_pos)  # MLA caches whose k_pe is the value tensor
     del s.tokens[lo:hi], s.origin[lo:hi]
     s.edited = True
     return gap if shift else 0
@@ -136,8 +137,9 @@ def insert_segment(
     delta = int(_position_at(s, at) - seg.positions[0])
     shift = seg.extent if at < s.n_tokens else 0
     for i, c in enumerate(s.caches):
-        keys = reposition_keys(lm, seg.keys[i], delta)
-        c.insert_tokens(at, keys, seg.values[i], seg.positions + delta, seg.visible[i], shift, _rotate(lm))
+        keys, values = reposition_rows(lm, i, seg.keys[i], seg.values[i], delta)
+        c.insert_tokens(at, keys, values, seg.positions + delta, seg.visible[i], shift, _rotate(lm, i))
+        rotate_moved_values(lm, i, c, at + seg.n_tokens, shift)
     s.tokens[at:at] = seg.token_ids
     s.origin[at:at] = [int(origin)] * m
     s.edited = True

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from kvscope.engine import chat
 from kvscope.engine.blocks import TokenState
+from kvscope.engine.caches.state_prefix import reuse_state_prefix, share_state_prefix
 from kvscope.engine.compression import maybe_compress_session
 from kvscope.engine.errors import InvalidRequestError
 from kvscope.engine.events import (
@@ -86,6 +87,9 @@ def _reuse_prefix(session: Session, store: PrefixStore, prompt: list[int]) -> in
 
 def share_prefix(session: Session, store: PrefixStore, lm: LoadedModel) -> None:
     """Offer the session's plain full blocks to the prefix store."""
+    if lm.layout is not None and not lm.layout.rows_only:
+        share_state_prefix(session, lm)  # recurrent states are checkpointed, not stored as blocks
+        return
     n = session.plain_prefix_len()
     n -= n % store.block_size
     if n == 0:
@@ -139,7 +143,10 @@ def turn_on_tokens(
     before = (session.n_tokens, session.transcript_text, len(session.messages))
     t_start = time.perf_counter()
     session.trim_to(keep)
-    cached = keep + (_reuse_prefix(session, store, new_tokens) if keep == 0 else 0)
+    blocks = keep == 0 and (lm.layout is None or lm.layout.rows_only)  # attention rows only: the block store
+    cached = keep
+    if keep == 0:
+        cached = _reuse_prefix(session, store, new_tokens) if blocks else reuse_state_prefix(session, lm, new_tokens)
     to_prefill = new_tokens[cached - keep :]
     if not to_prefill:  # everything was cached: feed the last token again
         session.trim_to(session.n_tokens - 1)
@@ -149,9 +156,7 @@ def turn_on_tokens(
     bus.emit(TurnStarted(bus.now_ms(), session.id, stats.prompt_tokens, cached, len(to_prefill)))
 
     def on_chunk(start: int, n: int, t0: float, t1: float) -> None:
-        bus.emit(
-            PrefillChunk(bus.now_ms(), session.id, start, n, len(to_prefill) - 1, (t1 - t0) * 1000, bus.ms_at(t0))
-        )
+        bus.emit(PrefillChunk(bus.now_ms(), session.id, start, n, len(to_prefill) - 1, (t1 - t0) * 1000, bus.ms_at(t0)))
 
     session.append_tokens(to_prefill[:-1])
     try:

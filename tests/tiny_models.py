@@ -111,3 +111,89 @@ def make_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, **override
     mx.save_safetensors(str(folder / "model.safetensors"), weights)
     (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+_VOCAB_KEYS = ("vocab_size", "num_vocab", "n_vocab")
+_LAYER_KEYS = ("num_hidden_layers", "num_layers", "n_layer")
+# mlx-lm's test configs use widths up to 1024: a tiny model needs 128 at most.
+_WIDTH_KEYS = (
+    "hidden_size",
+    "d_model",
+    "model_dim",
+    "n_embd",
+    "intermediate_size",
+    "ffn_hidden_size",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "mlp_hidden_size",
+)
+
+
+def zoo_config(arch: str, vocab: int, n_layers: int | None = 2) -> dict[str, object]:
+    """The zoo config of `arch` with the tokenizer's vocab and (if given) `n_layers` layers."""
+    from zoo_configs import ZOO
+
+    config = json.loads(json.dumps(ZOO[arch]))
+    for cfg in (config, config.get("text_config")):
+        if not isinstance(cfg, dict):
+            continue
+        for k in _VOCAB_KEYS:
+            if k in cfg or k == "vocab_size":
+                cfg[k] = vocab
+        for k in _WIDTH_KEYS:
+            if isinstance(cfg.get(k), int) and cfg[k] > 256:
+                cfg[k] = 128
+        for sub in ("ffn_config",):
+            if isinstance(cfg.get(sub), dict):
+                cfg[sub] = {k: (128 if k in _WIDTH_KEYS and v > 256 else v) for k, v in cfg[sub].items()}
+        if n_layers is not None:
+            for k in _LAYER_KEYS:
+                if (
+                    isinstance(cfg.get(k), int)
+                    and cfg[k] > n_layers
+                    and not any(isinstance(v, list) and len(v) == cfg[k] for v in cfg.values())
+                ):
+                    cfg[k] = n_layers
+    config.update(eos_token_id=3, bos_token_id=1, pad_token_id=0)
+    return config
+
+
+def make_zoo_model(folder: Path, arch: str, seed: int = 0, bits: int | None = None) -> Path:
+    """Build and save a tiny random model of any zoo architecture (`bits`: quantize it).
+
+    Tries the config shrunk to 2 layers first and keeps the module's own layer
+    count when the smaller one does not build or run (layer patterns).
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import _get_classes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = write_tokenizer(folder)
+    last: Exception | None = None
+    for n_layers in (2, None):
+        config = zoo_config(arch, vocab, n_layers)
+        try:
+            model_cls, args_cls = _get_classes(config)
+            mx.random.seed(seed)
+            model = model_cls(args_cls.from_dict(config))
+            n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+            if n_params > 20_000_000:
+                raise ValueError(f"{arch}: {n_params} parameters is not a tiny model; shrink its zoo config")
+            model(mx.array([[5, 6, 7]]), cache=make_prompt_cache(model))
+            break
+        except Exception as exc:  # noqa: BLE001 - the next layer count may build
+            last = exc
+    else:
+        assert last is not None
+        raise last
+    params = tree_flatten(model.parameters())
+    weights = {k: (v * 3.0 if v.ndim == 2 and mx.issubdtype(v.dtype, mx.floating) else v) for k, v in params}
+    model.load_weights(list(weights.items()))
+    if bits is not None:
+        from mlx_lm.utils import quantize_model
+
+        model, config = quantize_model(model, config, group_size=32, bits=bits)
+        weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder

@@ -30,6 +30,7 @@ def describe_block(snap: SessionSnapshot | None, layer: int, block: int) -> str:
     return (
         f"block {block} · layer {layer} · tokens [{lo}, {hi}) · positions {first}–{last} · {counts} · "
         f"{per_row * int(stored[:, lo:hi].sum()) / 1024:.1f} KiB · hash {h or '— (partial/edited)'} · "
-        f"shared by {shared} · score {score}\n"
-        f"“{text[:200]}”"
+        f"shared by {shared} · score {score}"
+        + (f" · {snap.layer_notes[layer]}" if layer < len(snap.layer_notes) else "")  # its cache kind
+        + f"\n“{text[:200]}”"
     )

@@ -102,6 +102,7 @@ class BlockMap(pg.PlotWidget):
         self.drop_line.hide()
         self.addItem(self.drop_line)
         self._shape = (0, 0)
+        self._labels: tuple[str, ...] = ()
         self._hover = (-1, -1)
         self.follow = True
         self.scene().sigMouseMoved.connect(self._on_mouse_moved)
@@ -110,6 +111,14 @@ class BlockMap(pg.PlotWidget):
         self.setMinimumHeight(110)
 
     # ------------------------------------------------------------ drawing
+    def set_layer_labels(self, labels: tuple[str, ...]) -> None:
+        """Name each layer row on the left axis (its kind: attention, window, state)."""
+        if labels == self._labels:
+            return  # a tick change re-lays out the axis: only when the model changes
+        self._labels = labels
+        ticks = [(i + 0.5, text) for i, text in enumerate(labels)]
+        self.getAxis("left").setTicks([ticks, []] if ticks else None)
+
     def set_states(self, block_state: np.ndarray) -> None:
         """Draw `[layers, blocks]` uint8 TokenStates."""
         n_layers, n_blocks = block_state.shape

@@ -76,7 +76,10 @@ def verdict(report: dict[str, Any]) -> tuple[str, str] | None:
     kl, top1 = report.get("kl"), report.get("top1_agree")
     if not isinstance(kl, (int, float)) or not isinstance(top1, (int, float)) or math.isnan(kl) or math.isnan(top1):
         return None
-    return next((name, colour) for name, colour, ok in VERDICTS if ok(kl, top1))
+    name, colour = next((name, colour) for name, colour, ok in VERDICTS if ok(kl, top1))
+    if isinstance(report.get("extra"), dict) and report["extra"].get("approximate"):
+        return f"approximate (measured {name})", colour  # e.g. a mask a recurrent state already absorbed
+    return name, colour
 
 
 def human_name(key: str) -> str:
