@@ -40,7 +40,7 @@ setup() {
 run_tests() {
   export QT_QPA_PLATFORM=${QT_QPA_PLATFORM:-offscreen}
   local bin="$VENV/bin"
-  echo "== ruff"; "$bin/ruff" check .
+  echo "== ruff"; "$bin/ruff" check . && "$bin/ruff" format --check .
   echo "== mypy (engine/)"; "$bin/mypy"
   echo "== import contracts"; "$bin/python" tools/lint_imports.py
   echo "== pytest"; "$bin/python" -m pytest -q "$@"

@@ -9,18 +9,20 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kvscope.app import cmd_chat
+from kvscope.app import (
+    cmd_attach,
+    cmd_bench,
+    cmd_chat,
+    cmd_eval,
+    cmd_gui,
+    cmd_replay,
+    cmd_serve,
+    cmd_surgery,
+)
 
-
-def _command_modules() -> list:  # type: ignore[type-arg]
-    mods = [cmd_chat]
-    for name in ("cmd_eval", "cmd_surgery", "cmd_segment", "cmd_bench", "cmd_gui", "cmd_serve", "cmd_replay", "cmd_attach"):
-        try:
-            mods.append(__import__(f"kvscope.app.{name}", fromlist=["register"]))
-        except ModuleNotFoundError as exc:
-            if exc.name != f"kvscope.app.{name}":
-                raise
-    return mods
+# Every subcommand module, in the order `kvscope --help` lists them. An import
+# error is a bug to see, not a command to hide.
+COMMAND_MODULES = (cmd_chat, cmd_eval, cmd_surgery, cmd_bench, cmd_gui, cmd_serve, cmd_replay, cmd_attach)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A lab for the KV cache of language models. Without a command, opens the window.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for mod in _command_modules():
+    for mod in COMMAND_MODULES:
         mod.register(sub)
     return parser
 

@@ -150,7 +150,9 @@ def main() -> None:
     print(f"decode + apply (no sockets):      {dec:10,.0f} events/s")
     print(f"loopback ZMQ -> attach thread:    {zmq_rate:10,.0f} events/s  ({zmq_rate / dec:.2f}x of decode)")
     print(f"... with the window redrawing:    {win_rate:10,.0f} events/s  ({win_rate / zmq_rate:.2f}x of headless)")
-    print(f"longest Qt event-loop gap meanwhile: {stall_ms:.0f} ms wall (target <= 50 ms); batches applied {batches_seen}")
+    print(
+        f"longest Qt event-loop gap meanwhile: {stall_ms:.0f} ms wall (target <= 50 ms); batches applied {batches_seen}"
+    )
     print(f"longest Qt-thread CPU burst (one pass of the event loop): {cpu_ms:.0f} ms")
     print(f"machine load average (1 min) during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     ok = win_rate >= 10_000 and stall_ms <= 50

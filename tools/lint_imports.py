@@ -34,9 +34,7 @@ def run(root: Path, config: Path) -> subprocess.CompletedProcess[str]:
             link.symlink_to((root / folder).resolve(), target_is_directory=True)
         env = dict(os.environ, PYTHONPATH=tmp)
         lint = Path(sys.executable).with_name("lint-imports")
-        return subprocess.run(
-            [str(lint), str(config), "--no-cache"], cwd=tmp, env=env, capture_output=True, text=True
-        )
+        return subprocess.run([str(lint), str(config), "--no-cache"], cwd=tmp, env=env, capture_output=True, text=True)
 
 
 def main() -> int:

@@ -76,7 +76,9 @@ def test_positions_off_by_one_in_every_layer_are_caught_by_the_recompute_oracle(
     got, want = logits_vs_recompute(eng.model, s, probe)
     np.testing.assert_allclose(got, want, atol=1e-4)
     for c in s.caches:
-        c._pos[c.n_tokens - 3 : c.n_tokens] += 1  # plant: the last three tokens booked one position later than their keys
+        c._pos[c.n_tokens - 3 : c.n_tokens] += (
+            1  # plant: the last three tokens booked one position later than their keys
+        )
         c._sync_offset()
     assert session_problems(s) == []
     got, want = logits_vs_recompute(eng.model, s, probe)
