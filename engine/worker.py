@@ -25,6 +25,11 @@ from kvscope.engine.events import SessionId
 
 T = TypeVar("T")
 _STOP = object()
+# Never set. A stopped worker's thread waits here until the process exits: with
+# mlx 0.32 on the CPU, a process whose MLX-using thread has *ended* aborts at
+# exit now and then ("terminate called without an active exception", SIGABRT;
+# plain mlx-lm in a thread does it too), while a parked thread exits cleanly.
+_PARKED = threading.Event()
 
 
 class EngineWorker:
@@ -33,6 +38,7 @@ class EngineWorker:
         self._engine_ready = threading.Event()
         self._engine: Engine | None = None
         self._config = config
+        self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvscope-engine", daemon=True)
         self._thread.start()
         self._engine_ready.wait()
@@ -59,15 +65,27 @@ class EngineWorker:
         return self._queue.qsize()
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        if self._thread.is_alive():
+        """Cancel generation, finish the queued commands, stop taking new ones."""
+        if not self._stopped.is_set():
             for sid in list(self.engine.sessions()):
                 self.engine.cancel(sid)
             self._queue.put(_STOP)
-            self._thread.join(timeout)
+            self._stopped.wait(timeout)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
 
     def _run(self) -> None:
         self._engine = Engine(self._config)
         self._engine_ready.set()
+        try:
+            self._serve()
+        finally:
+            self._stopped.set()
+        _PARKED.wait()  # see _PARKED: the thread stays until the process exits
+
+    def _serve(self) -> None:
         while True:
             item = self._queue.get()
             if item is _STOP:
