@@ -214,8 +214,13 @@ async def _stream(job: Job, chunks: ChunkMaker, req: ParsedRequest) -> AsyncIter
         first = chunks.first()
         if first:
             yield first
-        while (piece := await job.pieces.get()) is not DONE:
-            text = stop.feed(piece)
+        done = False
+        while not done:
+            parts = [await job.pieces.get()]
+            while not job.pieces.empty():  # what else is waiting goes out in the same chunk
+                parts.append(job.pieces.get_nowait())
+            done = parts[-1] is DONE
+            text = stop.feed("".join(p for p in parts if p is not DONE))
             if text:
                 yield chunks.piece(text)
         try:

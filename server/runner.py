@@ -56,16 +56,31 @@ class Job:
         self.cancelled = threading.Event()
         self.future: Future[Outcome] | None = None
         self._loop = loop
+        self._lock = threading.Lock()
+        self._buffer: list[Any] = []  # pushed, not yet on the loop's queue
+        self._wake_pending = False
 
     def cancel(self) -> None:
         self.cancelled.set()
 
     def push(self, item: Any) -> None:
-        """From any thread."""
+        """From any thread. Wakes the event loop at most once until it has taken what is waiting,
+        so a loop that lags the decode takes several pieces per wake-up instead of one per token."""
+        with self._lock:
+            self._buffer.append(item)
+            if self._wake_pending:
+                return
+            self._wake_pending = True
         try:
-            self._loop.call_soon_threadsafe(self.pieces.put_nowait, item)
+            self._loop.call_soon_threadsafe(self._flush)
         except RuntimeError:  # the loop is gone (server shutting down)
             self.cancel()
+
+    def _flush(self) -> None:
+        with self._lock:
+            items, self._buffer, self._wake_pending = self._buffer, [], False
+        for item in items:
+            self.pieces.put_nowait(item)
 
     async def outcome(self) -> Outcome:
         assert self.future is not None
