@@ -58,13 +58,16 @@ class KeyNorm(Policy):
     defaults: ClassVar[dict[str, Any]] = {"sinks": 0, "recent": 0}
 
     def score(self, inp: ScoreInput) -> list[np.ndarray]:
-        out = []
-        for cache, cand in zip(inp.caches, inp.candidates):
-            assert cache.keys is not None
-            keys = take_rows(cache.keys, mx.array(cand.rows.astype(np.int32)))[0]  # [H, n, D]
-            norms = mx.sqrt((keys.astype(mx.float32) ** 2).sum(axis=-1))
-            out.append(-np.array(norms, np.float32))
-        return out
+        return [-np.array(mx.sqrt((keys**2).sum(axis=-1)), np.float32) for keys in _candidate_keys(inp)]
+
+
+def _candidate_keys(inp: ScoreInput) -> list[mx.array]:
+    """Per layer, the candidates' keys as float32 `[kv_heads, n, head_dim]`."""
+    out = []
+    for cache, cand in zip(inp.caches, inp.candidates):
+        assert cache.keys is not None
+        out.append(take_rows(cache.keys, mx.array(cand.rows.astype(np.int32)))[0].astype(mx.float32))
+    return out
 
 
 def _need_model(inp: ScoreInput, name: str) -> Any:
@@ -134,9 +137,7 @@ class KeyDiff(Policy):
 
     def score(self, inp: ScoreInput) -> list[np.ndarray]:
         out = []
-        for cache, cand in zip(inp.caches, inp.candidates):
-            assert cache.keys is not None
-            keys = take_rows(cache.keys, mx.array(cand.rows.astype(np.int32)))[0].astype(mx.float32)  # [H, n, D]
+        for keys in _candidate_keys(inp):
             unit = keys / mx.maximum(mx.sqrt((keys**2).sum(axis=-1, keepdims=True)), 1e-12)
             anchor = unit.mean(axis=1, keepdims=True)  # [H, 1, D]
             anchor = anchor / mx.maximum(mx.sqrt((anchor**2).sum(axis=-1, keepdims=True)), 1e-12)
