@@ -24,7 +24,8 @@ Storage, with tokens 2-3 masked and token 4 evicted::
     aside:           2  3               masked rows, token order, kept for unmask
     (token 4 has no row in this layer: evicted)
 
-Knows nothing about tokens' text, blocks, sessions, RoPE or events: edits that
+The two row sets are `RowStore`s (engine/row_store.py). Knows nothing about
+tokens' text, blocks, sessions, RoPE or events: edits that
 move positions take a `rotate(keys, delta)` function from the caller.
 """
 
@@ -37,99 +38,12 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import create_attention_mask
 
+from kvscope.engine.row_store import RowStore, frozen, gather
 from kvscope.engine.tensor_ops import concat_rows, slice_rows, take_rows
 
-_I64 = np.int64
 Rotate = Callable[[mx.array, int], mx.array]
 RowMap = Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]
-
-
-def _frozen(a: np.ndarray) -> np.ndarray:
-    a = a.view()
-    a.flags.writeable = False
-    return a
-
-
-def _gather(x: mx.array, idx: np.ndarray) -> mx.array:
-    return take_rows(x, mx.array(np.asarray(idx, np.int32)))
-
-
-class _Rows:
-    """A set of K/V rows in token order (the attended buffer or the aside store)."""
-
-    __slots__ = ("keys", "values", "tokens", "n")
-
-    def __init__(self) -> None:
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
-        self.tokens = np.zeros(0, _I64)  # capacity; [:n] are valid, ascending
-        self.n = 0
-
-    def kv(self) -> tuple[mx.array, mx.array]:
-        assert self.keys is not None and self.values is not None
-        return self.keys[..., : self.n, :], self.values[..., : self.n, :]
-
-    def toks(self) -> np.ndarray:
-        return self.tokens[: self.n]
-
-    def set(self, keys: mx.array | None, values: mx.array | None, tokens: np.ndarray) -> None:
-        self.keys, self.values = keys, values
-        self.tokens = np.asarray(tokens, _I64).copy()
-        self.n = len(self.tokens)
-
-    def clear(self) -> None:
-        self.set(None, None, np.zeros(0, _I64))
-
-    def keep(self, keep: np.ndarray) -> None:
-        """Drop the rows where `keep` is False (one gather; none if only a tail goes)."""
-        k = int(keep.sum())
-        if k == self.n:
-            return
-        if k == 0:
-            self.n = 0
-            return
-        if keep[:k].all():  # only a tail goes: the next append overwrites it
-            self.n = k
-            return
-        keys, values = self.kv()
-        idx = np.nonzero(keep)[0]
-        self.set(_gather(keys, idx), _gather(values, idx), self.toks()[idx])
-
-    def take(self, sel: np.ndarray) -> tuple[mx.array, mx.array, np.ndarray]:
-        keys, values = self.kv()
-        idx = np.nonzero(sel)[0]
-        return _gather(keys, idx), _gather(values, idx), self.toks()[idx]
-
-    def merge(self, keys: mx.array, values: mx.array, tokens: np.ndarray) -> None:
-        """Add rows (tokens not present yet), keeping token order: one gather."""
-        if len(tokens) == 0:
-            return
-        if self.n == 0:
-            self.set(keys, values, tokens)
-            return
-        k0, v0 = self.kv()
-        all_tok = np.concatenate([self.toks(), tokens])
-        order = np.argsort(all_tok, kind="stable")
-        if (order == np.arange(len(order))).all():  # appended at the end
-            self.set(concat_rows([k0, keys]), concat_rows([v0, values]), all_tok)
-        else:
-            self.set(_gather(concat_rows([k0, keys]), order), _gather(concat_rows([v0, values]), order), all_tok[order])
-
-    def shift_from(self, token: int, d_tokens: int, d_pos: int, rotate: Rotate | None) -> None:
-        r0 = int(np.searchsorted(self.toks(), token, side="left"))
-        if r0 >= self.n:
-            return
-        self.tokens[r0 : self.n] += d_tokens
-        if d_pos:
-            assert self.keys is not None and rotate is not None, "moving positions needs a rotate function"
-            self.keys[..., r0 : self.n, :] = rotate(self.keys[..., r0 : self.n, :], d_pos)
-
-    def copy(self) -> _Rows:
-        other = _Rows()
-        if self.n and self.keys is not None:
-            k, v = self.kv()
-            other.set(mx.array(k), mx.array(v), self.toks())
-        return other
+_I64 = np.int64
 
 
 class ScopeKVCache:
@@ -138,8 +52,8 @@ class ScopeKVCache:
     step = 256
 
     def __init__(self) -> None:
-        self._live = _Rows()  # attended: visible rows, with spare capacity
-        self._aside = _Rows()  # masked rows, exact size
+        self._live = RowStore()  # attended: visible rows, with spare capacity
+        self._aside = RowStore()  # masked rows, exact size
         self._pos = np.zeros(0, _I64)  # position of each logical token (capacity)
         self._n_tokens = 0
         self._offset = 0  # next RoPE position
@@ -264,17 +178,17 @@ class ScopeKVCache:
     @property
     def token_positions(self) -> np.ndarray:
         """`[n_tokens]` RoPE position of every logical token (read-only)."""
-        return _frozen(self._pos[: self._n_tokens])
+        return frozen(self._pos[: self._n_tokens])
 
     @property
     def visible_tokens(self) -> np.ndarray:
         """Logical tokens of the attended rows, ascending (read-only)."""
-        return _frozen(self._live.toks())
+        return frozen(self._live.toks())
 
     @property
     def masked_tokens(self) -> np.ndarray:
         """Logical tokens of the rows kept aside by a mask, ascending (read-only)."""
-        return _frozen(self._aside.toks())
+        return frozen(self._aside.toks())
 
     @property
     def row_token(self) -> np.ndarray:
@@ -322,7 +236,7 @@ class ScopeKVCache:
         keys = concat_rows([p[0] for p in parts])
         values = concat_rows([p[1] for p in parts])
         if len(parts) > 1:
-            keys, values = _gather(keys, order), _gather(values, order)
+            keys, values = gather(keys, order), gather(values, order)
         return keys, values, toks[order], np.concatenate([p[3] for p in parts])[order]
 
     def tail_rows(self, m: int) -> tuple[mx.array, mx.array]:
@@ -397,7 +311,7 @@ class ScopeKVCache:
         for rows, sel in ((self._live, visible), (self._aside, ~visible)):
             if sel.any():
                 idx = np.nonzero(sel)[0]
-                rows.merge(_gather(keys, idx), _gather(values, idx), new[idx])
+                rows.merge(gather(keys, idx), gather(values, idx), new[idx])
         self._sync_offset()
 
     def overwrite_rows(self, lo: int, keys: mx.array, values: mx.array) -> int:
@@ -467,7 +381,7 @@ class ScopeKVCache:
         for rows, sel in ((obj._live, row_visible), (obj._aside, ~row_visible)):
             if sel.any():
                 idx = np.nonzero(sel)[0]
-                rows.set(_gather(keys, idx), _gather(values, idx), row_tokens[idx])
+                rows.set(gather(keys, idx), gather(values, idx), row_tokens[idx])
         obj._pos, obj._n_tokens = pos.copy(), n
         obj._sync_offset()
         return obj
@@ -481,19 +395,4 @@ class ScopeKVCache:
             grown = np.zeros(self._n_tokens + keys.shape[2] + self.step, _I64)
             grown[: self._n_tokens] = self._pos[: self._n_tokens]
             self._pos = grown
-        live = self._live
-        cap = 0 if live.keys is None else live.keys.shape[2]
-        if n_rows <= cap:
-            return
-        new_cap = -(-n_rows // self.step) * self.step
-        b, h, _, dk = keys.shape
-        spare_k = mx.zeros((b, h, new_cap - live.n, dk), keys.dtype)
-        spare_v = mx.zeros((b, h, new_cap - live.n, values.shape[3]), values.dtype)
-        if live.keys is None or live.n == 0:
-            live.keys, live.values = spare_k, spare_v
-        else:
-            k, v = live.kv()
-            live.keys, live.values = concat_rows([k, spare_k]), concat_rows([v, spare_v])
-        tokens = np.zeros(new_cap, _I64)
-        tokens[: live.n] = live.toks()
-        live.tokens = tokens
+        self._live.reserve(n_rows, keys, values, self.step)
