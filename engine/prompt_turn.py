@@ -24,8 +24,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kvscope.engine import turns
-from kvscope.engine.errors import InvalidRequestError, KVScopeError
-from kvscope.engine.events import EngineError, SessionId
+from kvscope.engine.errors import InvalidRequestError
+from kvscope.engine.events import SessionId
 from kvscope.engine.generation import SamplingParams
 
 if TYPE_CHECKING:
@@ -70,11 +70,10 @@ def run_prompt(
         CancelledError: cancelled during prefill (the session stays empty).
         MemoryBudgetError: the prompt and answer do not fit the memory budget.
     """
-    try:
-        return _run(eng, sid, prompt_ids, params, messages, transcript_text, cancelled)
-    except KVScopeError as exc:
-        eng.bus.emit(EngineError(eng.bus.now_ms(), sid, type(exc).__name__, str(exc)))
-        raise
+    result: turns.TurnResult = eng._guard(  # errors come out as EngineError events, as for every engine call
+        sid, lambda: _run(eng, sid, prompt_ids, params, messages, transcript_text, cancelled)
+    )
+    return result
 
 
 def _run(
