@@ -1,6 +1,7 @@
 """Head-wise budgets: each KV head keeps its own rows, scored by any policy.
 
-Both wrap a scorer from the registry (`scorer="snapkv"`, `"keydiff"`, ...;
+Both wrap a scorer from the registry (`scorer="keydiff"` by default: query-
+agnostic and without a window, so it fits any budget; `"snapkv"`, ... and
 the scorer's own parameters pass through) and keep its protected rows
 (sinks, recent window) in every head:
 
@@ -11,6 +12,9 @@ the scorer's own parameters pass through) and keep its protected rows
   its top `floor * b` rows (the safeguard, kvpress's `alpha_safeguard`), then
   the rest is a top-k over the flattened heads' scores. Heads whose
   attention is concentrated give rows to heads whose attention is spread.
+  `cap` (None = AdaKV as published) bounds a head at `cap * b` rows: the
+  cache stores max-over-heads columns per layer, so one greedy head would
+  otherwise hold on to the memory the others freed.
 
 Across layers, the wrapped scorer's own rule applies: `adakv` over
 `pyramidkv` or `dynamickv` moves budget between layers too.
@@ -38,7 +42,7 @@ class HeadwisePolicy(Policy):
     """A scorer from the registry, with rows chosen per KV head (subclasses choose how)."""
 
     head_wise = True
-    own: ClassVar[dict[str, Any]] = {"scorer": "snapkv"}
+    own: ClassVar[dict[str, Any]] = {"scorer": "keydiff"}
 
     def __init__(self, **params: Any) -> None:
         from kvscope.engine.policies import POLICIES, make_policy
@@ -107,13 +111,17 @@ class PerHead(HeadwisePolicy):
 class AdaKV(HeadwisePolicy):
     name = "adakv"
     summary = "AdaKV: the layer's rows shared out across KV heads by score, with a per-head floor"
-    own: ClassVar[dict[str, Any]] = {"scorer": "snapkv", "floor": 0.2}
+    own: ClassVar[dict[str, Any]] = {"scorer": "keydiff", "floor": 0.2, "cap": None}
 
     def _check_own(self) -> None:
-        f = self.params["floor"]
+        f, cap = self.params["floor"], self.params["cap"]
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= float(f) <= 1.0:
             raise InvalidRequestError(
                 f"adakv: floor must be in [0, 1] (the share of the budget each head keeps), got {f!r}"
+            )
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or float(cap) < 1.0):
+            raise InvalidRequestError(
+                f"adakv: cap must be None or >= 1 (a head's rows / the layer budget), got {cap!r}"
             )
 
     def keep_heads(self, scores: np.ndarray, cand: Candidates, protected: np.ndarray, budget: int) -> np.ndarray:
@@ -128,6 +136,13 @@ class AdaKV(HeadwisePolicy):
             flat = clean.reshape(-1)
             order = np.lexsort((heads, -toks, -flat))  # score desc, later token, lower head
             free = order[~keep.reshape(-1)[order]]
+            if self.params["cap"] is not None:  # a head past its cap takes no more rows
+                room = int(np.ceil(float(self.params["cap"]) * budget)) - keep.sum(axis=1)
+                fh = heads[free]
+                rank = np.zeros(len(free), np.int64)
+                for h in range(n_heads):
+                    rank[fh == h] = np.arange(int((fh == h).sum()))
+                free = free[rank < room[fh]]
             chosen = np.zeros(n_heads * n, bool)
             chosen[free[:left]] = True
             keep |= chosen.reshape(n_heads, n)

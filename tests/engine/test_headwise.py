@@ -61,7 +61,13 @@ def _oracle_logits(model: Any, caches: list[ScopeKVCache], keep: list[np.ndarray
     return np.array(out[0], np.float32)
 
 
-@pytest.mark.parametrize("policy, params", [("adakv", {"scorer": "snapkv", "window": 8}), ("per_head", {"scorer": "keydiff"})])
+@pytest.mark.parametrize(
+    "policy, params",
+    [
+        ("adakv", {"scorer": "snapkv", "window": 8}),
+        ("per_head", {"scorer": "keydiff"}),
+    ],
+)
 def test_headwise_decision_keeps_exactly_its_rows_per_head(lm, policy: str, params: dict) -> None:  # type: ignore[no-untyped-def]
     caches, ids = _caches(lm)
     d = compress_caches(caches, ids, lm.model, policy, keep_ratio=0.5, **params)
@@ -81,6 +87,17 @@ def test_headwise_decision_keeps_exactly_its_rows_per_head(lm, policy: str, para
             assert set(range(N - 8, N)) <= set.intersection(*(set(t.tolist()) for t in layer.head_kept))
     assert len({tuple(b) for b in d.head_budgets or []}) > 1 or policy == "per_head"
     assert d.bytes_after < d.bytes_before
+
+
+def test_adakv_cap_bounds_the_greediest_head(lm) -> None:  # type: ignore[no-untyped-def]
+    most = {}
+    for cap in (None, 1.05):
+        caches, ids = _caches(lm)
+        d = compress_caches(caches, ids, lm.model, "adakv", keep_ratio=0.5, scorer="snapkv", window=8, cap=cap)
+        assert [sum(b) for b in d.head_budgets or []] == [48 * caches[0].n_kv_heads] * lm.n_layers
+        most[cap] = max(max(b) for b in d.head_budgets or [])
+        assert max(c.keys.shape[2] for c in caches) >= most[cap]
+    assert most[None] > 51 >= most[1.05]  # ceil(1.05 x 48)
 
 
 def test_logits_equal_a_full_recompute_masked_per_head(lm) -> None:  # type: ignore[no-untyped-def]
@@ -112,7 +129,9 @@ def test_headwise_decisions_replay_bit_for_bit_from_json(lm) -> None:  # type: i
     apply_decision(fresh, back)
     for a, b in zip(caches, fresh):
         assert all(np.array_equal(x, y) for x, y in zip(a.head_tokens(), b.head_tokens()))
-        assert np.array_equal(np.array(a.keys), np.array(b.keys)) and np.array_equal(np.array(a.values), np.array(b.values))
+        assert np.array_equal(np.array(a.keys), np.array(b.keys)) and np.array_equal(
+            np.array(a.values), np.array(b.values)
+        )
         assert np.array_equal(np.array(a.state[0]), np.array(b.state[0]))
 
 
