@@ -22,7 +22,6 @@ Knows nothing about sessions; returns `Segment`s.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -34,6 +33,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from kvscope.engine.atomic_io import atomic_write
 from kvscope.engine.bounded_io import loads_json
 from kvscope.engine.errors import InvalidRequestError, SegmentFileError
 from kvscope.engine.model_limits import MAX_POSITION, ModelLimits, limits_of
@@ -150,16 +150,9 @@ def write_segment(lm: LoadedModel, seg: Segment, path: str | os.PathLike[str]) -
     manifest["sha256"] = _digest(ordered, manifest)
     meta["0.kvscope"] = json.dumps(manifest)
     data = save(arrays, metadata=meta)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, data)
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
-        with contextlib.suppress(OSError, ValueError):  # a failing cleanup must not hide the real reason
-            tmp.unlink(missing_ok=True)
         raise SegmentFileError(f"cannot write segment to {path}: {getattr(exc, 'strerror', None) or exc}") from exc
     return path
 

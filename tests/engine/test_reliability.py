@@ -98,7 +98,7 @@ def test_sigkill_mid_save_keeps_the_previous_state(tmp_path: Path, llama_dir: Pa
         assert child.returncode == -signal.SIGKILL
         _consistent(_reopen(data, llama_dir))
     leftovers = [p.name for p in data.rglob(".*.tmp")]
-    assert leftovers == [] or all(p.endswith(".tmp") for p in leftovers)
+    assert leftovers == []  # the reopening engine cleaned what the killed saves left
 
 
 def test_memory_budget_evicts_prefix_blocks_then_refuses(llama_dir: Path) -> None:
