@@ -51,3 +51,28 @@ def head_occupancy(heads: np.ndarray, lo: int, hi: int) -> list[int]:
     """Rows each head holds (visible or masked) among tokens [lo, hi) of one layer."""
     span = heads[:, lo:hi]
     return [int(x) for x in (span != TokenState.EVICTED).sum(axis=1)]
+
+
+def head_rows(name: str, i: int, value: Any, n_rows: int) -> np.ndarray | None:
+    """A session file's `head_rows` (`[kv_heads][n_rows]` of 0/1: which head holds which row), checked.
+
+    Raises:
+        SegmentFileError: not a list of 0/1 lists of the layer's row count, or a row no head holds.
+    """
+    from kvscope.engine.errors import SegmentFileError
+
+    if value is None:
+        return None
+    ok = (
+        isinstance(value, list)
+        and 0 < len(value) <= 4096
+        and all(
+            isinstance(r, list) and len(r) == n_rows and all(x in (0, 1) and type(x) is int for x in r) for r in value
+        )
+    )
+    if not ok:
+        raise SegmentFileError(f"session {name}: layer {i} head_rows must be one list of {n_rows} 0/1 per KV head")
+    out = np.asarray(value, bool).reshape(len(value), n_rows)
+    if n_rows and not out.any(axis=0).all():
+        raise SegmentFileError(f"session {name}: layer {i} head_rows leave a row that no KV head holds")
+    return out

@@ -16,8 +16,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kvscope.engine import Engine, InvalidRequestError, SamplingParams, UnsupportedModelError, load_model
-from kvscope.engine import head_attention
+from kvscope.engine import (
+    Engine,
+    InvalidRequestError,
+    SamplingParams,
+    UnsupportedModelError,
+    head_attention,
+    load_model,
+)
 from kvscope.engine.compression import Decision, apply_decision, compress_caches
 from kvscope.engine.generation import forward, prefill
 from kvscope.engine.invariants import session_problems
@@ -226,3 +232,43 @@ def test_mask_and_unmask_work_per_head_and_edits_that_move_rows_are_refused(llam
     res = eng.chat(sid, "and the colour of the water ?", SamplingParams(max_tokens=4))  # chat goes on
     assert res.stats.cached_tokens > 0 and not session_problems(s)
     assert all(c.offset == s.n_tokens for c in s.caches)
+
+
+def test_headwise_sessions_save_and_reopen_per_head_and_bad_head_rows_are_refused(
+    llama_dir: Path, tmp_path: Path
+) -> None:
+    import json
+    import zipfile
+
+    from kvscope.engine.errors import SegmentFileError
+
+    eng, sid = _headwise_session(llama_dir)
+    eng.mask(sid, 12, 20, fidelity=False)  # masked rows differ per head too
+    path = eng.export_session(sid, tmp_path / "hw.kvsession")
+    new = eng.import_session(path)
+    a, b = eng.session(sid), eng.session(new)
+    for ca, cb in zip(a.caches, b.caches):
+        assert cb.is_headwise
+        for visible in (True, False):
+            assert all(np.array_equal(x, y) for x, y in zip(ca.head_tokens(visible), cb.head_tokens(visible)))
+        assert ca.nbytes == cb.nbytes  # the reopened cache frees the same memory
+    probe = [7, 30, 31]
+    want = np.array(forward(eng.model.model, probe, [c.copy() for c in a.caches]))
+    assert np.array_equal(np.array(forward(eng.model.model, probe, [c.copy() for c in b.caches])), want)
+    assert not session_problems(b)
+    with zipfile.ZipFile(path) as zf:
+        files = {n: zf.read(n) for n in zf.namelist()}
+    doc_name = next(n for n in files if n.endswith("session.json"))
+    for hurt, message in (
+        (lambda lay: lay["head_rows"][0].__setitem__(0, 7), "head_rows must be one list"),
+        (lambda lay: [row.__setitem__(0, 0) for row in lay["head_rows"]], "no KV head holds"),
+        (lambda lay: lay["head_rows"].append(lay["head_rows"][0]), "head presence is"),
+    ):
+        doc = json.loads(files[doc_name])
+        hurt(doc["layers"][0])
+        bad = tmp_path / "bad.kvsession"
+        with zipfile.ZipFile(bad, "w") as zf:
+            for n, data in files.items():
+                zf.writestr(n, json.dumps(doc) if n == doc_name else data)
+        with pytest.raises(SegmentFileError, match=message):
+            eng.import_session(bad)
