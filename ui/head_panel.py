@@ -19,6 +19,7 @@ from PySide6.QtWidgets import QHBoxLayout, QLabel, QSpinBox, QSplitter, QVBoxLay
 
 from kvscope.engine.blocks import N_STATES, TokenState
 from kvscope.engine.snapshot import SessionSnapshot
+from kvscope.ui.block_map import IndexAxis
 from kvscope.ui.palette import state_lut
 
 
@@ -30,10 +31,11 @@ class HeadPanel(QWidget):
         self.layer.setToolTip("The layer whose KV heads the keep mask shows")
         self.layer.valueChanged.connect(lambda _v: self._draw_heads())
         self.caption = QLabel("")
-        self.head_plot, self.head_img = _plot("KV head × token", "KV head", "token")
+        self.head_plot, self.head_img = _plot("KV head × token", "KV head", "token", cells_x=False)
         self.head_img.setLookupTable(state_lut())
         self.head_img.setLevels((0, N_STATES))
-        self.budget_plot, self.budget_img = _plot("rows kept per KV head (layer × head)", "layer", "KV head")
+        self.budget_plot, self.budget_img = _plot("rows per KV head", "layer", "KV head")
+        self.budget_plot.setMinimumWidth(240)
         self.budget_img.setColorMap(pg.colormap.get("viridis"))
         self._labels: list[pg.TextItem] = []
         top = QHBoxLayout()
@@ -42,7 +44,8 @@ class HeadPanel(QWidget):
         split = QSplitter()
         split.addWidget(self.head_plot)
         split.addWidget(self.budget_plot)
-        split.setSizes([700, 300])
+        split.setStretchFactor(0, 3)
+        split.setStretchFactor(1, 1)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addLayout(top)
@@ -97,10 +100,10 @@ class HeadPanel(QWidget):
         self._labels = []
         if snap.head_budgets:
             grid = np.asarray(snap.head_budgets, np.float32)
-            self.budget_plot.setTitle("rows kept per KV head (layer × head)")
+            self.budget_plot.setTitle("rows kept per KV head")
         elif snap.layer_budgets:
             grid = np.asarray(snap.layer_budgets, np.float32)[:, None]
-            self.budget_plot.setTitle("per-layer budget (the heads of a layer keep the same rows)")
+            self.budget_plot.setTitle("rows kept per layer")
         else:
             self.budget_img.clear()
             self.budget_plot.setTitle("budgets: no decision yet")
@@ -114,8 +117,9 @@ class HeadPanel(QWidget):
             self._labels.append(label)
 
 
-def _plot(title: str, left: str, bottom: str) -> tuple[pg.PlotWidget, pg.ImageItem]:
-    plot = pg.PlotWidget(title=title)
+def _plot(title: str, left: str, bottom: str, cells_x: bool = True) -> tuple[pg.PlotWidget, pg.ImageItem]:
+    axes = {"left": IndexAxis("left", 14)} | ({"bottom": IndexAxis("bottom", 30)} if cells_x else {})
+    plot = pg.PlotWidget(title=title, axisItems=axes)
     plot.setBackground((24, 24, 28))
     img = pg.ImageItem(axisOrder="col-major")
     plot.addItem(img)
