@@ -195,6 +195,11 @@ class ScopeKVCache:
         return len(self._rows.visible()) if self.is_headwise else self._rows.live.n
 
     @property
+    def n_columns(self) -> int:
+        """Rows stored per KV head, holes of head-wise layers included (what `nbytes` counts)."""
+        return self._rows.live.n + self._rows.aside.n
+
+    @property
     def is_headwise(self) -> bool:
         """True once a head-wise eviction gave this layer's KV heads their own rows."""
         return self._rows.is_headwise

@@ -272,3 +272,20 @@ def test_headwise_sessions_save_and_reopen_per_head_and_bad_head_rows_are_refuse
                 zf.writestr(n, json.dumps(doc) if n == doc_name else data)
         with pytest.raises(SegmentFileError, match=message):
             eng.import_session(bad)
+
+
+def test_headwise_with_quantization_counts_stored_columns_and_auto_compress_is_refused() -> None:
+    from kvscope.engine.compression import AutoCompress
+
+    demo = load_model(None)  # head_dim 32: quantizable
+    caches, ids = _caches(demo)
+    d = compress_caches(caches, ids, demo.model, "adakv", keep_ratio=0.5, quant_bits=8)
+    cols = sum(c.n_columns for c in caches)
+    assert cols > sum(c.n_rows for c in caches) // 2  # padded columns, more than half the union rows
+    head_dim = caches[0].keys.shape[-1]
+    per_column = 2 * caches[0].n_kv_heads * head_dim  # K and V values per column
+    assert d.bytes_after == cols * per_column * 4  # float32, as stored
+    groups = per_column // 64 if head_dim % 64 == 0 else per_column // 32
+    assert d.quantized_bytes == cols * (per_column + 2 * groups * 4)  # 8-bit values + a scale and bias per group
+    with pytest.raises(InvalidRequestError, match="head-wise cache cannot be compressed again"):
+        AutoCompress("adakv", keep_ratio=0.5).validate()
