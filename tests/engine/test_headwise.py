@@ -289,3 +289,13 @@ def test_headwise_with_quantization_counts_stored_columns_and_auto_compress_is_r
     assert d.quantized_bytes == cols * (per_column + 2 * groups * 4)  # 8-bit values + a scale and bias per group
     with pytest.raises(InvalidRequestError, match="head-wise cache cannot be compressed again"):
         AutoCompress("adakv", keep_ratio=0.5).validate()
+
+
+def test_adakv_over_a_layerwise_scorer_moves_budget_across_layers_too(lm) -> None:  # type: ignore[no-untyped-def]
+    caches, ids = _caches(lm)
+    d = compress_caches(caches, ids, lm.model, "adakv", keep_ratio=0.5, scorer="pyramidkv", window=8)
+    totals = [sum(b) for b in d.head_budgets or []]
+    n_heads = caches[0].n_kv_heads
+    assert totals[0] > totals[-1]  # the pyramid: lower layers keep more
+    assert sum(totals) == 48 * n_heads * lm.n_layers  # the same rows in all
+    assert [layer.budget * n_heads for layer in d.layers] == totals
