@@ -299,3 +299,22 @@ def test_adakv_over_a_layerwise_scorer_moves_budget_across_layers_too(lm) -> Non
     assert totals[0] > totals[-1]  # the pyramid: lower layers keep more
     assert sum(totals) == 48 * n_heads * lm.n_layers  # the same rows in all
     assert [layer.budget * n_heads for layer in d.layers] == totals
+
+
+def test_masking_a_headwise_cache_equals_the_oracle_with_the_span_hidden_in_every_head(lm) -> None:  # type: ignore[no-untyped-def]
+    caches, ids = _caches(lm)
+    full = [c.copy() for c in caches]
+    d = compress_caches(caches, ids, lm.model, "adakv", keep_ratio=0.4, scorer="snapkv", window=8)
+    for c in caches:
+        assert c.set_visible(10, 30, False) > 0
+    keep = [layer.head_keep_mask(N) for layer in d.layers]
+    for k in keep:
+        k[:, 10:30] = False
+    probe = [7, 30, 31]
+    got = np.array(forward(lm.model, probe, [c.copy() for c in caches])[0], np.float32)
+    np.testing.assert_allclose(got, _oracle_logits(lm.model, [c.copy() for c in full], keep, probe), atol=1e-4)
+    for c in caches:
+        c.set_visible(10, 30, True)
+    back = np.array(forward(lm.model, probe, caches)[0], np.float32)
+    want = _oracle_logits(lm.model, full, [layer.head_keep_mask(N) for layer in d.layers], probe)
+    np.testing.assert_allclose(back, want, atol=1e-4)
