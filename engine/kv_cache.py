@@ -212,6 +212,22 @@ class ScopeKVCache:
         """Per KV head, the logical tokens of its visible (or masked) rows, ascending."""
         return self._rows.head_tokens(visible)
 
+    def visible_rows(self) -> tuple[mx.array, mx.array, np.ndarray, np.ndarray]:
+        """(keys, values, tokens, presence) of the visible rows, one per token in token order
+        (`[1, kv_heads, n_visible, dim]`); head-wise: zeros where `presence` (`[kv_heads, n]`) is False."""
+        live = self._rows.live
+        if isinstance(live, HeadRowStore):
+            return live.union_rows(live.toks() >= 0)
+        keys, values = live.kv()
+        return keys, values, live.toks().copy(), np.ones((keys.shape[1], live.n), bool)
+
+    def visible_presence(self) -> np.ndarray:
+        """`[kv_heads, n_visible]`: whether each head attends each of `visible_tokens`."""
+        live = self._rows.live
+        if isinstance(live, HeadRowStore):
+            return live.presence(live.token_list())
+        return np.ones((self.n_kv_heads, live.n), bool)
+
     def head_presence(self) -> np.ndarray:
         """`[kv_heads, n_rows]`: whether each head holds each row of `row_token` (all True unless head-wise)."""
         return self._rows.presence()

@@ -56,6 +56,7 @@ class HeadwisePolicy(Policy):
         self.inner = make_policy(name, **{k: v for k, v in params.items() if k not in self.own})
         self.params = {**mine, **self.inner.params}
         self.needs_attention = self.inner.needs_attention  # type: ignore[misc]
+        self.reads_head_rows = self.inner.reads_head_rows  # type: ignore[misc]
         self._check_own()
 
     def _check_own(self) -> None:
@@ -73,18 +74,24 @@ class HeadwisePolicy(Policy):
     def allocate(self, budgets: list[int], scores: list[np.ndarray], floors: list[int], caps: list[int]) -> list[int]:
         return self.inner.allocate(budgets, scores, floors, caps)
 
-    def keep_heads(self, scores: np.ndarray, cand: Candidates, protected: np.ndarray, budget: int) -> np.ndarray:
-        """`[heads, n]` keep mask for one layer (`scores` is `[heads, n]`)."""
+    def keep_heads(
+        self, scores: np.ndarray, cand: Candidates, protected: np.ndarray, budget: int, held: np.ndarray
+    ) -> np.ndarray:
+        """`[heads, n]` keep mask for one layer (`scores` is `[heads, n]`; a head keeps only rows it `held`)."""
         raise NotImplementedError
 
-    def decide_layer(self, cand: Candidates, scores: np.ndarray, budget: int, n_heads: int) -> LayerDecision:
-        """The layer's decision: per-head kept tokens and budgets, the union as `kept`."""
+    def decide_layer(self, cand: Candidates, scores: np.ndarray, budget: int, held: np.ndarray) -> LayerDecision:
+        """The layer's decision: per-head kept tokens and budgets, the union as `kept`.
+
+        `held` (`[kv_heads, n]`): which head holds which candidate (all True on a uniform layer).
+        """
+        n_heads = held.shape[0]
         s = np.asarray(scores, np.float32)
         if s.shape[0] not in (1, n_heads):
             raise InvalidRequestError(f"{self.name}: {s.shape[0]} rows of scores for {n_heads} KV heads")
-        s = np.broadcast_to(s, (n_heads, len(cand))).copy()
+        s = np.where(held, np.broadcast_to(s, (n_heads, len(cand))), np.float32(np.nan))
         prot = self.protected(cand, budget)
-        keep = self.keep_heads(s, cand, prot, budget)
+        keep = self.keep_heads(s, cand, prot, budget, held) & held
         anyone = keep.any(axis=0)
         layer_score = np.nanmean(s, axis=0) if not np.isnan(s).all() else s[0]
         return LayerDecision(
@@ -104,8 +111,10 @@ class PerHead(HeadwisePolicy):
     name = "per_head"
     summary = "every KV head keeps the budget, chosen by its own scores"
 
-    def keep_heads(self, scores: np.ndarray, cand: Candidates, protected: np.ndarray, budget: int) -> np.ndarray:
-        return np.stack([select(row, cand, protected, budget) for row in scores])
+    def keep_heads(
+        self, scores: np.ndarray, cand: Candidates, protected: np.ndarray, budget: int, held: np.ndarray
+    ) -> np.ndarray:
+        return np.stack([_select_held(row, cand, protected, budget, h) for row, h in zip(scores, held)])
 
 
 class AdaKV(HeadwisePolicy):
@@ -124,18 +133,20 @@ class AdaKV(HeadwisePolicy):
                 f"adakv: cap must be None or >= 1 (a head's rows / the layer budget), got {cap!r}"
             )
 
-    def keep_heads(self, scores: np.ndarray, cand: Candidates, protected: np.ndarray, budget: int) -> np.ndarray:
+    def keep_heads(
+        self, scores: np.ndarray, cand: Candidates, protected: np.ndarray, budget: int, held: np.ndarray
+    ) -> np.ndarray:
         n_heads, n = scores.shape
         floor = max(int(budget * float(self.params["floor"])), int(protected.sum()))
-        keep = np.stack([select(row, cand, protected, min(floor, n)) for row in scores])
-        left = budget * n_heads - int(keep.sum())
+        keep = np.stack([_select_held(row, cand, protected, floor, h) for row, h in zip(scores, held)])
+        left = min(budget * n_heads, int(held.sum())) - int(keep.sum())
         if left > 0:
             clean = np.where(np.isfinite(scores), scores, -np.inf)
             heads = np.repeat(np.arange(n_heads), n)
             toks = np.tile(cand.tokens, n_heads)
             flat = clean.reshape(-1)
             order = np.lexsort((heads, -toks, -flat))  # score desc, later token, lower head
-            free = order[~keep.reshape(-1)[order]]
+            free = order[~keep.reshape(-1)[order] & held.reshape(-1)[order]]
             if self.params["cap"] is not None:  # a head past its cap takes no more rows
                 room = int(np.ceil(float(self.params["cap"]) * budget)) - keep.sum(axis=1)
                 fh = heads[free]
@@ -147,6 +158,44 @@ class AdaKV(HeadwisePolicy):
             chosen[free[:left]] = True
             keep |= chosen.reshape(n_heads, n)
         return keep
+
+
+def _select_held(
+    scores: np.ndarray, cand: Candidates, protected: np.ndarray, budget: int, held: np.ndarray
+) -> np.ndarray:
+    """`select` among the rows a head holds: protected rows it holds, then its best, up to `budget`."""
+    prot = protected & held
+    return (
+        select(np.where(held, scores, -np.inf), cand, prot, max(min(budget, int(held.sum())), int(prot.sum()))) & held
+    )
+
+
+def head_rows_input(caches: list[Any], policy: Policy) -> list[np.ndarray]:
+    """Per layer, `[kv_heads, n_visible]` which head attends which visible token; refuses a policy that
+    cannot score layers whose heads hold different rows (before any change)."""
+    for i, c in enumerate(caches):
+        if getattr(c, "is_headwise", False) and not policy.reads_head_rows:
+            raise InvalidRequestError(
+                f"compressing with {policy.name} is refused: layer {i} is already compressed head-wise (its KV "
+                "heads hold different rows) and this policy reads one row per token; undo that compression first"
+            )
+    return [c.visible_presence() for c in caches]
+
+
+def budget_rows(presence: list[np.ndarray]) -> list[int]:
+    """Rows a budget applies to per layer: the visible rows, or the mean rows per head on a head-wise layer."""
+    return [int(round(p.sum() / max(p.shape[0], 1))) if not p.all() else p.shape[1] for p in presence]
+
+
+def mask_absent(scores: list[np.ndarray], presence: list[np.ndarray]) -> list[np.ndarray]:
+    """Scores with NaN where a head holds no row of the token (head-wise layers only)."""
+    out = []
+    for s, p in zip(scores, presence):
+        if p.all():
+            out.append(s)
+        else:
+            out.append(np.where(p, np.broadcast_to(s, p.shape), np.float32(np.nan)).astype(np.float32))
+    return out
 
 
 def check_head_decision(caches: list[Any], layers: list[LayerDecision]) -> None:
@@ -167,13 +216,3 @@ def check_head_decision(caches: list[Any], layers: list[LayerDecision]) -> None:
         union = np.unique(np.concatenate([np.asarray(t, np.int64) for t in layer.head_kept] or [np.zeros(0, np.int64)]))
         if not np.array_equal(union, np.sort(layer.kept)):
             raise InvalidRequestError(f"layer {i}: the heads' kept tokens do not add up to the layer's kept tokens")
-
-
-def require_uniform_rows(caches: list[Any], what: str) -> None:
-    """Scoring reads one row per token in every head: refuse layers already compressed head-wise."""
-    for i, c in enumerate(caches):
-        if getattr(c, "is_headwise", False):
-            raise InvalidRequestError(
-                f"{what} is refused: layer {i} is already compressed head-wise (its KV heads hold different rows); "
-                "undo that compression first, or replay a recorded decision"
-            )

@@ -76,6 +76,7 @@ class Quantize(Policy):
     summary = "keep every row, quantize K/V to 8 or 4 bits"
     defaults: ClassVar[dict[str, Any]] = {"bits": 8}
     evicts = False
+    reads_head_rows = True
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)

@@ -225,8 +225,6 @@ def test_mask_and_unmask_work_per_head_and_edits_that_move_rows_are_refused(llam
         eng.splice(other, sid, 0, 8)  # out of a head-wise session
     with pytest.raises(InvalidRequestError, match="is refused on a head-wise compressed layer"):
         eng.save_segment(sid, 0, 16, llama_dir.parent / "seg.safetensors")
-    with pytest.raises(InvalidRequestError, match="already compressed head-wise"):
-        eng.compress(sid, "snapkv", keep_ratio=0.5, window=4)
     for c, old in zip(s.caches, snapshot):  # nothing changed
         assert all(np.array_equal(a, b) for a, b in zip(c.head_tokens(), old.head_tokens()))
     res = eng.chat(sid, "and the colour of the water ?", SamplingParams(max_tokens=4))  # chat goes on
@@ -274,9 +272,7 @@ def test_headwise_sessions_save_and_reopen_per_head_and_bad_head_rows_are_refuse
             eng.import_session(bad)
 
 
-def test_headwise_with_quantization_counts_stored_columns_and_auto_compress_is_refused() -> None:
-    from kvscope.engine.compression import AutoCompress
-
+def test_headwise_with_quantization_counts_stored_columns() -> None:
     demo = load_model(None)  # head_dim 32: quantizable
     caches, ids = _caches(demo)
     d = compress_caches(caches, ids, demo.model, "adakv", keep_ratio=0.5, quant_bits=8)
@@ -287,8 +283,6 @@ def test_headwise_with_quantization_counts_stored_columns_and_auto_compress_is_r
     assert d.bytes_after == cols * per_column * 4  # float32, as stored
     groups = per_column // 64 if head_dim % 64 == 0 else per_column // 32
     assert d.quantized_bytes == cols * (per_column + 2 * groups * 4)  # 8-bit values + a scale and bias per group
-    with pytest.raises(InvalidRequestError, match="head-wise cache cannot be compressed again"):
-        AutoCompress("adakv", keep_ratio=0.5).validate()
 
 
 def test_adakv_over_a_layerwise_scorer_moves_budget_across_layers_too(lm) -> None:  # type: ignore[no-untyped-def]
@@ -318,3 +312,50 @@ def test_masking_a_headwise_cache_equals_the_oracle_with_the_span_hidden_in_ever
     back = np.array(forward(lm.model, probe, caches)[0], np.float32)
     want = _oracle_logits(lm.model, full, [layer.head_keep_mask(N) for layer in d.layers], probe)
     np.testing.assert_allclose(back, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("second", ["adakv", "per_head", "snapkv", "key_norm"])
+def test_compressing_a_headwise_cache_again_keeps_rows_each_head_holds(lm, second: str) -> None:  # type: ignore[no-untyped-def]
+    caches, ids = _caches(lm)
+    full = [c.copy() for c in caches]
+    first = compress_caches(caches, ids, lm.model, "adakv", keep_ratio=0.5, scorer="snapkv", window=8)
+    held = [layer.head_keep_mask(N) for layer in first.layers]
+    params = {"window": 8} if second in ("adakv", "snapkv") else {}
+    if second == "adakv":
+        params["scorer"] = "snapkv"
+    d = compress_caches(caches, ids, lm.model, second, keep_ratio=0.5, **params)
+    for c, layer, was in zip(caches, d.layers, held):
+        now = np.stack([np.isin(np.arange(N), t) for t in c.head_tokens()])
+        assert not (now & ~was).any()  # a head never gets back a row it had dropped
+        if layer.head_kept is not None:  # half the rows each head held, on average
+            assert abs(now.sum() - 0.5 * was.sum()) <= now.shape[0]
+            assert all(np.array_equal(t, k) for t, k in zip(c.head_tokens(), layer.head_kept))
+        else:  # a per-layer policy keeps half of the mean rows per head as tokens, in every head holding them
+            assert len(c.visible_tokens) == 24 and now.sum(axis=1).max() <= 24
+    keep = [np.stack([np.isin(np.arange(N), t) for t in c.head_tokens()]) for c in caches]
+    probe = [7, 30, 31]
+    got = np.array(forward(lm.model, probe, caches)[0], np.float32)
+    np.testing.assert_allclose(got, _oracle_logits(lm.model, full, keep, probe), atol=1e-4)
+
+
+def test_auto_compress_head_wise_every_turn_and_a_scorer_that_cannot_read_heads_is_refused(
+    llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvscope.engine.compression import AutoCompress
+    from kvscope.engine.policies.scorers import KeyDiff
+
+    eng = Engine()
+    eng.load(llama_dir)
+    sid = eng.new_session(system=SYSTEM)
+    eng.set_auto_compress(sid, AutoCompress("adakv", keep_ratio=0.75))
+    for question in ("what is the code of locker red ?", "and the colour of the water ?"):
+        eng.chat(sid, question, SamplingParams(max_tokens=3))
+        s = eng.session(sid)
+        assert s.last_decision is not None and s.last_decision.is_headwise
+        assert all(c.is_headwise for c in s.caches) and not session_problems(s)
+    assert sum(op.get("op") == "compress" for op in s.operations) == 2  # once per turn, the second on head-wise rows
+    before = [c.head_tokens() for c in s.caches]
+    monkeypatch.setattr(KeyDiff, "reads_head_rows", False)
+    with pytest.raises(InvalidRequestError, match="already compressed head-wise"):
+        eng.compress(sid, "adakv", keep_ratio=0.5)
+    assert all(all(np.array_equal(a, b) for a, b in zip(c.head_tokens(), old)) for c, old in zip(s.caches, before))
