@@ -179,7 +179,7 @@ def head_rows_input(caches: list[Any], policy: Policy) -> list[np.ndarray]:
                 f"compressing with {policy.name} is refused: layer {i} is already compressed head-wise (its KV "
                 "heads hold different rows) and this policy reads one row per token; undo that compression first"
             )
-    return [c.visible_presence() for c in caches]
+    return [c.visible_presence() if hasattr(c, "visible_presence") else np.ones((1, c.n_visible), bool) for c in caches]
 
 
 def budget_rows(presence: list[np.ndarray]) -> list[int]:
