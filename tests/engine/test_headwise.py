@@ -227,6 +227,9 @@ def test_mask_and_unmask_work_per_head_and_edits_that_move_rows_are_refused(llam
         eng.save_segment(sid, 0, 16, llama_dir.parent / "seg.safetensors")
     for c, old in zip(s.caches, snapshot):  # nothing changed
         assert all(np.array_equal(a, b) for a, b in zip(c.head_tokens(), old.head_tokens()))
+    eng.erratum(sid, "the code is 5 5 5", fidelity=False)  # appends rows in every head
+    eng.compact(sid, 2, 10, summary="a code", fidelity=False)  # a summary turn + a per-head mask
+    assert all(c.is_headwise for c in s.caches) and not session_problems(s)
     res = eng.chat(sid, "and the colour of the water ?", SamplingParams(max_tokens=4))  # chat goes on
     assert res.stats.cached_tokens > 0 and not session_problems(s)
     assert all(c.offset == s.n_tokens for c in s.caches)
