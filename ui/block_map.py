@@ -26,13 +26,14 @@ import math
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QMimeData, QPointF, Qt, Signal
+from PySide6.QtGui import QDragEnterEvent, QDragLeaveEvent, QDragMoveEvent, QDropEvent
 from PySide6.QtWidgets import QWidget
 
 from kvscope.engine.blocks import N_STATES
-from kvscope.ui.drops import MIME_SEGMENT, has_payload, refusal
+from kvscope.ui.drag_format import accept_drop, accept_move, has_payload
 from kvscope.ui.palette import state_lut
 
-__all__ = ["MIME_SEGMENT", "BlockMap", "IndexAxis"]
+__all__ = ["BlockMap", "IndexAxis"]
 FOLLOW_BLOCKS = 160  # show the whole cache up to this many blocks, then the live end
 MIN_BLOCKS_SHOWN = 8
 
@@ -189,36 +190,31 @@ class BlockMap(pg.PlotWidget):
         super().leaveEvent(ev)
 
     # ------------------------------------------------------------ drops
-    def _boundary_at(self, pos: object) -> int:
-        scene = self.mapToScene(pos.toPoint())  # type: ignore[attr-defined]
+    def _boundary_at(self, pos: QPointF) -> int:
+        scene = self.mapToScene(pos.toPoint())
         x = self.getViewBox().mapSceneToView(scene).x()
         return int(np.clip(round(x), 0, self._shape[1]))
 
-    def dragEnterEvent(self, ev: object) -> None:  # noqa: N802
-        if has_payload(ev.mimeData()):  # type: ignore[attr-defined]
-            ev.acceptProposedAction()  # type: ignore[attr-defined]
+    def dragEnterEvent(self, ev: QDragEnterEvent) -> None:  # noqa: N802
+        if has_payload(ev.mimeData()):
+            ev.acceptProposedAction()
         else:
-            ev.ignore()  # type: ignore[attr-defined]
+            ev.ignore()
 
-    def dragMoveEvent(self, ev: object) -> None:  # noqa: N802
-        if refusal(ev.mimeData(), self.session, ev.modifiers()) is not None:  # type: ignore[attr-defined]
+    def dragMoveEvent(self, ev: QDragMoveEvent) -> None:  # noqa: N802
+        if accept_move(ev, self.session):
+            self.drop_line.setValue(self._boundary_at(ev.position()))
+            self.drop_line.show()
+        else:
             self.drop_line.hide()
-            ev.ignore()  # type: ignore[attr-defined]
-            return
-        self.drop_line.setValue(self._boundary_at(ev.position()))  # type: ignore[attr-defined]
-        self.drop_line.show()
-        ev.acceptProposedAction()  # type: ignore[attr-defined]
 
-    def dragLeaveEvent(self, ev: object) -> None:  # noqa: N802
+    def dragLeaveEvent(self, ev: QDragLeaveEvent) -> None:  # noqa: N802
         self.drop_line.hide()
 
-    def dropEvent(self, ev: object) -> None:  # noqa: N802
+    def dropEvent(self, ev: QDropEvent) -> None:  # noqa: N802
         self.drop_line.hide()
-        mime = ev.mimeData()  # type: ignore[attr-defined]
-        why = refusal(mime, self.session, ev.modifiers())  # type: ignore[attr-defined]
+        why = accept_drop(ev, self.session)
         if why is not None:
             self.drop_refused.emit(why)
-            ev.ignore()  # type: ignore[attr-defined]
             return
-        self.dropped.emit(mime, self._boundary_at(ev.position()))  # type: ignore[attr-defined]
-        ev.acceptProposedAction()  # type: ignore[attr-defined]
+        self.dropped.emit(ev.mimeData(), self._boundary_at(ev.position()))

@@ -206,7 +206,7 @@ class MainWindow(QMainWindow):
         view.actions_.submitted.connect(lambda op, v=view: self._say_if_queued(v, op))
         # A newer operation changes what a queued measurement would measure: drop it.
         view.actions_.submitted.connect(lambda _op, v=view: self.fidelity.skip(v.sid))
-        view.actions_.inline_fidelity = lambda v: self.fidelity.inline(v.snapshot.n_tokens if v.snapshot else 0)
+        view.actions_.set_inline_fidelity(lambda v=view: self.fidelity.inline(v.snapshot.n_tokens if v.snapshot else 0))
         view.actions_.measure_later.connect(lambda op, rep, v=view: self.fidelity.queue(v.sid, op, rep))
         self.views[sid] = view
         self.area.add(view)
@@ -295,7 +295,7 @@ class MainWindow(QMainWindow):
     def _on_measured(self, sid: str, op: str, report: dict) -> None:
         view = self.views.get(sid)
         if view is not None:
-            view.actions_.last_report = report
+            view.actions_.record_report(report)
             self.report.show_report(op, view.name, report, note=" · fidelity measured after the edit")
 
     def _skip_measuring(self, sid: str) -> None:

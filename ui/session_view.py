@@ -88,7 +88,7 @@ class SessionView(QFrame):
         self._strip_at_end = True
         self.setFrameShape(QFrame.Shape.StyledPanel)
         self._build(name)
-        self.actions_ = SpanActions(self)
+        self.actions_ = SpanActions(bridge, sid, self, self)
         self._connect()
 
     @property
@@ -194,6 +194,7 @@ class SessionView(QFrame):
         self.sampling_btn.setText(f"sampling: {how}{seed} · max {p.max_tokens} tokens")
 
     def _connect(self) -> None:
+        self.actions_.started.connect(lambda _op: self.activated.emit(self.sid))
         self.send_btn.clicked.connect(self._on_send)
         self.prompt.submitted.connect(lambda _text: self._on_send())
         self.stop_btn.clicked.connect(self._on_stop)
@@ -318,6 +319,14 @@ class SessionView(QFrame):
     # ------------------------------------------------------------ selection and hover
     def selection(self) -> tuple[int, int]:
         return self.strip.selection
+
+    def token_count(self) -> int:
+        """Tokens shown (the cache's, plus those streamed since its last snapshot)."""
+        return len(self.strip.texts)
+
+    def run_action(self, key: str) -> None:
+        """Run the edit action `key` (see `actions.EDIT_ACTIONS`) on this session's selection."""
+        self.actions_.trigger(key)
 
     def select(self, lo: int, hi: int) -> None:
         """Select a span programmatically (does not make this view active)."""
