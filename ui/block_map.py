@@ -25,7 +25,8 @@ import math
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QMimeData, QPointF, Qt, Signal
+from pyqtgraph.GraphicsScene.mouseEvents import MouseClickEvent
+from PySide6.QtCore import QEvent, QMimeData, QPointF, Qt, Signal
 from PySide6.QtGui import QDragEnterEvent, QDragLeaveEvent, QDragMoveEvent, QDropEvent
 from PySide6.QtWidgets import QWidget
 
@@ -47,7 +48,7 @@ class IndexAxis(pg.AxisItem):
         super().__init__(orientation)
         self.px_per_label = px_per_label
 
-    def tickValues(self, minVal: float, maxVal: float, size: float) -> list:  # noqa: N802, N803
+    def tickValues(self, minVal: float, maxVal: float, size: float) -> list[tuple[float, list[float]]]:  # noqa: N802, N803
         lo_val, hi_val = sorted((minVal, maxVal))  # an inverted axis (layers) passes them reversed
         lo, hi = math.ceil(lo_val - 0.5), math.floor(hi_val - 0.5)
         if hi < lo or size <= 0:
@@ -176,15 +177,15 @@ class BlockMap(pg.PlotWidget):
             self._hover = cell
             self.hovered.emit(*cell)
 
-    def _on_mouse_clicked(self, ev: object) -> None:
-        if ev.button() != Qt.MouseButton.LeftButton:  # type: ignore[attr-defined]
+    def _on_mouse_clicked(self, ev: MouseClickEvent) -> None:
+        if ev.button() != Qt.MouseButton.LeftButton:
             return
-        layer, block = self.cell_at(ev.scenePos())  # type: ignore[attr-defined]
+        layer, block = self.cell_at(ev.scenePos())
         if block >= 0:
-            shift = bool(ev.modifiers() & Qt.KeyboardModifier.ShiftModifier)  # type: ignore[attr-defined]
+            shift = bool(ev.modifiers() & Qt.KeyboardModifier.ShiftModifier)
             self.block_clicked.emit(block, shift)
 
-    def leaveEvent(self, ev: object) -> None:  # noqa: N802 - Qt override
+    def leaveEvent(self, ev: QEvent) -> None:  # noqa: N802 - Qt override
         self._hover = (-1, -1)
         self.hovered.emit(-1, -1)
         super().leaveEvent(ev)

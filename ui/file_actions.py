@@ -63,7 +63,7 @@ class FileActions:
         box = QMessageBox(QMessageBox.Icon.Critical, "Could not load the model", str(exc), parent=win)
         box.setInformativeText(f"Nothing changed: {still}. Use File ▸ Open model… to pick a model folder or a hub id.")
         box.open()  # non-modal: the window stays usable
-        win.bridge.call(lambda eng: eng.info(), win.status.set_info)  # the bar says what is loaded
+        win.status.request_info()  # the bar says what is loaded
 
     def ask_open_model(self) -> None:
         dlg = OpenModelDialog(self.win)

@@ -19,32 +19,25 @@ Promises:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtGui import QAction, QCloseEvent, QKeySequence, QShowEvent
-from PySide6.QtWidgets import QApplication, QDockWidget, QMainWindow, QSplitter, QTabWidget, QWidget
+from PySide6.QtWidgets import QApplication, QDockWidget, QMainWindow, QMenu, QSplitter, QTabWidget, QWidget
 
-from kvscope.engine.events import (
-    EngineError,
-    Event,
-    GenerationFinished,
-    PrefillChunk,
-    SessionClosed,
-    SessionCreated,
-    SessionId,
-    TokenSampled,
-    TurnStarted,
-)
+from kvscope.engine.events import EngineError, Event, SessionClosed, SessionCreated, SessionId, TurnStarted
 from kvscope.engine.snapshot import SessionSnapshot
 from kvscope.ui.attach_view import attach_engine
 from kvscope.ui.bridge import EngineBridge
 from kvscope.ui.decision_panel import DecisionPanel
 from kvscope.ui.edit_menu import EditMenu
+from kvscope.ui.edit_reports import EditReports
 from kvscope.ui.fidelity_jobs import FidelityJobs
 from kvscope.ui.file_actions import MESSAGE_MS, FileActions
 from kvscope.ui.latency_panel import LatencyPanel
 from kvscope.ui.naming import next_chat_name, unique_name
+from kvscope.ui.prefill_progress import PrefillProgress
 from kvscope.ui.prefix_tree import PrefixTreePanel
 from kvscope.ui.report_panel import ReportPanel
 from kvscope.ui.requests_panel import RequestsPanel
@@ -55,7 +48,6 @@ from kvscope.ui.status import StatusBar
 
 REDRAW_MS = 33  # idle: 30 Hz
 REDRAW_BUSY_MS = 100  # while a session decodes: 10 Hz leaves the GIL to the decode loop
-PROGRESS_MIN_TOKENS = 256  # prefills shorter than this finish before a bar could be read
 
 
 class MainWindow(QMainWindow):
@@ -67,7 +59,6 @@ class MainWindow(QMainWindow):
         self._previous: str | None = None
         self.model_name: str | None = None
         self.last_error: str | None = None
-        self._progress_sid: str | None = None
         self._pending_names: set[str] = set()
         self.files = FileActions(self)
         self.fidelity = FidelityJobs(bridge, self)
@@ -102,10 +93,6 @@ class MainWindow(QMainWindow):
         self.area = SessionArea()
         self.area.tab_chosen.connect(self.set_active)
         self.report = ReportPanel()
-        self.report.inline_max.setValue(self.fidelity.inline_max_tokens)
-        self.report.inline_max.valueChanged.connect(lambda n: setattr(self.fidelity, "inline_max_tokens", n))
-        self.report.skip_requested.connect(self._skip_measuring)
-        self.fidelity.measured.connect(self._on_measured)
         self.decisions = DecisionPanel(self._apply_policy)
         self.latency = LatencyPanel()
         self.tabs = QTabWidget()
@@ -128,6 +115,10 @@ class MainWindow(QMainWindow):
         self.setCentralWidget(vsplit)
         self.status = StatusBar(self.bridge)
         self.setStatusBar(self.status)
+        self.progress = PrefillProgress(self.status, self._name_of)
+        self.reports = EditReports(
+            self.report, self.decisions, self.fidelity, self.views.get, lambda: self.tabs.setCurrentWidget(self.report)
+        )
 
     def _menus(self) -> None:
         file = self.menuBar().addMenu("&File")
@@ -198,18 +189,14 @@ class MainWindow(QMainWindow):
         unique = self._unique_name(sid, name)
         view = SessionView(self.bridge, SessionId(sid), unique)
         view.activated.connect(self.set_active)
-        view.selection_changed.connect(lambda s, lo, hi: s == self.active and self.edit.refresh())
+        view.selection_changed.connect(lambda s, _lo, _hi: self.edit.refresh() if s == self.active else None)
         view.turn_ended.connect(self._on_turn_ended)
         view.notice.connect(lambda text: self.status.showMessage(text, MESSAGE_MS))
-        view.actions_.report_ready.connect(lambda op, rep, v=view: self._on_report(v, op, rep))
-        view.actions_.failed.connect(lambda op, msg, v=view: self.show_error(f"{op} on {v.name} failed: {msg}"))
-        view.actions_.submitted.connect(lambda op, v=view: self._say_if_queued(v, op))
-        # A newer operation changes what a queued measurement would measure: drop it.
-        view.actions_.submitted.connect(lambda _op, v=view: self.fidelity.skip(v.sid))
-        view.actions_.set_inline_fidelity(lambda v=view: self.fidelity.inline(v.snapshot.n_tokens if v.snapshot else 0))
-        view.actions_.measure_later.connect(lambda op, rep, v=view: self.fidelity.queue(v.sid, op, rep))
+        view.actions_.failed.connect(lambda op, msg: self.show_error(f"{op} on {view.name} failed: {msg}"))
+        view.actions_.submitted.connect(lambda op: self._say_if_queued(view, op))
+        self.reports.attach(view)
         self.views[sid] = view
-        self.area.add(view)
+        self.area.add(view, sid, unique)
         self.sessions.add(sid, unique)
         if unique != name:  # imports and copies can repeat a name: keep names unique
             self.rename_session(sid, unique)
@@ -229,8 +216,7 @@ class MainWindow(QMainWindow):
         if self.active == sid:
             self.active = None
             self.set_active(next(iter(self.views), None))
-        if self._progress_sid == sid:
-            self._close_progress()
+        self.progress.end(sid)
         self.fidelity.skip(sid)
         self.compare_action.setChecked(self.area.comparing)
 
@@ -286,25 +272,6 @@ class MainWindow(QMainWindow):
         if view is not None:
             view.actions_.compress(policy, ratio, budget)
 
-    def _on_report(self, view: SessionView, op: str, report: dict) -> None:
-        measuring = view.sid if view.sid in self.fidelity.pending else None
-        self.report.show_report(op, view.name, report, measuring)
-        self.decisions.on_report(view.sid, op, report)
-        self.tabs.setCurrentWidget(self.report)
-
-    def _on_measured(self, sid: str, op: str, report: dict) -> None:
-        view = self.views.get(sid)
-        if view is not None:
-            view.actions_.record_report(report)
-            self.report.show_report(op, view.name, report, note=" · fidelity measured after the edit")
-
-    def _skip_measuring(self, sid: str) -> None:
-        self.fidelity.skip(sid)
-        view = self.views.get(sid)
-        if view is not None and self.report.last is not None:
-            op, name, report = self.report.last
-            self.report.show_report(op, name, report, note=" · fidelity not measured (skipped)")
-
     def _say_if_queued(self, view: SessionView, op: str) -> None:
         busy = [v.name for v in self.views.values() if v.generating and v is not view]
         if busy:
@@ -322,16 +289,14 @@ class MainWindow(QMainWindow):
         else:
             self.status.set_busy("engine busy" if self.bridge.in_flight() else "")
 
-    # ------------------------------------------------------------ progress
     def _on_turn_ended(self, sid: str) -> None:
-        if sid == self._progress_sid:
-            self._close_progress()
+        self.progress.end(sid)
         self._update_busy()
         self.edit.refresh()
 
-    def _close_progress(self) -> None:
-        self._progress_sid = None
-        self.status.finish_progress()
+    def _name_of(self, sid: str) -> str:
+        view = self.views.get(sid)
+        return view.name if view is not None else sid
 
     # ------------------------------------------------------------ engine -> window
     def _on_events(self, batch: list[Event]) -> None:
@@ -340,6 +305,7 @@ class MainWindow(QMainWindow):
 
     def _dispatch(self, ev: Event) -> None:
         sid = getattr(ev, "session", None)
+        self.progress.on_event(ev)
         if isinstance(ev, SessionCreated):
             if not self.requests.hides(ev.session, ev.name):  # a served request opens when selected
                 self._add_view(ev.session, ev.name)
@@ -350,19 +316,9 @@ class MainWindow(QMainWindow):
             self.fidelity.skip(ev.session)  # the turn changes the cache a queued measurement was for
             self._update_busy()
             self.edit.refresh()
-            if ev.prefilled_tokens > PROGRESS_MIN_TOKENS:
-                self._progress_sid = ev.session
-                name = self.views[ev.session].name if ev.session in self.views else ev.session
-                self.status.start_progress(f"{name}: prefill {ev.prefilled_tokens} tokens", ev.prefilled_tokens)
-        elif isinstance(ev, PrefillChunk) and sid == self._progress_sid:
-            self.status.set_progress(ev.start + ev.n_tokens, ev.total)
-        elif isinstance(ev, (TokenSampled, GenerationFinished)) and sid == self._progress_sid:
-            self._close_progress()  # the prefill is over (the last prompt token is fed with the first decode)
         elif isinstance(ev, EngineError):
-            if sid is not None and sid == self._progress_sid:
-                self._close_progress()
-            name = self.views[sid].name if sid in self.views else None
-            self.show_error(f"{ev.kind}{' in ' + name if name else ''}: {ev.message}")
+            where = f" in {self.views[ev.session].name}" if ev.session in self.views else ""
+            self.show_error(f"{ev.kind}{where}: {ev.message}")
         if sid in self.views:
             self.views[sid].on_event(ev)
         self.latency.on_event(ev)
@@ -394,7 +350,7 @@ class MainWindow(QMainWindow):
 
     def showEvent(self, ev: QShowEvent) -> None:  # noqa: N802
         if not self._focus_hooked:  # follow focus while shown (a closed window may be shown again)
-            QApplication.instance().focusChanged.connect(self._on_focus_changed)
+            _app().focusChanged.connect(self._on_focus_changed)
             self._focus_hooked = True
         super().showEvent(ev)
 
@@ -402,7 +358,7 @@ class MainWindow(QMainWindow):
         self.redraw_timer.stop()
         self.requests.stop()
         if self._focus_hooked:  # a window can be closed more than once
-            QApplication.instance().focusChanged.disconnect(self._on_focus_changed)
+            _app().focusChanged.disconnect(self._on_focus_changed)
             self._focus_hooked = False
         for v in self.views.values():
             if v.generating:
@@ -410,10 +366,22 @@ class MainWindow(QMainWindow):
         super().closeEvent(ev)
 
 
-def _act(win: QMainWindow, menu: object, text: str, slot: object, key: object = None) -> QAction:
+def _act(
+    win: QMainWindow,
+    menu: QMenu,
+    text: str,
+    slot: Callable[[], object],
+    key: QKeySequence.StandardKey | str | None = None,
+) -> QAction:
     act = QAction(text, win)
     if key is not None:
         act.setShortcut(QKeySequence(key))
-    act.triggered.connect(lambda _=False: slot())  # type: ignore[operator]
-    menu.addAction(act)  # type: ignore[attr-defined]
+    act.triggered.connect(lambda _=False: slot())
+    menu.addAction(act)
     return act
+
+
+def _app() -> QApplication:
+    app = QApplication.instance()
+    assert isinstance(app, QApplication), "the window runs in a QApplication"
+    return app

@@ -119,7 +119,10 @@ class SessionView(QFrame):
         row.addWidget(self.stop_btn, 0, Qt.AlignmentFlag.AlignBottom)
         self.block_map = BlockMap()
         self.block_map.session = self.sid
-        self.follow_btn = QToolButton(text="follow the end", checkable=True, checked=True)
+        self.follow_btn = QToolButton()
+        self.follow_btn.setText("follow the end")
+        self.follow_btn.setCheckable(True)
+        self.follow_btn.setChecked(True)
         self.follow_btn.setToolTip("Keep the newest blocks in view (turns off when you zoom or pan the map)")
         self.follow_btn.toggled.connect(self.block_map.set_follow)
         self.block_map.follow_changed.connect(self.follow_btn.setChecked)
@@ -162,7 +165,8 @@ class SessionView(QFrame):
         self.temperature = QDoubleSpinBox(minimum=0.0, maximum=2.0, singleStep=0.1, value=0.0, decimals=2)
         self.top_p = QDoubleSpinBox(minimum=0.01, maximum=1.0, singleStep=0.05, value=1.0, decimals=2)
         self.max_tokens = QSpinBox(minimum=1, maximum=8192, value=128)
-        self.seed = QSpinBox(minimum=-1, maximum=2**31 - 1, value=-1, specialValueText="random")
+        self.seed = QSpinBox(minimum=-1, maximum=2**31 - 1, value=-1)
+        self.seed.setSpecialValueText("random")
         form_box = QWidget()
         form = QFormLayout(form_box)
         for label, w, tip in (
