@@ -10,6 +10,7 @@ followed silently (pyproject's mypy overrides): their own errors are their
 own check's business.
 
     python tools/typecheck.py [PACKAGE ...]     default: ui; exit code of mypy
+    (`ui` checks the package kvscope.ui; `ui.naming` only the module kvscope.ui.naming)
 
 Paths in the output are the repository's (`ui/x.py`), not the tree's.
 """
@@ -30,9 +31,9 @@ def run(packages: list[str], root: Path = HERE) -> subprocess.CompletedProcess[s
     config = HERE / "pyproject.toml"
     with installed_tree(root, config) as tmp:
         mypy = Path(sys.executable).with_name("mypy")
-        args = [str(mypy), "--config-file", str(config), "--cache-dir", str(root / ".mypy_cache" / "installed")]
+        args = [str(mypy), "--config-file", str(config), "--cache-dir", str(HERE / ".mypy_cache" / "installed")]
         for name in packages:
-            args += ["-p", f"kvscope.{name}"]
+            args += ["-m" if "." in name else "-p", f"kvscope.{name}"]
         res = subprocess.run(args, cwd=tmp, env=dict(os.environ, MYPYPATH=tmp), capture_output=True, text=True)
     # kvscope/ui/x.py -> ui/x.py (every package folder sits at the root under its last name)
     res.stdout = re.sub(r"^kvscope/(\w+)/", r"\1/", res.stdout, flags=re.M)
