@@ -22,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from PySide6.QtGui import QKeySequence
+from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtWidgets import QMenu
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +82,16 @@ def menu_text(action: EditAction, target: ActionTarget | None) -> str:
     lo, hi = target.selection()
     where = f" [{lo}, {hi})" if hi > lo else " (select a span first)"
     return f"{action.label}{where} of {target.name}"
+
+
+def fill_menu(menu: QMenu, actions: dict[str, QAction]) -> None:
+    """Add one surface's actions (by key) to `menu` in table order, a separator between groups."""
+    group = EDIT_ACTIONS[0].group
+    for action in EDIT_ACTIONS:
+        if action.group != group:
+            menu.addSeparator()
+            group = action.group
+        menu.addAction(actions[action.key])
 
 
 def context_text(action: EditAction) -> str:

@@ -31,7 +31,7 @@ from PySide6.QtGui import QDragEnterEvent, QDragLeaveEvent, QDragMoveEvent, QDro
 from PySide6.QtWidgets import QWidget
 
 from kvscope.engine.blocks import N_STATES
-from kvscope.ui.drag_format import accept_drop, accept_move, has_payload
+from kvscope.ui.drag_format import accept_drop, accept_enter, accept_move
 from kvscope.ui.palette import state_lut
 
 __all__ = ["BlockMap", "IndexAxis"]
@@ -197,10 +197,7 @@ class BlockMap(pg.PlotWidget):
         return int(np.clip(round(x), 0, self._shape[1]))
 
     def dragEnterEvent(self, ev: QDragEnterEvent) -> None:  # noqa: N802
-        if has_payload(ev.mimeData()):
-            ev.acceptProposedAction()
-        else:
-            ev.ignore()
+        accept_enter(ev)
 
     def dragMoveEvent(self, ev: QDragMoveEvent) -> None:  # noqa: N802
         if accept_move(ev, self.session):

@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass
 
 from PySide6.QtCore import QMimeData, Qt
-from PySide6.QtGui import QDragMoveEvent, QDropEvent
+from PySide6.QtGui import QDragEnterEvent, QDragMoveEvent, QDropEvent
 
 MIME_SEGMENT = "application/x-kvscope-segment"
 SEGMENT_FILE_SUFFIX = ".safetensors"
@@ -105,6 +105,14 @@ def refusal(mime: QMimeData, own_session: str, modifiers: Qt.KeyboardModifier) -
     if seg is not None and seg.session == own_session and not modifiers & SELF_SPLICE_MODIFIER:
         return SELF_DROP_REFUSED
     return None
+
+
+def accept_enter(ev: QDragEnterEvent) -> None:
+    """Take a drag entering a view if it carries something droppable (refusals come on move and drop)."""
+    if has_payload(ev.mimeData()):
+        ev.acceptProposedAction()
+    else:
+        ev.ignore()
 
 
 def accept_move(ev: QDragMoveEvent, own_session: str) -> bool:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import QMenu, QWidget
 
-from kvscope.ui.actions import ACTIONS, EDIT_ACTIONS, ActionTarget, enabled, menu_text
+from kvscope.ui.actions import ACTIONS, EDIT_ACTIONS, ActionTarget, enabled, fill_menu, menu_text
 
 
 class EditMenu:
@@ -39,16 +39,12 @@ class EditMenu:
         self._active_view = active_view
         self._say = say
         self.actions: dict[str, QAction] = {}
-        group = EDIT_ACTIONS[0].group
         for action in EDIT_ACTIONS:
-            if action.group != group:
-                menu.addSeparator()
-                group = action.group
             act = QAction(action.label, parent)
             act.setShortcut(QKeySequence(action.shortcut))
             act.triggered.connect(lambda _=False, k=action.key: self.run(k))
-            menu.addAction(act)
             self.actions[action.key] = act
+        fill_menu(menu, self.actions)
         menu.aboutToShow.connect(self.refresh)
         self.refresh()
 

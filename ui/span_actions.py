@@ -28,7 +28,7 @@ from PySide6.QtWidgets import QFileDialog, QInputDialog, QMenu, QWidget
 
 from kvscope.engine.engine import Engine
 from kvscope.engine.events import SessionId
-from kvscope.ui.actions import EDIT_ACTIONS, context_text, enabled
+from kvscope.ui.actions import EDIT_ACTIONS, context_text, enabled, fill_menu
 from kvscope.ui.bridge import EngineBridge
 from kvscope.ui.dialogs import CompactDialog, CompressDialog, report_dict
 from kvscope.ui.drag_format import DragFormatError, decode_segment, segment_files
@@ -100,14 +100,9 @@ class SpanActions(QObject):
         """The context menu: every edit action, in table order, enabled by the table's rule."""
         menu = QMenu(self._widget)
         span, busy = self._source.selection(), self._source.generating
-        group = EDIT_ACTIONS[0].group
         for action in EDIT_ACTIONS:
-            if action.group != group:
-                menu.addSeparator()
-                group = action.group
-            act = self.actions[action.key]
-            act.setEnabled(enabled(action, span, busy))
-            menu.addAction(act)
+            self.actions[action.key].setEnabled(enabled(action, span, busy))
+        fill_menu(menu, self.actions)
         return menu
 
     # ------------------------------------------------------------ operations

@@ -46,7 +46,7 @@ from PySide6.QtGui import (
 )
 from PySide6.QtWidgets import QApplication, QToolTip, QWidget
 
-from kvscope.ui.drag_format import DraggedSegment, accept_drop, accept_move, encode_segment, has_payload
+from kvscope.ui.drag_format import DraggedSegment, accept_drop, accept_enter, accept_move, encode_segment
 from kvscope.ui.palette import state_colour, state_name
 
 LABEL_W = 52
@@ -126,16 +126,13 @@ class TokenStrip(QWidget):
         return n if len(texts) != len(self.texts) else None
 
     def _first_changed(self, texts: tuple[str, ...], states: np.ndarray, block_size: int) -> int | None:
-        """First token index that differs from what is drawn (None: nothing)."""
-        if block_size != self.block_size:
-            return 0
+        """First token index whose text or state differs from what is drawn (None: nothing)."""
+        first = self._first_text_changed(texts, block_size)
         n = min(len(texts), len(self.texts))
-        if texts[:n] != self.texts[:n]:
-            return next(i for i in range(n) if texts[i] != self.texts[i])
+        if block_size != self.block_size or (first is not None and first < n):
+            return first
         diff = np.nonzero(states[:n] != self.states[:n])[0]
-        if len(diff):
-            return int(diff[0])
-        return n if len(texts) != len(self.texts) else None
+        return int(diff[0]) if len(diff) else first
 
     @property
     def n_rows(self) -> int:
@@ -348,11 +345,7 @@ class TokenStrip(QWidget):
         return drag.exec(Qt.DropAction.CopyAction)
 
     def dragEnterEvent(self, ev: QDragEnterEvent) -> None:  # noqa: N802
-        # Accept a segment of this session on enter: Ctrl may still be pressed on the way.
-        if has_payload(ev.mimeData()):
-            ev.acceptProposedAction()
-        else:
-            ev.ignore()
+        accept_enter(ev)  # even a segment of this session: Ctrl may still be pressed on the way
 
     def dragMoveEvent(self, ev: QDragMoveEvent) -> None:  # noqa: N802
         taken = accept_move(ev, self.session)
