@@ -43,7 +43,8 @@ def wait_until(app: object, pred: object, timeout_s: float = 60.0) -> None:
 def settle(app: object, win: object, ms: int = 300) -> None:
     """Let pending snapshots arrive and one redraw happen."""
     end = time.perf_counter() + ms / 1000
-    wait_until(app, lambda: win.bridge.in_flight() == 0)  # type: ignore[attr-defined]
+    # Fidelity measured after an edit runs when the engine is idle: wait for it too, so no shot says "busy".
+    wait_until(app, lambda: win.bridge.in_flight() == 0 and win.fidelity.n_waiting() == 0)  # type: ignore[attr-defined]
     while time.perf_counter() < end:
         app.processEvents()  # type: ignore[attr-defined]
         time.sleep(0.01)
