@@ -14,6 +14,7 @@ import json
 
 from kvscope.app.common import add_model_arg, ask, chat_with_system, print_report, start_engine, token_span
 from kvscope.engine.segment_file import inspect_segment
+from kvscope.engine.splicing import SpliceOptions
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -71,6 +72,8 @@ def run_segment_load(args: argparse.Namespace) -> int:
     sid = chat_with_system(eng, args.system)
     if args.text:
         eng.append_message(sid, "user", args.text)
-    print_report("splice", eng.splice_file(sid, args.file, args.at, args.seam_repair, args.prompt))
+    print_report(
+        "splice", eng.splice_file(sid, args.file, SpliceOptions(at=args.at, seam_repair=args.seam_repair), args.prompt)
+    )
     ask(eng, sid, args.ask)
     return 0

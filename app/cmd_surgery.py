@@ -14,6 +14,7 @@ from typing import Any
 from kvscope.app.common import add_model_arg, ask, chat_with_system, print_report, start_engine, token_span
 from kvscope.engine import Engine, InvalidRequestError
 from kvscope.engine.events import SessionId
+from kvscope.engine.splicing import SpliceOptions
 
 
 class _Op(argparse.Action):
@@ -68,7 +69,7 @@ def _apply(eng: Engine, sid: SessionId, name: str, value: Any, seam: int) -> Non
         print_report(name, eng.compact(sid, *token_span(rng), summary=summary or None))
     elif name == "splice_file":
         path, _, at = value.partition("@")
-        print_report(name, eng.splice_file(sid, path, int(at) if at else None, seam))
+        print_report(name, eng.splice_file(sid, path, SpliceOptions(at=int(at) if at else None, seam_repair=seam)))
     elif name == "save_segment":
         rng, _, path = value.partition("=")
         if not path:

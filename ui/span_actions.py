@@ -28,6 +28,7 @@ from PySide6.QtWidgets import QFileDialog, QInputDialog, QMenu, QWidget
 
 from kvscope.engine.engine import Engine
 from kvscope.engine.events import SessionId
+from kvscope.engine.splicing import SpliceOptions
 from kvscope.ui.actions import EDIT_ACTIONS, context_text, enabled, fill_menu
 from kvscope.ui.bridge import EngineBridge
 from kvscope.ui.dialogs import CompactDialog, CompressDialog, report_dict
@@ -187,13 +188,14 @@ class SpanActions(QObject):
     def splice(self, src: SessionId, lo: int, hi: int, at: int | None, seam_repair: int = 0) -> int:
         dst = self.sid
         return self._measured(
-            "splice", lambda e, f: e.splice(dst, src, lo, hi, at=at, seam_repair=seam_repair, fidelity=f)
+            "splice", lambda e, f: e.splice(dst, src, lo, hi, SpliceOptions(at=at, seam_repair=seam_repair, fidelity=f))
         )
 
     def splice_file(self, path: str | Path, at: int | None, seam_repair: int = 0) -> int:
         dst = self.sid
         return self._measured(
-            "splice", lambda e, f: e.splice_file(dst, Path(path), at=at, seam_repair=seam_repair, fidelity=f)
+            "splice",
+            lambda e, f: e.splice_file(dst, Path(path), SpliceOptions(at=at, seam_repair=seam_repair, fidelity=f)),
         )
 
     # ------------------------------------------------------------ drops
