@@ -19,11 +19,12 @@ Knows nothing about the engine; says what an action is, not what it does
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import QMenu
+from PySide6.QtWidgets import QMenu, QWidget
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +93,22 @@ def fill_menu(menu: QMenu, actions: dict[str, QAction]) -> None:
             menu.addSeparator()
             group = action.group
         menu.addAction(actions[action.key])
+
+
+def menu_action(
+    parent: QWidget,
+    menu: QMenu,
+    text: str,
+    slot: Callable[[], object],
+    key: QKeySequence.StandardKey | str | None = None,
+) -> QAction:
+    """A plain menu entry (not an edit action): `slot()` when chosen, with an optional shortcut."""
+    act = QAction(text, parent)
+    if key is not None:
+        act.setShortcut(QKeySequence(key))
+    act.triggered.connect(lambda _=False: slot())
+    menu.addAction(act)
+    return act
 
 
 def context_text(action: EditAction) -> str:

@@ -78,10 +78,10 @@ class BlockMap(pg.PlotWidget):
     drop_refused = Signal(str)
     follow_changed = Signal(bool)
 
-    def __init__(self, parent: QWidget | None = None) -> None:
+    def __init__(self, parent: QWidget | None = None, session: str = "") -> None:
         axes = {"bottom": IndexAxis("bottom", 44), "left": IndexAxis("left", 16)}
         super().__init__(parent, axisItems=axes)
-        self.session = ""
+        self.session = session  # drops of a span of this session need Ctrl (see drag_format)
         self.setBackground((24, 24, 28))
         self.image = pg.ImageItem(axisOrder="col-major")
         self.image.setLookupTable(state_lut())

@@ -19,15 +19,16 @@ Promises:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from PySide6.QtCore import Qt, QTimer
-from PySide6.QtGui import QAction, QCloseEvent, QKeySequence, QShowEvent
-from PySide6.QtWidgets import QApplication, QDockWidget, QMainWindow, QMenu, QSplitter, QTabWidget, QWidget
+from PySide6.QtGui import QCloseEvent, QKeySequence, QShowEvent
+from PySide6.QtWidgets import QApplication, QDockWidget, QMainWindow, QSplitter, QTabWidget, QWidget
 
 from kvscope.engine.events import EngineError, Event, SessionClosed, SessionCreated, SessionId, TurnStarted
 from kvscope.engine.snapshot import SessionSnapshot
+from kvscope.ui.actions import menu_action
 from kvscope.ui.attach_view import attach_engine
 from kvscope.ui.bridge import EngineBridge
 from kvscope.ui.decision_panel import DecisionPanel
@@ -57,14 +58,15 @@ class MainWindow(QMainWindow):
         self.views: dict[str, SessionView] = {}
         self.active: str | None = None
         self._previous: str | None = None
-        self.model_name: str | None = None
         self.last_error: str | None = None
         self._pending_names: set[str] = set()
-        self.files = FileActions(self)
         self.fidelity = FidelityJobs(bridge, self)
         self.setWindowTitle("kvscope")
         self.resize(1280, 800)
         self._build()
+        self.files = FileActions(bridge, self.status, self.active_view, self)
+        self.files.model_loaded.connect(self._on_model_loaded)
+        self.files.failed.connect(self.show_error)
         self._menus()
         bridge.events.connect(self._on_events)
         bridge.snapshot_ready.connect(self._on_snapshot)
@@ -79,7 +81,7 @@ class MainWindow(QMainWindow):
     # ------------------------------------------------------------ layout
     def _build(self) -> None:
         self.sessions = SessionsPanel()
-        self.sessions.new_requested.connect(lambda: self.new_session(system=self.sessions.system_prompt()))
+        self.sessions.new_requested.connect(self._new_from_panel)
         self.sessions.duplicate_requested.connect(self.duplicate_session)
         self.sessions.rename_requested.connect(self.rename_session)
         self.sessions.close_requested.connect(self.close_session)
@@ -122,20 +124,16 @@ class MainWindow(QMainWindow):
 
     def _menus(self) -> None:
         file = self.menuBar().addMenu("&File")
-        self.open_action = _act(self, file, "Open model…", self.files.ask_open_model, QKeySequence.StandardKey.Open)
-        _act(self, file, "Export trace…", self.files.ask_export_trace)
-        _act(self, file, "Export session…", self.files.ask_export_session)
-        _act(self, file, "Import segment…", self.files.ask_import_segment)
-        _act(self, file, "Import session…", self.files.ask_import_session)
-        _act(self, file, "Attach to engine…", lambda: attach_engine(self))  # vLLM KV events, read-only view
+        self.open_action = self.files.add_to(file)
+        menu_action(self, file, "Attach to engine…", lambda: attach_engine(self))  # vLLM KV events, read-only view
         file.addSeparator()
-        _act(self, file, "Quit", self.close, QKeySequence.StandardKey.Quit)
+        menu_action(self, file, "Quit", self.close, QKeySequence.StandardKey.Quit)
         sess = self.menuBar().addMenu("&Session")
-        _act(self, sess, "New", lambda: self.new_session(system=self.sessions.system_prompt()), "Ctrl+N")
-        _act(self, sess, "Duplicate", lambda: self.active and self.duplicate_session(self.active))
-        _act(self, sess, "Close", lambda: self.active and self.close_session(self.active))
+        menu_action(self, sess, "New", self._new_from_panel, "Ctrl+N")
+        menu_action(self, sess, "Duplicate", lambda: self.active and self.duplicate_session(self.active))
+        menu_action(self, sess, "Close", lambda: self.active and self.close_session(self.active))
         sess.addSeparator()
-        self.compare_action = _act(self, sess, "Compare two side by side", self.toggle_compare, "Ctrl+\\")
+        self.compare_action = menu_action(self, sess, "Compare two side by side", self.toggle_compare, "Ctrl+\\")
         self.compare_action.setCheckable(True)
         edit = self.menuBar().addMenu("&Edit")
         self.edit = EditMenu(self, edit, self.active_view, lambda text: self.status.showMessage(text, MESSAGE_MS))
@@ -154,6 +152,19 @@ class MainWindow(QMainWindow):
     def import_session(self, path: str | Path) -> int:
         return self.files.import_session(path)
 
+    @property
+    def model_name(self) -> str | None:
+        """The loaded model's name (None before the first load)."""
+        return self.files.model_name
+
+    def _on_model_loaded(self, info: dict[str, Any]) -> None:
+        self.setWindowTitle(f"kvscope — {self.model_name}")
+        if info.get("sessions", 0) == 0:  # saved sessions of this model reopen by themselves
+            self.new_session()
+        errors = info.get("load_errors") or []
+        if errors:
+            self.show_error(f"{len(errors)} saved session(s) could not be reopened: {errors[0]}")
+
     def show_error(self, text: str) -> None:
         self.last_error = text
         self.status.show_error(text)
@@ -171,6 +182,10 @@ class MainWindow(QMainWindow):
             lambda _sid: self._pending_names.discard(name),
             lambda _exc: self._pending_names.discard(name),
         )
+
+    def _new_from_panel(self) -> int:
+        """A new session with the system prompt typed in the sessions panel."""
+        return self.new_session(system=self.sessions.system_prompt())
 
     def duplicate_session(self, sid: str) -> int:
         return self.bridge.call(lambda eng: eng.duplicate_session(SessionId(sid)))
@@ -364,21 +379,6 @@ class MainWindow(QMainWindow):
             if v.generating:
                 self.bridge.cancel(v.sid)
         super().closeEvent(ev)
-
-
-def _act(
-    win: QMainWindow,
-    menu: QMenu,
-    text: str,
-    slot: Callable[[], object],
-    key: QKeySequence.StandardKey | str | None = None,
-) -> QAction:
-    act = QAction(text, win)
-    if key is not None:
-        act.setShortcut(QKeySequence(key))
-    act.triggered.connect(lambda _=False: slot())
-    menu.addAction(act)
-    return act
 
 
 def _app() -> QApplication:

@@ -97,6 +97,21 @@ class SessionView(QFrame):
 
     # ------------------------------------------------------------ layout
     def _build(self, name: str) -> None:
+        self.strip = TokenStrip(session=self.sid)
+        self.strip_scroll = QScrollArea(widgetResizable=True)
+        self.strip_scroll.setWidget(self.strip)
+        self.strip_scroll.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        self.splitter = QSplitter(Qt.Orientation.Vertical)
+        for w in (self._chat_box(), self._map_box(), self.strip_scroll):
+            self.splitter.addWidget(w)
+        self.splitter.setSizes([240, 220, 240])
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(4, 4, 4, 4)
+        lay.addLayout(self._head(name))
+        lay.addWidget(self.splitter, 1)
+
+    def _head(self, name: str) -> QHBoxLayout:
+        """Name, system prompt and the cache's figures, on one line."""
         self.title = QLabel(f"<b>{name}</b>")
         self.info = ElidedLabel("")
         self.info.setStyleSheet("color: #888")
@@ -107,6 +122,10 @@ class SessionView(QFrame):
         head.addWidget(self.title)
         head.addWidget(self.system_label, 1)
         head.addWidget(self.info, 2)
+        return head
+
+    def _chat_box(self) -> QWidget:
+        """The transcript, the message box with Send and Stop, the sampling settings."""
         self.chat = QPlainTextEdit(readOnly=True)
         self.chat.setPlaceholderText("The conversation appears here.")
         self.prompt = MessageEdit()
@@ -117,8 +136,17 @@ class SessionView(QFrame):
         row.addWidget(self.prompt, 1)
         row.addWidget(self.send_btn, 0, Qt.AlignmentFlag.AlignBottom)
         row.addWidget(self.stop_btn, 0, Qt.AlignmentFlag.AlignBottom)
-        self.block_map = BlockMap()
-        self.block_map.session = self.sid
+        box = QWidget()
+        lay = QVBoxLayout(box)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.chat, 1)
+        lay.addLayout(row)
+        lay.addLayout(self._sampling_row())
+        return box
+
+    def _map_box(self) -> QWidget:
+        """The block map, its fixed inspector line, the legend and the follow button."""
+        self.block_map = BlockMap(session=self.sid)
         self.follow_btn = QToolButton()
         self.follow_btn.setText("follow the end")
         self.follow_btn.setCheckable(True)
@@ -131,34 +159,16 @@ class SessionView(QFrame):
         self.hover_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
         self.hover_label.setFixedHeight(2 * self.hover_label.fontMetrics().lineSpacing() + 4)
         self.hover_label.setTextFormat(Qt.TextFormat.PlainText)
-        self.strip = TokenStrip()
-        self.strip.session = self.sid
-        self.strip_scroll = QScrollArea(widgetResizable=True)
-        self.strip_scroll.setWidget(self.strip)
-        self.strip_scroll.setFocusPolicy(Qt.FocusPolicy.NoFocus)
-        chat_box = QWidget()
-        cl = QVBoxLayout(chat_box)
-        cl.setContentsMargins(0, 0, 0, 0)
-        cl.addWidget(self.chat, 1)
-        cl.addLayout(row)
-        cl.addLayout(self._sampling_row())
-        map_box = QWidget()
-        ml = QVBoxLayout(map_box)
-        ml.setContentsMargins(0, 0, 0, 0)
-        ml.addWidget(self.block_map, 1)
-        ml.addWidget(self.hover_label)
         legend = QHBoxLayout()
         legend.addWidget(state_legend(), 1)
         legend.addWidget(self.follow_btn)
-        ml.addLayout(legend)
-        self.splitter = QSplitter(Qt.Orientation.Vertical)
-        for w in (chat_box, map_box, self.strip_scroll):
-            self.splitter.addWidget(w)
-        self.splitter.setSizes([240, 220, 240])
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(4, 4, 4, 4)
-        lay.addLayout(head)
-        lay.addWidget(self.splitter, 1)
+        box = QWidget()
+        lay = QVBoxLayout(box)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.block_map, 1)
+        lay.addWidget(self.hover_label)
+        lay.addLayout(legend)
+        return box
 
     def _sampling_row(self) -> QHBoxLayout:
         """A one-button summary of the sampling settings; the settings open under it."""

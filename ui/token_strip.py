@@ -67,7 +67,7 @@ class TokenStrip(QWidget):
     cursor_moved = Signal(int)  # token index the keyboard cursor is on
     drop_refused = Signal(str)  # why a drop was refused
 
-    def __init__(self, parent: QWidget | None = None) -> None:
+    def __init__(self, parent: QWidget | None = None, session: str = "") -> None:
         super().__init__(parent)
         font = QFont("DejaVu Sans Mono")
         font.setStyleHint(QFont.StyleHint.Monospace)
@@ -75,7 +75,7 @@ class TokenStrip(QWidget):
         self.setFont(font)
         self._fm = QFontMetrics(font)
         self.row_h = self._fm.height() + 2 * PAD
-        self.session = ""
+        self.session = session  # what a drag of the selection names as its source
         self.block_size = 16
         self.texts: tuple[str, ...] = ()
         self.states = np.zeros(0, np.uint8)
