@@ -61,7 +61,8 @@ def _apply(eng: Engine, sid: SessionId, name: str, value: Any, seam: int) -> Non
     elif name == "unmask":
         print_report(name, eng.unmask(sid, *value))
     elif name in ("delete", "delete_keep_positions"):
-        print_report(name, eng.delete_span(sid, *value, shift=name == "delete"))
+        lo, hi = value
+        print_report(name, eng.delete_span(sid, lo, hi, shift=name == "delete"))
     elif name == "erratum":
         print_report(name, eng.erratum(sid, value))
     elif name == "compact":
