@@ -185,9 +185,7 @@ class ScopeKVCache:
     @property
     def n_rows(self) -> int:
         """Stored rows, visible or masked (head-wise: tokens some head holds)."""
-        if self.is_headwise:
-            return len(self.row_token)
-        return self._rows.live.n + self._rows.aside.n
+        return len(self.row_token) if self.is_headwise else self.n_columns
 
     @property
     def n_visible(self) -> int:
@@ -197,7 +195,7 @@ class ScopeKVCache:
     @property
     def n_columns(self) -> int:
         """Rows stored per KV head, holes of head-wise layers included (what `nbytes` counts)."""
-        return self._rows.live.n + self._rows.aside.n
+        return self._rows.n_columns
 
     @property
     def is_headwise(self) -> bool:
@@ -213,20 +211,13 @@ class ScopeKVCache:
         return self._rows.head_tokens(visible)
 
     def visible_rows(self) -> tuple[mx.array, mx.array, np.ndarray, np.ndarray]:
-        """(keys, values, tokens, presence) of the visible rows, one per token in token order
-        (`[1, kv_heads, n_visible, dim]`); head-wise: zeros where `presence` (`[kv_heads, n]`) is False."""
-        live = self._rows.live
-        if isinstance(live, HeadRowStore):
-            return live.union_rows(live.toks() >= 0)
-        keys, values = live.kv()
-        return keys, values, live.toks().copy(), np.ones((keys.shape[1], live.n), bool)
+        """(keys, values, tokens, presence) of the visible rows, one per token (`[1, kv_heads, n, dim]`);
+        head-wise: zeros where `presence` (`[kv_heads, n]`) is False. Scorers read keys through it."""
+        return self._rows.visible_rows()
 
     def visible_presence(self) -> np.ndarray:
         """`[kv_heads, n_visible]`: whether each head attends each of `visible_tokens`."""
-        live = self._rows.live
-        if isinstance(live, HeadRowStore):
-            return live.presence(live.token_list())
-        return np.ones((self.n_kv_heads, live.n), bool)
+        return self._rows.visible_presence()
 
     def head_presence(self) -> np.ndarray:
         """`[kv_heads, n_rows]`: whether each head holds each row of `row_token` (all True unless head-wise)."""

@@ -64,6 +64,25 @@ class RowSets:
             return [t[t >= 0].copy() for t in rows.toks()]
         return [rows.toks().copy() for _ in range(self.n_kv_heads)]
 
+    @property
+    def n_columns(self) -> int:
+        return self.live.n + self.aside.n
+
+    def visible_rows(self) -> tuple[mx.array, mx.array, np.ndarray, np.ndarray]:
+        """(keys, values, tokens, presence) of the visible rows, one per token (zeros where a head has none)."""
+        live = self.live
+        if isinstance(live, HeadRowStore):
+            return live.union_rows(live.toks() >= 0)
+        keys, values = live.kv()
+        return keys, values, live.toks().copy(), np.ones((keys.shape[1], live.n), bool)
+
+    def visible_presence(self) -> np.ndarray:
+        """`[kv_heads, n_visible]`: whether each head attends each visible token."""
+        live = self.live
+        if isinstance(live, HeadRowStore):
+            return live.presence(live.token_list())
+        return np.ones((self.n_kv_heads, live.n), bool)
+
     def presence(self) -> np.ndarray:
         """`[kv_heads, n_rows]`: whether each head holds each row of `tokens()`."""
         toks = self.tokens()
