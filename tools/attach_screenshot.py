@@ -43,7 +43,8 @@ def main() -> None:
 
     from kvscope.attach import AttachClient
     from kvscope.attach.metrics import MetricsPoller
-    from kvscope.ui.attach_view import AttachWindow, load_tokenizer_async
+    from kvscope.ui.attach_view import load_tokenizer_async
+    from kvscope.ui.attach_window import AttachWindow
 
     app = QApplication.instance() or QApplication([])
     srv = vs.start(py, Path("/tmp/kvscope-attach-screenshot-vllm.log"), ("--max-model-len", "2048"))

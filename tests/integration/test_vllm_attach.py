@@ -108,7 +108,7 @@ def test_shared_system_prompt_is_shared_blocks_and_a_branch(server: vs.VllmServe
     chain1 = client.read(lambda c, _s: prompt_chain(c, t1))
     assert len(chain1) == len(t1) // BS  # every full prompt block, tokens equal to the prompt's
     assert chain1[0].parent is None and all(b.parent == a.block_hash for a, b in zip(chain1, chain1[1:]))
-    assert all(b.media == {"GPU"} and b.block_size == BS for b in chain1)
+    assert all(b.media == ("GPU",) and b.block_size == BS for b in chain1)
     before = client.read(lambda c, _s: {b.block_hash for b in c.blocks()})
 
     server.chat(chat(SYSTEM, ASK_ROOM))

@@ -15,7 +15,8 @@ from kvscope.engine import demo_model_path
 from kvscope.engine.blocks import TokenState
 from kvscope.engine.kv_events import WireAllBlocksCleared, WireBlockStored
 from kvscope.engine.kv_publisher import ZmqPublisher
-from kvscope.ui.attach_view import AttachDialog, AttachView, AttachWindow, attach_engine
+from kvscope.ui.attach_view import AttachView
+from kvscope.ui.attach_window import AttachDialog, AttachWindow, attach_engine
 
 LOOP = "tcp://127.0.0.1:*"
 
@@ -81,10 +82,12 @@ def test_view_draws_chains_shared_prefix_and_block_text(qtbot: Any, pub: ZmqPubl
         assert view.map.image.image is not None and view.map.image.image.shape == (3, 2)  # col-major: blocks x rows
         assert "4 blocks (16 tokens) in 2 chains" in view.header.text()
         assert "hot: 00000000 (reused 0×, 2 branches)" in view.header.text()  # block 2: where they branch
-        view._show_cell(0, 0)
-        assert tok.decode(ids[:4]) in view.detail.toPlainText() and h(1) in view.detail.toPlainText()
-        view.prompt.setText(text)
-        assert view.prompt_hit.text() == f"cached prefix here: 12 of {len(ids)} tokens"
+        view.map.hovered.emit(0, 0)  # the pointer on the first block: its text, asked of the cache off the Qt thread
+        qtbot.waitUntil(lambda: tok.decode(ids[:4]) in view.detail.toPlainText(), timeout=20_000)
+        assert h(1) in view.detail.toPlainText()
+        view.prompt.setText(text)  # matched on the view's worker: the answer arrives as a signal
+        want = f"cached prefix here: 12 of {len(ids)} tokens"
+        qtbot.waitUntil(lambda: view.prompt_hit.text() == want, timeout=20_000)
         pub.publish([WireAllBlocksCleared()])
         assert pub.flush()
         wait_applied(qtbot, view, 3)
@@ -132,10 +135,8 @@ def test_attach_window_counts_blocks_held_in_common(qtbot: Any, pub: ZmqPublishe
         win.refresh_common()
         assert "blocks held by all 2 engines (same tokens from the root): 1" in win.common.text()
         win.prompt.setText("0 1 2 3 4 5 6 7 8 9 10 11 12")  # one prompt, every engine answers
-        assert [v.prompt_hit.text() for v in win.views] == [
-            "cached prefix here: 12 of 13 tokens",
-            "cached prefix here: 4 of 13 tokens",
-        ]
+        want = ["cached prefix here: 12 of 13 tokens", "cached prefix here: 4 of 13 tokens"]
+        qtbot.waitUntil(lambda: [v.prompt_hit.text() for v in win.views] == want, timeout=20_000)
         win.close()
         assert not any(c.alive for c in clients)
     finally:
