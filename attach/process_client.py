@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import pickle
 import socket
 import subprocess
@@ -67,6 +68,11 @@ _BOOT = (
 PUSH_S = 0.05
 READ_TIMEOUT_S = 60.0  # the first read waits for the process to start (imports: seconds on a loaded machine)
 STOP_TIMEOUT_S = 10.0
+
+
+def process_id(_cache: RemoteCache, _stats: StreamStats) -> int:
+    """The id of the process that holds the cache (a read: `client.read(process_id)`)."""
+    return os.getpid()
 
 
 def check_endpoint(endpoint: str, bind: bool) -> None:
@@ -219,4 +225,3 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     config = json.loads(args.config)
     _serve(Connection(args.fd), config["client"], config["record_path"])
-

@@ -12,6 +12,8 @@ Promises:
   lock, or in the attach process for an `AttachProcess`); the finished grid
   comes back as a signal and is drawn whole: one image, one header, at most
   one grid in flight, so a frame's work is bounded whatever the stream does;
+  a grid that took t to build waits t / BUILD_SHARE before the next, so
+  the cache spends at most a quarter of its time on the view;
 - prompt matches ("how much of this prompt would this engine find cached?")
   are tokenized and matched on the same worker and answered by a signal;
 - evictions flash: blocks removed in the last `flash_s` seconds are drawn
@@ -26,6 +28,7 @@ Knows nothing about the local engine.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
@@ -55,6 +58,7 @@ from kvscope.ui.block_map import BlockMap
 REFRESH_MS = 250
 RATE_SAMPLES = 240  # one minute at 4 Hz
 RATE_EVERY = 4  # redraw the rate plots every 4th tick (1 Hz)
+BUILD_SHARE = 0.25  # the longest share of the time the cache spends building grids for the view
 
 
 def emit_safely(signal: Any, value: Any) -> None:
@@ -108,6 +112,7 @@ class AttachView(QWidget):
         # takes the client's lock, so a busy stream cannot stall it
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvscope-attach-view")
         self._building = False
+        self._next_build_at = 0.0
         self._detail_busy = False
         self._detail_want: tuple[int, int, int, tuple[str, ...], int] = (-1, -1, 0, (), 0)
         self._grid_built.connect(self._draw_grid)
@@ -184,15 +189,20 @@ class AttachView(QWidget):
         self._draw_hit_rate()
         g = self.grid
         flashing = g is not None and (g.n_flashing > 0 or g.flash_left_out > 0)  # redraw until the red is gone
-        if not self._building and (p.batches != self._last_applied or g is None or self.client.error or flashing):
+        changed = p.batches != self._last_applied or g is None or self.client.error or flashing
+        if changed and not self._building and time.monotonic() >= self._next_build_at:
             self._building = True
             self._worker.submit(self._build_grid)
 
     def _build_grid(self) -> None:  # on the worker thread
+        t0 = time.monotonic()
         try:
             result: Any = self.client.read(partial(view_grid, flash_s=self.flash_s))
         except Exception as exc:  # noqa: BLE001 - shown in the header
             result = exc
+        # building holds the cache's lock (the receive thread waits): at most BUILD_SHARE of the time
+        took = time.monotonic() - t0
+        self._next_build_at = t0 + took / BUILD_SHARE
         emit_safely(self._grid_built, result)
 
     def _draw_grid(self, result: Any) -> None:
