@@ -197,6 +197,19 @@ class StallSampler:
         self._thread.join()
 
 
+def cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system) used so far by this process or by process `pid` (Linux /proc)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def run_queue_ms() -> float:
     """How long the calling thread has waited for a CPU (Linux schedstat); 0 where unknown."""
     try:
@@ -298,10 +311,13 @@ def bench_window(n: int, capacity: int, per: int, where: bool, in_process: bool)
             gc_pauses.append(((time.perf_counter() - gc_start[0]) * 1000, info["generation"]))
 
     gc.callbacks.append(on_gc)
+    child = getattr(client, "pid", None)
+    cpu0 = cpu_s() + (cpu_s(child) if child else 0.0)
     t0 = time.perf_counter()
     engine.send("go")
     run_loop(lambda: client.progress.events >= n, 600)
     rate = n / (time.perf_counter() - t0)
+    used = cpu_s() + (cpu_s(child) if child else 0.0) - cpu0
     gc.callbacks.remove(on_gc)
     busy = (watch.longest(0), watch.longest(1))
     over_50 = sum(g[0] > 50 for g in watch.gaps)  # before the final frames: the stream's gaps only
@@ -314,6 +330,8 @@ def bench_window(n: int, capacity: int, per: int, where: bool, in_process: bool)
             print(f"  {k:5d}  {stack}")
     out = {
         "rate": rate,
+        "per_cpu_s": n / used if used > 0 else 0.0,
+        "cpu_s": used,
         "gap_ms": busy[0],
         "gap_own_ms": busy[1],
         "idle_gap_ms": idle[0],
@@ -355,6 +373,8 @@ def main() -> None:
     print(f"{'':32} {'attach process':>16} {'thread in window':>18}")
     rows = [
         ("events/s", "rate", "{:,.0f}"),
+        ("CPU s used (window + attach)", "cpu_s", "{:.1f}"),
+        ("events per CPU second", "per_cpu_s", "{:,.0f}"),
         ("longest loop gap, ms", "gap_ms", "{:.0f}"),
         ("  less waits for a CPU, ms", "gap_own_ms", "{:.0f}"),
         ("gaps over 50 ms", "over_50", "{:.0f}"),

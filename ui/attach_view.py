@@ -12,8 +12,9 @@ Promises:
   lock, or in the attach process for an `AttachProcess`); the finished grid
   comes back as a signal and is drawn whole: one image, one header, at most
   one grid in flight, so a frame's work is bounded whatever the stream does;
-  a grid that took t to build waits t / BUILD_SHARE before the next, so
-  the cache spends at most a quarter of its time on the view;
+  a grid that took t to build waits t / BUILD_SHARE (at most a second)
+  before the next, so the cache spends at most a quarter of its time on
+  the view;
 - prompt matches ("how much of this prompt would this engine find cached?")
   are tokenized and matched on the same worker and answered by a signal;
 - evictions flash: blocks removed in the last `flash_s` seconds are drawn
@@ -59,6 +60,7 @@ REFRESH_MS = 250
 RATE_SAMPLES = 240  # one minute at 4 Hz
 RATE_EVERY = 4  # redraw the rate plots every 4th tick (1 Hz)
 BUILD_SHARE = 0.25  # the longest share of the time the cache spends building grids for the view
+BUILD_WAIT_MAX_S = 1.0  # but a grid at least once a second (on a loaded machine a build's wall time balloons)
 
 
 def emit_safely(signal: Any, value: Any) -> None:
@@ -202,7 +204,7 @@ class AttachView(QWidget):
             result = exc
         # building holds the cache's lock (the receive thread waits): at most BUILD_SHARE of the time
         took = time.monotonic() - t0
-        self._next_build_at = t0 + took / BUILD_SHARE
+        self._next_build_at = t0 + min(took / BUILD_SHARE, BUILD_WAIT_MAX_S)
         emit_safely(self._grid_built, result)
 
     def _draw_grid(self, result: Any) -> None:
