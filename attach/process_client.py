@@ -77,7 +77,7 @@ def process_id(_cache: RemoteCache, _stats: StreamStats) -> int:
 
 def check_endpoint(endpoint: str, bind: bool) -> None:
     """ValueError when `endpoint` cannot be bound or connected by a SUB socket (tried, then released)."""
-    sock = zmq.Context.instance().socket(zmq.SUB)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
     try:
         if bind:
             sock.bind(endpoint)
