@@ -45,6 +45,7 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QMainWindow,
     QPlainTextEdit,
+    QSizePolicy,
     QSplitter,
     QVBoxLayout,
     QWidget,
@@ -59,6 +60,7 @@ from kvscope.ui.block_map import BlockMap
 REFRESH_MS = 250
 RATE_SAMPLES = 240  # one minute at 4 Hz
 RATE_EVERY = 4  # redraw the rate plots every 4th tick (1 Hz)
+HEADER_LINES = 7  # name, summary, stream, evicting, hot, metrics (wrapped), error
 BUILD_SHARE = 0.25  # the longest share of the time the cache spends building grids for the view
 BUILD_WAIT_MAX_S = 1.0  # but a grid at least once a second (on a loaded machine a build's wall time balloons)
 
@@ -133,6 +135,11 @@ class AttachView(QWidget):
         self.header = QLabel()
         self.header.setWordWrap(True)
         self.header.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.header.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
+        # a fixed height: text that changes 4 times a second must not re-lay out the plots below it
+        # (each re-layout made pyqtgraph re-measure and repaint every axis)
+        self.header.setFixedHeight(self.header.fontMetrics().lineSpacing() * HEADER_LINES + 4)
+        self.header.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
         lay.addWidget(self.header)
         split = QSplitter(Qt.Orientation.Vertical)
         self.map = BlockMap()
