@@ -216,9 +216,11 @@ class RemoteCache:
                 self.counters.removed_unknown += 1
                 continue
             if e.medium is not None:
-                b.media = tuple(m for m in b.media if m != e.medium)
-                if b.media:
-                    continue
+                left = tuple(m for m in b.media if m != e.medium)
+                if left:
+                    b.media = left
+                    continue  # still held on another medium
+            # a removed block keeps the media it was removed from (the view says where it was)
             del self._blocks[key]
             self._unlink(key, b)
             if b.token_ids and self._by_content.get((group, b.parent, b.token_ids)) == h:

@@ -61,26 +61,34 @@ def main() -> None:
         win = AttachWindow([client], load_tokenizer_async(str(vs.DEMO_MODEL)))
         win.resize(1300, 860)
         win.show()
-        for q in QUESTIONS:
-            srv.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}], max_tokens=24)
-            srv.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}], max_tokens=24)
-            for _ in range(3):  # a scrape between requests: the hit-rate plot gets points
-                app.processEvents()
-                time.sleep(0.25)
         view = win.views[0]
-        view.flash_s = 600.0  # the evictions stay red until the picture is taken (1.5 s in use)
-        for i in range(12):  # unrelated chats until the server evicts (bounded)
+        view.flash_s = 20.0  # the evictions stay red until the picture is taken (1.5 s in use)
+
+        def chat_other(i: int) -> None:
             srv.chat(
                 [
-                    {"role": "system", "content": f"Notes {i}: the shelf {i} holds {i * 7} jars of honey."},
+                    {"role": "system", "content": f"Notes {i}: the shelf {i} holds {i * 7} jars of honey, row {i}."},
                     {"role": "user", "content": "How many jars are on the shelf? Answer with the number only."},
                 ]
             )
-            for _ in range(10):
+
+        def settle(n: int = 3) -> None:  # a scrape between requests: the hit-rate plot gets points
+            for _ in range(n):
                 app.processEvents()
-                time.sleep(0.1)
+                time.sleep(0.25)
+
+        for i in range(4):  # unrelated chats first: the least recently used, the first evicted
+            chat_other(i)
+            settle(1)
+        for q in QUESTIONS:  # then chats sharing a system prompt: a shared prefix and three branches
+            srv.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}], max_tokens=24)
+            srv.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}], max_tokens=24)
+            settle()
+        for i in range(4, 12):  # more unrelated ones until the server evicts (bounded)
             if client.progress.blocks_removed >= 2:
                 break
+            chat_other(i)
+            settle(2)
         for _ in range(400):  # bounded: the view has the blocks, the flash and the tokenizer
             app.processEvents()
             g = view.grid
@@ -90,8 +98,13 @@ def main() -> None:
         view.prompt.setText(
             json.dumps([{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Where is Mira?"}])
         )
-        view._selected = (0, 2)
-        view._show_cell(0, 2)
+        g = view.grid
+        assert g is not None
+        # the first block after the shared prompt on a branch: one question's words
+        row = next((r for r in range(len(g.rows)) if (g.states[r] == 1).any()), 0)
+        col = int((g.states[row] == 1).sum())
+        view._selected = (row, col)
+        view._show_cell(row, col)
         for _ in range(100):  # bounded: the block's text arrives from the attach process
             app.processEvents()
             if "⟦" in view.detail.toPlainText():

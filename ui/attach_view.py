@@ -60,7 +60,7 @@ from kvscope.ui.block_map import BlockMap
 REFRESH_MS = 250
 RATE_SAMPLES = 240  # one minute at 4 Hz
 RATE_EVERY = 4  # redraw the rate plots every 4th tick (1 Hz)
-HEADER_LINES = 7  # name, summary, stream, evicting, hot, metrics (wrapped), error
+HEADER_LINES = 7  # name, summary, stream, evicted, hot, metrics (wrapped), error
 BUILD_SHARE = 0.25  # the longest share of the time the cache spends building grids for the view
 BUILD_WAIT_MAX_S = 1.0  # but a grid at least once a second (on a loaded machine a build's wall time balloons)
 
@@ -245,8 +245,8 @@ class AttachView(QWidget):
         if grid.n_flashing or grid.flash_left_out:
             more = f", {grid.flash_left_out} more not drawn" if grid.flash_left_out else ""
             flash = (
-                f"<br><span style='color:#e66'>evicting: {grid.n_flashing} blocks removed in the last "
-                f"{self.flash_s:g} s shown in red{more}</span>"
+                f"<br><span style='color:#e66'>evicted: {grid.n_flashing} blocks removed in the last "
+                f"{self.flash_s:g} s, shown in red{more}</span>"
             )
         hot = " · ".join(f"{h} (reused {r}×, {k} branches)" for h, r, k in grid.hot)
         hot = f"<br><span style='color:#e6a028'>hot: {hot}</span>" if hot else ""
@@ -333,8 +333,8 @@ class AttachView(QWidget):
             return
         self.detail.setPlainText(
             f"{where}  parent {info.parent or '(root)'}\n"
-            f"{'EVICTED just now · ' if info.evicted else ''}"
-            f"media {', '.join(info.media) or '-'} · {'shared by several chains' if info.shared else 'in one chain'} · "
+            f"{'EVICTED just now from ' if info.evicted else 'media '}{', '.join(info.media) or '-'} · "
+            f"{'shared by several chains' if info.shared else 'in one chain'} · "
             f"reused {info.reuses}x · {len(info.token_ids)} tokens\n\n"
             f"…{self._decode(list(info.before[-48:]))}⟦{self._decode(list(info.token_ids))}⟧"
         )

@@ -289,7 +289,7 @@ def test_the_window_follows_the_server_through_an_attach_process(
             if view.grid is not None and view.grid.n_flashing:
                 break
         qtbot.waitUntil(lambda: view.grid.n_flashing > 0, timeout=120_000)
-        assert "evicting:" in view.header.text()
+        assert "evicted:" in view.header.text()
         assert (view.grid.states == TokenState.EVICTED).sum() == view.grid.n_flashing
 
         assert server.post("/reset_prefix_cache", None) == {"success": True}

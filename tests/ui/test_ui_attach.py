@@ -183,14 +183,14 @@ def test_evicted_blocks_flash_red_in_the_view_then_go(qtbot: Any, pub: ZmqPublis
         grid = view.grid
         # still drawn where it was, red; blocks 1-2 are in one chain now
         assert grid.states.tolist() == [[TokenState.COMPUTED] * 3, [TokenState.COMPUTED] * 2 + [TokenState.EVICTED]]
-        assert "evicting: 1 blocks removed in the last 1 s shown in red" in view.header.text()
+        assert "evicted: 1 blocks removed in the last 1 s, shown in red" in view.header.text()
         assert np.array_equal(view.map.image.image, grid.states.T)  # what the map shows
         view.map.hovered.emit(1, 2)
         qtbot.waitUntil(lambda: "EVICTED just now" in view.detail.toPlainText(), timeout=20_000)
         # nothing else arrives; the view redraws on its own until the flash is over
         qtbot.waitUntil(lambda: view.grid.n_flashing == 0, timeout=20_000)
         assert view.grid.states.tolist() == [[TokenState.COMPUTED] * 3]
-        assert "evicting" not in view.header.text()
+        assert "evicted:" not in view.header.text()
     finally:
         view.close_client()
 
