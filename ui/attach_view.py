@@ -147,6 +147,10 @@ class AttachView(QWidget):
         self.map.setLabel("left", "chain")
         self.map.hovered.connect(self._on_hovered)
         self.map.scene().sigMouseClicked.connect(self._on_clicked)
+        # thin background-coloured lines between chains and blocks: rows of one colour stay rows
+        self.cell_lines = pg.PlotCurveItem(pen=pg.mkPen((24, 24, 28), width=1), connect="pairs")
+        self.cell_lines.setZValue(5)
+        self.map.addItem(self.cell_lines)
         split.addWidget(self.map)
         self.detail = QPlainTextEdit()
         self.detail.setReadOnly(True)
@@ -231,8 +235,17 @@ class AttachView(QWidget):
             self._shape = grid.states.shape
             rows, cols = self._shape
             self.map.getViewBox().setRange(xRange=(0, max(cols, 4)), yRange=(0, max(rows, 1)), padding=0.02)
+            self._draw_cell_lines(rows, cols)
         self._show_cell(*self._selected)
         self._update_prompt_hit()
+
+    def _draw_cell_lines(self, rows: int, cols: int) -> None:
+        """Segments (pairs of points) on every row and block boundary inside the grid: one item, on shape changes."""
+        ys = np.arange(1, rows, dtype=np.float64)
+        xs = np.arange(1, cols, dtype=np.float64)
+        x = np.concatenate([np.tile([0.0, float(cols)], len(ys)), np.repeat(xs, 2)])
+        y = np.concatenate([np.repeat(ys, 2), np.tile([0.0, float(rows)], len(xs))])
+        self.cell_lines.setData(x, y)
 
     def _header_html(self, grid: ChainGrid) -> str:
         left = []
