@@ -59,6 +59,8 @@ T = TypeVar("T")
 # pure-Python modules (kv_events, blocks), so the package is entered without running its __init__.
 _BOOT = (
     "import sys, importlib.util as u\n"
+    "if sys.path and sys.path[0] == '':\n"  # -c puts the working folder first: never import from it
+    "    del sys.path[0]\n"
     "spec = u.find_spec('kvscope.engine')\n"
     "if spec is not None and spec.submodule_search_locations is not None:\n"
     "    sys.modules['kvscope.engine'] = u.module_from_spec(spec)\n"
