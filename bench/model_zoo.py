@@ -6,7 +6,7 @@ check greedy chat parity against plain `mlx_lm.stream_generate` (fresh
 session, second turn, second session on the same message) and run every
 cache operation: exact (checked against a recompute), measured (fidelity
 shown) or refused before anything changed. `--bits 4 8` adds quantized
-builds (chat parity only). Prints a table (markdown with --markdown) and a
+builds (chat parity and every operation, as the float32 build). Prints a table (markdown with --markdown) and a
 one-line summary.
 
     nice -n 10 .venv/bin/python bench/model_zoo.py [--only llama qwen3_next] [--bits 4 8] [--markdown]
@@ -105,7 +105,7 @@ def main() -> None:
             print(row(r, args.markdown), flush=True)
         for bits in args.bits:
             if r.status == "ok":
-                q = isolated(m, bits, False)
+                q = isolated(m, bits, not args.no_ops)
                 results.append(q)
                 print(row(q, args.markdown), flush=True)
     summarize(results)
@@ -128,6 +128,15 @@ def run_one(arch: str, bits: int, ops: bool) -> None:
     print(json.dumps(dataclasses.asdict(r)), flush=True)
 
 
+def _op_counts(results: list[ArchResult]) -> str:
+    ops = [v for r in results for v in r.ops.values()]
+    exact = sum(v.startswith("exact") for v in ops)
+    measured = sum(v.startswith("measured") for v in ops)
+    refused = sum(v.startswith("refused") for v in ops)
+    bad = sum(v.startswith(("CRASH", "MISMATCH", "CHANGED")) for v in ops)
+    return f"{exact} exact, {measured} measured, {refused} refused, {bad} crashes or mismatches"
+
+
 def summarize(results: list[ArchResult]) -> None:
     base = [r for r in results if r.bits is None]
     quant = [r for r in results if r.bits is not None]
@@ -136,18 +145,15 @@ def summarize(results: list[ArchResult]) -> None:
     crashed = [r for r in results if r.crashes]
     parity = [r for r in built if r.status == "ok" and not r.mismatches]
     qparity = [r for r in quant if r.status == "ok" and not r.mismatches]
-    ops = [v for r in base for v in r.ops.values()]
-    exact = sum(v.startswith("exact") for v in ops)
-    measured = sum(v.startswith("measured") for v in ops)
-    refused = sum(v.startswith("refused") for v in ops)
-    bad = [v for v in ops if v.startswith(("CRASH", "MISMATCH", "CHANGED"))]
+    qbuilt = [r for r in quant if r.status != "skipped"]
     print(
         f"\nSUMMARY: {len(base)} modules, {len(built)} built ({len(skipped)} skipped), "
-        f"chat parity {len(parity)}/{len(built)}; quantized builds {len(qparity)}/{len(quant)}; "
-        f"operations: {exact} exact, {measured} measured, {refused} refused, {len(bad)} crashes or mismatches; "
+        f"chat parity {len(parity)}/{len(built)}; quantized builds: chat parity {len(qparity)}/{len(qbuilt)} "
+        f"({len(quant) - len(qbuilt)} not quantizable); "
+        f"operations (float32): {_op_counts(base)}; operations (quantized): {_op_counts(quant)}; "
         f"{len(crashed)} models with a crash"
     )
-    for r in skipped:
+    for r in skipped + [r for r in quant if r.status == "skipped"]:
         print(f"  skipped {r.name}: {r.reason}")
     for r in results:
         for c in r.crashes:

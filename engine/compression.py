@@ -26,6 +26,7 @@ import mlx.nn as nn
 import numpy as np
 
 from kvscope.engine.blocks import TokenState
+from kvscope.engine.caches import compress_scope as scope
 from kvscope.engine.errors import InvalidRequestError
 from kvscope.engine.events import DecisionApplied, EventBus, SessionId
 from kvscope.engine.kv_cache import ScopeKVCache
@@ -234,10 +235,16 @@ def _compress(
     lm.require("compress")
     policy_params, bits = _split_params(params)
     pol = make_policy(policy, **policy_params)
-    if not session.caches or session.caches[0].n_rows == 0:
+    caches, mla = session.caches, lm.support is not None and lm.support.mla
+    scope.check_policy(pol, lm.name, caches, mla)  # non-plain layouts: the attention caches only
+    if not any(c.n_rows for c in caches):
         raise InvalidRequestError(f"session {session.name} has no cached tokens to compress")
-    decision = decide(pol, session.caches, session.tokens, lm.model, keep_ratio, budget_tokens, bits)
-    apply_decision(session.caches, decision)
+    if scope.is_scoped(caches, mla):
+        decision = scope.decide_scoped(decide, pol, caches, session.tokens, lm.model, keep_ratio, budget_tokens, bits)
+        scope.apply_scoped(apply_decision, caches, decision)
+    else:
+        decision = decide(pol, caches, session.tokens, lm.model, keep_ratio, budget_tokens, bits)
+        apply_decision(caches, decision)
     _record(session, bus, decision, replay=False)
     return decision
 
@@ -276,7 +283,11 @@ def replay_decision(engine: Any, sid: SessionId, decision: Decision) -> None:
     """Apply a recorded decision's kept rows to a session holding the same cache."""
     session = engine.session(sid)
     session.require_idle("replaying a decision")
-    apply_decision(session.caches, decision)
+    engine.model.require("compress")
+    if len(scope.targets(session.caches)) != len(session.caches):
+        scope.apply_scoped(apply_decision, session.caches, decision)
+    else:
+        apply_decision(session.caches, decision)
     _record(session, engine.bus, decision, replay=True)
 
 

@@ -136,6 +136,7 @@ class LifecycleMixin:
         s = self.session(sid)
 
         def run() -> Path:
+            self.model.require("persistence")  # refused before anything is written
             return write_archive(s, self.model.fingerprint, self.model.name, path)
 
         result: Path = self._guard(sid, run)
@@ -145,6 +146,7 @@ class LifecycleMixin:
         """Open a `.kvsession` file as a new session (checked like a saved one, and against the budget)."""
 
         def run() -> SessionId:
+            self.model.require("persistence")
             free = max(0, self.memory_budget_bytes - self.cache_bytes())
             what = f"importing {Path(os.fsdecode(path)).name}"
             s = read_archive(path, limits_of(self.model), free, lambda n: self.ensure_budget_bytes(n, what))
