@@ -101,7 +101,7 @@ def _cache_bytes(s: Session) -> tuple[bytes, str]:
     for i, c in enumerate(s.caches):
         if c.n_rows == 0:
             continue
-        k, v = c.state
+        k, v = c.state[:2]
         arrays[f"{i}.keys"], arrays[f"{i}.values"] = to_numpy(k), to_numpy(v)
     arrays.update(session_kinds.state_tensors(s.caches))  # recurrent states (refuses caches it cannot save)
     data = save(arrays) if arrays else save({"empty": np.zeros(0, np.float32)})

@@ -47,7 +47,7 @@ def fingerprint(eng: Engine, sid: str) -> str:
     for c in s.caches:
         h.update(c.row_token.tobytes() + c.masked_tokens.tobytes() + c.token_positions.tobytes())
         if c.n_rows:
-            k, v = c.state
+            k, v = c.state[:2]
             h.update(np.array(k).tobytes() + np.array(v).tobytes())
     return h.hexdigest()
 
