@@ -88,11 +88,14 @@ def test_a_refused_operation_leaves_the_session_byte_for_byte_unchanged(hybrid: 
     for call in (
         lambda: hybrid.splice(sid, sid, 1, 4),
         lambda: hybrid.delete_span(sid, 1, 4),
-        lambda: hybrid.compress(sid, "key_norm", keep_ratio=0.5),
+        lambda: hybrid.save_segment(sid, 1, 4, "never-written.kvseg"),
     ):
         with pytest.raises(UnsupportedModelError, match=r"refused on qwen3_next: 3 of 4 caches are recurrent state"):
             call()
         assert _fingerprint(hybrid, sid) == before
+    with pytest.raises(UnsupportedModelError, match=r"snapkv on qwen3_next is refused"):
+        hybrid.compress(sid, "snapkv", keep_ratio=0.5)  # recomputes attention over every cache
+    assert _fingerprint(hybrid, sid) == before
 
 
 def test_recurrent_state_cannot_be_trimmed_past_its_checkpoints(hybrid: Engine) -> None:
