@@ -18,6 +18,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+from kvscope.engine.atomic_io import atomic_write
 from kvscope.engine.events import (
     Event,
     GenerationFinished,
@@ -168,10 +169,4 @@ def write_trace(events: list[Event], path: str | os.PathLike[str], names: dict[s
     """Write `{"traceEvents": [...]}` atomically; returns the path written."""
     path = Path(path)
     doc = {"traceEvents": trace_events(events, names), "displayTimeUnit": "ms"}
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(doc, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, json.dumps(doc).encode())
