@@ -46,8 +46,7 @@ def _logits(eng: Engine, sid: str) -> mx.array:
 
 
 def _reopened(eng: Engine, sid: str, data: Path, folder: Path) -> Engine:
-    assert eng.persistence is not None
-    eng.persistence.close()  # the folder's lock goes to the next engine, as when the app restarts
+    eng.close_data_folder()  # the folder's lock goes to the next engine, as when the app restarts
     other = _engine(data, folder)
     assert sid in other.sessions(), other.load_errors
     return other
