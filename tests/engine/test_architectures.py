@@ -190,16 +190,27 @@ def test_plain_models_still_use_scope_caches(tmp_path: Path) -> None:
     assert eng.model.support is not None and all(v.status == "exact" for v in eng.model.support.verdicts)
 
 
-def test_a_quantized_model_reports_its_compute_dtype_not_the_packed_weights(tmp_path: Path) -> None:
+def test_a_quantized_model_reports_its_compute_dtype_not_the_packed_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
     from mlx.utils import tree_flatten
     from mlx_lm.utils import load
 
-    from kvscope.engine.model_loading import _param_dtype
+    from kvscope.app.cli import main
+    from kvscope.engine.model_loading import compute_dtype
 
-    model = load(str(make_zoo_model(tmp_path / "q", "llama", bits=4)))[0]
-    model.set_dtype(mx.float16)
+    folder = make_zoo_model(tmp_path / "q", "llama", bits=4)
+    capsys.readouterr()  # mlx-lm's quantizer prints a line
+    assert main(["info", "--model", str(folder), "--json"]) == 0  # what a user runs
+    info = json.loads(capsys.readouterr().out)
+    assert (info["dtype"], info["weights"]) == ("float32", "4-bit quantized (group 32)")  # the CPU computes in f32
+    model = load(str(folder))[0]
+    model.set_dtype(mx.bfloat16)  # as a bf16 checkpoint loads on a Mac
     assert any(v.dtype == mx.uint32 for _, v in tree_flatten(model.parameters()))  # packed weights
-    assert _param_dtype(model) == "float16"
+    assert compute_dtype(model, mx.Device(mx.gpu)) == "bfloat16"  # Metal keeps the checkpoint's dtype
+    assert compute_dtype(model, mx.Device(mx.cpu)) == "float32"
 
 
 def test_kvscope_info_prints_every_operation_with_its_verdict(
