@@ -157,10 +157,10 @@ def _resolve(id_or_path: str) -> Path:
         return Path(_download(id_or_path))
     except Exception as exc:  # noqa: BLE001 - hub errors come in many classes
         raise ModelLoadError(
-            f"could not fetch {id_or_path!r} from the model hub ({type(exc).__name__}): "
-            "the hub is unreachable from this machine or the id does not exist. "
-            "Download the model elsewhere and pass its local folder, e.g. "
-            "`kvscope chat --model /path/to/model`, or run without --model for the bundled demo model."
+            f"cannot load {id_or_path!r}: it is not a local folder (there is nothing at {path.resolve()}), and as a "
+            f"hub id it could not be fetched ({type(exc).__name__}): the model hub is unreachable from this machine "
+            "or has no such model. Check the folder's path, or download the model elsewhere and pass its local "
+            "folder (`kvscope chat --model /path/to/model`), or run without --model for the bundled demo model."
         ) from exc
 
 
