@@ -81,10 +81,13 @@ def main() -> None:
     p.add_argument("--no-ops", action="store_true", help="chat parity only")
     p.add_argument("--quantized-only", action="store_true", help="with --bits: skip the float32 build")
     p.add_argument("--one", help=argparse.SUPPRESS)  # the child process of `isolated`
-    p.add_argument("--one-bits", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--one-bits", type=int, nargs="*", default=[0], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        run_one(args.one, args.one_bits, not args.no_ops)
+        for bits in args.one_bits:
+            r = run_one(args.one, bits, not args.no_ops)
+            if r.bits is None and r.status != "ok":
+                break
         return
     k, n = (int(x) for x in args.shard.split("/"))
     mods = (args.only or installed_modules())[k - 1 :: n]
@@ -97,18 +100,28 @@ def main() -> None:
     for m in mods:
         if m in missing and m not in SKIP:
             r = ArchResult(m, status="skipped", reason="no zoo config: add one to tests/zoo_configs.py")
-        elif args.quantized_only:
-            r = ArchResult(m)
-        else:
-            r = isolated(m, None, not args.no_ops)
             results.append(r)
             print(row(r, args.markdown), flush=True)
-        for bits in args.bits:
-            if r.status == "ok":
-                q = isolated(m, bits, not args.no_ops)
-                results.append(q)
-                print(row(q, args.markdown), flush=True)
+            continue
+        builds = ([] if args.quantized_only else [None]) + list(args.bits)
+        for r in isolated_builds(m, builds, not args.no_ops):
+            results.append(r)
+            print(row(r, args.markdown), flush=True)
     summarize(results)
+
+
+def isolated_builds(arch: str, builds: list[int | None], ops: bool) -> list[ArchResult]:
+    """Every build of one module in one child process (one import of mlx and mlx-lm); a build
+    the child did not report (it died) is retried alone, so a crash inside mlx is one row."""
+    cmd = [sys.executable, __file__, "--one", arch, "--one-bits", *(str(b or 0) for b in builds)]
+    proc = subprocess.run(cmd + ([] if ops else ["--no-ops"]), capture_output=True, text=True)
+    done = [ArchResult(**json.loads(ln)) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    out = list(done)
+    for b in builds[len(done) :]:
+        if out and out[0].bits is None and out[0].status != "ok":
+            break  # the float32 build did not run: its quantized builds are not tried
+        out.append(isolated(arch, b, ops))
+    return out
 
 
 def isolated(arch: str, bits: int | None, ops: bool) -> ArchResult:
@@ -123,9 +136,10 @@ def isolated(arch: str, bits: int | None, ops: bool) -> ArchResult:
     return ArchResult(**json.loads(lines[-1]))
 
 
-def run_one(arch: str, bits: int, ops: bool) -> None:
+def run_one(arch: str, bits: int, ops: bool) -> ArchResult:
     r = check_arch(arch, bits or None, ops=ops)
     print(json.dumps(dataclasses.asdict(r)), flush=True)
+    return r
 
 
 def _op_counts(results: list[ArchResult]) -> str:
