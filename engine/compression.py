@@ -249,7 +249,7 @@ def _compress(
     budget_tokens: int | None,
     **params: Any,
 ) -> Decision:
-    lm.require("compress")
+    verdict = lm.require("compress")
     policy_params, bits = _split_params(params)
     pol = make_policy(policy, **policy_params)
     caches, mla = session.caches, lm.support is not None and lm.support.mla
@@ -259,6 +259,8 @@ def _compress(
     if scope.is_scoped(caches, mla):
         decision = scope.decide_scoped(decide, pol, caches, session.tokens, lm.model, keep_ratio, budget_tokens, bits)
         scope.apply_scoped(apply_decision, caches, decision)
+        if verdict.status != "exact":  # the record and the event say what was left alone and why
+            decision.extra["approximate"] = verdict.reason
     else:
         decision = decide(pol, caches, session.tokens, lm.model, keep_ratio, budget_tokens, bits)
         apply_decision(caches, decision)

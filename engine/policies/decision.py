@@ -149,6 +149,8 @@ class Decision:
             "bytes_after": self.bytes_after,
             "quantized_bytes": self.quantized_bytes,
             "decide_ms": round(self.decide_ms, 3),
+            # non-plain layouts (caches.compress_scope): which caches were compressed, and the label
+            **{k: v for k, v in self.extra.items() if k in ("layers_compressed", "approximate")},
         }
 
     # ------------------------------------------------------------ files

@@ -152,6 +152,8 @@ def test_compress_on_sliding_mla_and_hybrid_keeps_the_rows_it_says_and_equals_a_
     err = compressed_logits_error(eng, sid)
     assert err is not None and err < 1e-4
     assert eng.model.support is not None and eng.model.support.verdict("compress").status == "measured"
+    record = s.operations[-1]  # the session's record says what was compressed and that it is approximate
+    assert record["layers_compressed"] == compressed and record["approximate"]
     # Policies that recompute attention over every cache are refused, the session unchanged.
     before = _fingerprint(eng, sid)
     with pytest.raises(UnsupportedModelError, match="snapkv on .* is refused"):
