@@ -107,7 +107,7 @@ def _require_plain(cache: Any, what: str) -> None:
 def to_quantized(cache: Any, group_size: int, bits: int) -> mlx_cache.QuantizedKVCache:
     """mlx-lm's `QuantizedKVCache` holding this plain cache's rows."""
     _require_plain(cache, "quantizing")
-    out = mlx_cache.QuantizedKVCache(group_size=group_size, bits=bits)
+    out: Any = mlx_cache.QuantizedKVCache(group_size=group_size, bits=bits)
     if cache.n_rows:
         keys, values = cache.state[:2]
         out.keys = mx.quantize(keys, group_size=group_size, bits=bits)

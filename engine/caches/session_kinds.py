@@ -203,6 +203,7 @@ def expected_tensors(
 
 def records_of(name: str, doc: dict[str, Any], lim: Any) -> list[dict[str, Any]]:
     """The checked cache records of a session.json for the model `lim` (a `ModelLimits`) describes."""
+    expected: list[tuple[str, int | None]]
     if lim.new_caches is None:  # limits without a model (tools): plain caches only
         expected = [("attention", None)] * lim.n_layers
     else:
