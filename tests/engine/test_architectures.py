@@ -48,9 +48,23 @@ def test_each_cache_kind_chats_like_mlx_lm_and_every_operation_is_exact_measured
     assert res.ops["erratum"] == "exact"  # appending is a prefill on every kind
 
 
-def test_quantized_build_chats_like_mlx_lm(tmp_path: Path) -> None:
-    res = check_arch("qwen3", bits=4, ops=False, root=tmp_path)
+def test_quantized_hybrid_build_chats_like_mlx_lm_and_every_operation_is_exact_measured_or_refused(
+    tmp_path: Path,
+) -> None:
+    res = check_arch("qwen3_next", bits=4, root=tmp_path)  # 4-bit weights; mlx-lm on the same 4-bit folder
     assert res.status == "ok" and all(res.parity.values()), (res.reason, res.parity)
+    assert not res.crashes, res.crashes
+    got = {op: v.split(" ")[0].rstrip(":") for op, v in res.ops.items()}
+    assert got == {
+        "mask": "measured",  # the states absorbed the masked tokens
+        "delete": "refused",
+        "splice": "refused",
+        "replace": "refused",
+        "erratum": "exact",
+        "compress": "measured",  # the attention cache only; equals a recompute without the evicted rows
+        "segment files": "refused",
+        "persistence": "exact",  # export -> import continues like the never-saved session
+    }, res.ops
 
 
 @pytest.fixture(scope="module")
