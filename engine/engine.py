@@ -18,23 +18,23 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvscope.engine.blocks import DEFAULT_BLOCK_SIZE, TokenState
+from kvscope.engine import chat
+from kvscope.engine.blocks import TokenState
 from kvscope.engine.budget import MemoryBudget
 from kvscope.engine.caches.layout import make_session_caches
 from kvscope.engine.compression import AutoCompress, Decision, checked_auto_compress
+from kvscope.engine.config import EngineConfig
 from kvscope.engine.editing import Editor
 from kvscope.engine.engine_info import engine_info
-from kvscope.engine.errors import InvalidRequestError
 from kvscope.engine.events import Event, EventBus, SessionChanged, SessionId
 from kvscope.engine.fidelity import FidelityReport, measure
 from kvscope.engine.generation import SamplingParams
 from kvscope.engine.kv_publisher import publisher_from_config
 from kvscope.engine.model_loading import LoadedModel, load_model
-from kvscope.engine.parts import EngineParts
+from kvscope.engine.parts import EngineParts, LoadedState
 from kvscope.engine.persistence import SessionStore
 from kvscope.engine.prefix_store import PrefixStore
 from kvscope.engine.prompt_turn import run_on_empty
@@ -44,26 +44,9 @@ from kvscope.engine.session import Session
 from kvscope.engine.snapshot import SessionSnapshot, take_snapshot
 from kvscope.engine.splicing import SpliceOptions, Splicer
 from kvscope.engine.surgery import Segment
-from kvscope.engine.trace import write_trace
+from kvscope.engine.trace import write_trace_checked
 from kvscope.engine.transaction import Transactions, guarded
 from kvscope.engine.turns import PromptTokens, TurnContext, TurnResult, run_turn
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    block_size: int = DEFAULT_BLOCK_SIZE
-    prefill_chunk: int = 512
-    prefix_budget_bytes: int = 1 << 30
-    memory_budget_bytes: int | None = None  # None: half of physical memory
-    persist: bool = False  # save sessions after every turn / edit and reopen them
-    data_dir: str | None = None  # None: KVSCOPE_HOME or the platform's user data folder
-    kv_events: str | None = None  # publish block events in vLLM's format to this ZMQ endpoint
-    kv_events_replay: str | None = None  # ZMQ ROUTER endpoint for replay requests
-    kv_events_topic: str = ""
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EngineConfig:
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 class Engine:
@@ -76,7 +59,7 @@ class Engine:
         self.bus = EventBus()
         self.auto_compress: AutoCompress | None = None  # default for new sessions
         self._pieces: dict[int, str] = {}
-        self._loaded = loaded = _Loaded()
+        self._loaded = loaded = LoadedState()
         self._files = files = SavedSessions(
             SessionStore(Path(cfg.data_dir) if cfg.data_dir else None) if cfg.persist else None
         )
@@ -373,7 +356,7 @@ class Engine:
     def export_trace(self, path: str | os.PathLike[str]) -> Path:
         """Write all events so far as Chrome Trace Event JSON."""
         names = self._registry.names()
-        return self._guard(None, lambda: _write_trace_checked(self.events, path, names))
+        return self._guard(None, lambda: write_trace_checked(self.events, path, names))
 
     # ------------------------------------------------------------ wiring
     def _guard(self, sid: SessionId | None, fn: Callable[[], Any]) -> Any:
@@ -392,8 +375,6 @@ class Engine:
             raise
 
     def _reserve_text(self, text: str, extra_tokens: int, what: str) -> None:
-        from kvscope.engine import chat
-
         self._parts.reserve_tokens(len(chat.encode(self.model.tokenizer, text)) + extra_tokens, what)
 
     def _turn(self, s: Session, run: Callable[[TurnContext], TurnResult]) -> TurnResult:
@@ -404,28 +385,3 @@ class Engine:
         finally:
             s.generating = False
         return result
-
-
-class _Loaded:
-    """The loaded model and its prefix store: what the parts read, without holding the Engine."""
-
-    def __init__(self) -> None:
-        self.lm: LoadedModel | None = None
-        self.store: PrefixStore | None = None
-
-    def model(self) -> LoadedModel:
-        if self.lm is None:
-            raise InvalidRequestError("no model loaded: call Engine.load() first")
-        return self.lm
-
-    def prefix_store(self) -> PrefixStore:
-        self.model()  # "no model loaded" before anything else
-        assert self.store is not None
-        return self.store
-
-
-def _write_trace_checked(events: list[Event], path: str | os.PathLike[str], names: dict[str, str]) -> Path:
-    try:
-        return write_trace(events, path, names)
-    except OSError as exc:
-        raise InvalidRequestError(f"cannot write trace to {path}: {exc.strerror or exc}") from exc

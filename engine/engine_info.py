@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlx.core as mx
 
 from kvscope.engine import blas
 from kvscope.engine.budget import MemoryBudget
+from kvscope.engine.config import EngineConfig
 from kvscope.engine.model_loading import LoadedModel, weights_format
 from kvscope.engine.prefix_store import PrefixStore
 from kvscope.engine.saved_sessions import SavedSessions
-
-if TYPE_CHECKING:
-    from kvscope.engine.engine import EngineConfig
 
 
 def engine_info(

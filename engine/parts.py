@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvscope.engine.budget import MemoryBudget
+from kvscope.engine.errors import InvalidRequestError
 from kvscope.engine.events import EventBus
 from kvscope.engine.model_loading import LoadedModel
 from kvscope.engine.prefix_store import PrefixStore
@@ -39,3 +40,21 @@ class EngineParts:
     def reserve_tokens(self, n_tokens: int, what: str) -> None:
         """Make room for `n_tokens` more rows of the loaded model, or refuse `what`."""
         self.budget.reserve_tokens(n_tokens, self.model().bytes_per_token, what)
+
+
+class LoadedState:
+    """The loaded model and its prefix store: what the parts read, without holding the Engine."""
+
+    def __init__(self) -> None:
+        self.lm: LoadedModel | None = None
+        self.store: PrefixStore | None = None
+
+    def model(self) -> LoadedModel:
+        if self.lm is None:
+            raise InvalidRequestError("no model loaded: call Engine.load() first")
+        return self.lm
+
+    def prefix_store(self) -> PrefixStore:
+        self.model()  # "no model loaded" before anything else
+        assert self.store is not None
+        return self.store

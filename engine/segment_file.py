@@ -35,7 +35,7 @@ import numpy as np
 
 from kvscope.engine import chat
 from kvscope.engine.atomic_io import atomic_write
-from kvscope.engine.bounded_io import loads_json
+from kvscope.engine.bounded_io import check_fields, loads_json
 from kvscope.engine.errors import InvalidRequestError, SegmentFileError
 from kvscope.engine.model_limits import MAX_POSITION, ModelLimits, limits_of
 from kvscope.engine.model_loading import LoadedModel
@@ -170,11 +170,7 @@ def _manifest(f: SafetensorsFile) -> dict[str, Any]:
     man = loads_json(meta["0.kvscope"], f"{fname}: the kvscope manifest")
     if not isinstance(man, dict):
         raise SegmentFileError(f"{fname}: the kvscope manifest is not a JSON object")
-    for key, typ in _FIELDS.items():
-        if key not in man:
-            raise SegmentFileError(f"{fname}: the manifest is missing {key!r}")
-        if not isinstance(man[key], typ) or isinstance(man[key], bool):
-            raise SegmentFileError(f"{fname}: manifest field {key!r} has the wrong type ({type(man[key]).__name__})")
+    check_fields(man, _FIELDS, f"{fname}: the manifest")
     if man["format"] != FORMAT:
         raise SegmentFileError(f"{fname}: format is {man['format'][:40]!r}, expected {FORMAT!r}")
     if man["version"] not in READABLE_VERSIONS:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kvscope.engine.atomic_io import atomic_write
+from kvscope.engine.errors import InvalidRequestError
 from kvscope.engine.events import (
     Event,
     GenerationFinished,
@@ -170,3 +171,11 @@ def write_trace(events: list[Event], path: str | os.PathLike[str], names: dict[s
     path = Path(path)
     doc = {"traceEvents": trace_events(events, names), "displayTimeUnit": "ms"}
     return atomic_write(path, json.dumps(doc).encode())
+
+
+def write_trace_checked(events: list[Event], path: str | os.PathLike[str], names: dict[str, str]) -> Path:
+    """`write_trace`, with a failure to write said as an `InvalidRequestError` naming the path."""
+    try:
+        return write_trace(events, path, names)
+    except OSError as exc:
+        raise InvalidRequestError(f"cannot write trace to {path}: {exc.strerror or exc}") from exc

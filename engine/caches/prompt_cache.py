@@ -59,18 +59,17 @@ def register() -> None:
 
 
 # ---------------------------------------------------------------- state
-def state_of(cache: Any, always_full: bool = False) -> tuple[Any, ...]:
-    """The `state` tuple of a kvscope row cache (see the module docstring)."""
-    if cache.n_rows == 0:
-        return (None, None) if not always_full else (None, None, None, None, None)
-    keys, values, toks, vis = cache.rows_of(0, cache.n_tokens)
-    if cache.is_plain and not always_full:
+def state_tuple(
+    cache: Any, keys: mx.array, values: mx.array, toks: np.ndarray, vis: np.ndarray, always_full: bool = False
+) -> tuple[Any, ...]:
+    """The `state` tuple of a kvscope row cache from its stored rows (see the module docstring)."""
+    if (cache.is_plain or cache.is_headwise) and not always_full:
         return keys, values
     return (
         keys,
         values,
-        mx.array(toks.astype(_I32)),
-        mx.array(vis.astype(_I32)),
+        mx.array(np.asarray(toks).astype(_I32)),
+        mx.array(np.asarray(vis).astype(_I32)),
         mx.array(np.asarray(cache.token_positions, _I32)),
     )
 
@@ -91,8 +90,7 @@ def set_state(cache: Any, state: Any) -> None:
     else:
         toks, vis, pos = (np.asarray(a).astype(np.int64) for a in state[2:])
     fresh = ScopeKVCache.from_rows(keys, values, toks, vis.astype(bool), pos)
-    for attr in ("_live", "_aside", "_pos", "_n_tokens", "_offset"):
-        setattr(cache, attr, getattr(fresh, attr))
+    cache.__dict__.update(vars(fresh))  # the row bookkeeping only: a subclass keeps its own fields
 
 
 # ---------------------------------------------------------------- hand-over to mlx-lm's caches

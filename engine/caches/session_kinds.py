@@ -41,7 +41,6 @@ from kvscope.engine.kv_cache import ScopeKVCache
 from kvscope.engine.tensor_ops import to_numpy
 
 MAX_STATE_DIMS = 8
-_ROW_ATTRS = ("_live", "_aside", "_pos", "_n_tokens", "_offset")
 StateSpec = tuple[tuple[int, ...], mx.Dtype] | None  # shape, dtype of one state array (None: unused)
 
 
@@ -148,8 +147,7 @@ def state_shapes(model: Any, new_caches: Callable[[], list[Any]]) -> dict[int, l
 
 def _transplant(src: ScopeKVCache, dst: ScopeKVCache) -> ScopeKVCache:
     """`dst` (the model's kind of row cache) takes `src`'s rows, tokens and positions."""
-    for attr in _ROW_ATTRS:
-        setattr(dst, attr, getattr(src, attr))
+    dst.__dict__.update(vars(src))  # src is a plain ScopeKVCache: only the row bookkeeping moves
     return dst
 
 

@@ -115,7 +115,9 @@ class SlidingScopeKVCache(ScopeKVCache):
     @property
     def state(self) -> tuple[Any, ...]:
         """Rows, their tokens, visibility and positions, and the window (caches.prompt_cache)."""
-        return (*prompt_cache.state_of(self, always_full=True), self.window)
+        if self.n_rows == 0:
+            return (None, None, None, None, None, self.window)
+        return (*prompt_cache.state_tuple(self, *self.rows_of(0, self.n_tokens), always_full=True), self.window)
 
     @state.setter
     def state(self, v: tuple[Any, ...]) -> None:
