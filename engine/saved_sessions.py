@@ -104,10 +104,12 @@ class SavedSessions:
     @staticmethod
     def export(s: Session, lm: LoadedModel, path: str | os.PathLike[str]) -> Path:
         """Write a session (transcript, operations, cache) as one `.kvsession` zip file."""
+        lm.require("persistence")  # caches.support: refused before anything is written
         return write_archive(s, lm.fingerprint, lm.name, path)
 
     @staticmethod
     def read_export(path: str | os.PathLike[str], lm: LoadedModel, free: int, reserve: Reserve) -> Session:
         """A session read from a `.kvsession` file (the caller gives it an id and registers it)."""
         what = f"importing {Path(os.fsdecode(path)).name}"
+        lm.require("persistence")
         return read_archive(path, limits_of(lm), free, lambda n: reserve(n, what))
