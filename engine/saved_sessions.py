@@ -94,9 +94,8 @@ class SavedSessions:
                 continue
             if entry["fingerprint"] != lm.fingerprint or entry["id"] in open_ids:
                 continue
-            what = f"reopening session {entry['id']}"
             try:
-                opened.append(store.load(entry["id"], limits, lambda n, w=what: reserve(n, w)))
+                opened.append(store.load(entry["id"], limits, _reserving(reserve, f"reopening session {entry['id']}")))
             except KVScopeError as exc:
                 self.load_errors.append(f"{exc} (left on disk untouched)")
         return opened
@@ -113,3 +112,8 @@ class SavedSessions:
         what = f"importing {Path(os.fsdecode(path)).name}"
         lm.require("persistence")
         return read_archive(path, limits_of(lm), free, lambda n: reserve(n, what))
+
+
+def _reserving(reserve: Reserve, what: str) -> Callable[[int], None]:
+    """`reserve` with its `what` filled in (a closure per session, not per loop variable)."""
+    return lambda n: reserve(n, what)

@@ -46,6 +46,8 @@ VERSION = 1
 SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 CACHE_FILE = re.compile(r"cache-[0-9a-f]{12}\.safetensors")
 _ORIGINS = {int(s) for s in TokenState}
+# one layer's rows: tokens, positions, visibility, and which head holds which row (None: every head)
+LayerRows = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]
 _DOC_FIELDS: dict[str, type] = {
     "format": str,
     "version": int,
@@ -126,7 +128,7 @@ def _turn(name: str, i: int, rec: Any) -> TurnStats:
     return TurnStats(**rec)
 
 
-def _rows(name: str, i: int, lay: Any, n_tokens: int) -> tuple[list[np.ndarray], int, int]:
+def _rows(name: str, i: int, lay: Any, n_tokens: int) -> tuple[LayerRows, int, int]:
     keys = {"offset", "next_token", "row_token", "row_position", "row_visible"}
     if not isinstance(lay, dict) or set(lay) - {"head_rows"} != keys:
         raise SegmentFileError(f"session {name}: layer {i} record must have exactly {sorted(keys)} (+ head_rows)")
@@ -144,7 +146,7 @@ def _rows(name: str, i: int, lay: Any, n_tokens: int) -> tuple[list[np.ndarray],
     offset, next_token = lay["offset"], lay["next_token"]
     if not (json_int(offset) and 0 <= offset <= MAX_POSITION and json_int(next_token) and next_token == n_tokens):
         raise SegmentFileError(f"session {name}: layer {i} offset/next_token out of range")
-    return [tok, pos, vis, head_rows(name, i, lay.get("head_rows"), n)], offset, next_token
+    return (tok, pos, vis, head_rows(name, i, lay.get("head_rows"), n)), offset, next_token
 
 
 def _cache(
@@ -185,7 +187,7 @@ def _cache(
 
 
 def _layer(
-    name: str, i: int, rows: tuple[list[np.ndarray], int, int], arrays: dict[str, np.ndarray], positions: np.ndarray
+    name: str, i: int, rows: tuple[LayerRows, int, int], arrays: dict[str, np.ndarray], positions: np.ndarray
 ) -> ScopeKVCache:
     """One layer's cache from its checked rows; the cache itself owns positions (and re-checks them)."""
     (tok, pos, vis, heads), offset, _ = rows
