@@ -2,8 +2,9 @@
 
 Promises:
 - follows mlx-lm's cache protocol (`update_and_fetch`, `offset`, `state`,
-  `meta_state`, `from_state`, `is_trimmable`, `trim`, `nbytes`, `make_mask`,
-  `empty`, `size`), so any plain-attention mlx-lm model runs on it unmodified;
+  `trim`, `nbytes`, `make_mask`, `empty`; the rest from
+  `caches.prompt_cache.PromptCacheFile`), so any plain-attention mlx-lm model
+  runs on it unmodified;
 - is the *only* owner of this layer's bookkeeping: which logical tokens have
   rows, which rows are visible, and the RoPE position of every logical token
   (with or without a row). Others read it through read-only arrays and change
@@ -24,14 +25,12 @@ Storage, with tokens 2-3 masked and token 4 evicted::
     aside:           2  3               masked rows, token order, kept for unmask
     (token 4 has no row in this layer: evicted)
 
-The two row sets are one `RowSets` (engine/row_sets.py). After a head-wise
-eviction (`keep_head_tokens`) each KV head keeps its own rows, compacted to
-the front of the buffer; heads holding fewer rows are padded with holes that
-`head_mask` hides (engine/head_attention.py routes mlx-lm's attention through
-it). Decode, prefill, mask/unmask, trim, eviction, quantization, copies and
-`state` work per head; edits that move or overwrite rows (`rows_of` for
-segments, `tail_rows`, delete, insert, overwrite) raise `InvalidRequestError`
-before changing anything.
+The row sets are one `RowSets` (row_sets.py). After a head-wise eviction
+(`keep_head_tokens`) each KV head keeps its own rows at the front of the
+buffer, padded with holes that `head_mask` hides (head_attention.py routes
+attention through it). Decode, prefill, mask, trim, eviction, quantization,
+copies and `state` work per head; edits that move or overwrite rows raise
+`InvalidRequestError` before changing anything.
 
 Knows nothing about tokens' text, blocks, sessions, RoPE or events: edits that
 move positions take a `rotate(keys, delta)` function from the caller.
@@ -57,7 +56,7 @@ Rotate = Callable[[mx.array, int], mx.array]
 _I64 = np.int64
 
 
-class ScopeKVCache:
+class ScopeKVCache(prompt_cache.PromptCacheFile):
     """A per-layer KV cache with logical masking and physical row edits."""
 
     step = 256
@@ -69,7 +68,6 @@ class ScopeKVCache:
         self._n_tokens = 0
         self._offset = 0  # next RoPE position
 
-    # ------------------------------------------------------------ protocol
     @property
     def keys(self) -> mx.array | None:
         """The attended buffer (visible rows first, then spare capacity)."""
@@ -118,14 +116,8 @@ class ScopeKVCache:
         self._mask_owed = False
         return live.attention_mask(n_q_heads, n_queries, n_keys)
 
-    def size(self) -> int:
-        return self._offset
-
     def empty(self) -> bool:
         return self._rows.live.keys is None and self._rows.aside.n == 0
-
-    def is_trimmable(self) -> bool:
-        return True
 
     def trim(self, n: int) -> int:
         """Drop the last `n` logical tokens (rows and positions)."""
@@ -153,38 +145,10 @@ class ScopeKVCache:
         prompt_cache.set_state(self, v)
 
     @property
-    def meta_state(self) -> tuple[str, ...]:
-        return (str(self._offset), str(self._n_tokens))
-
-    @meta_state.setter
-    def meta_state(self, v: tuple[str, ...]) -> None:
-        offset, n_tokens = int(v[0]), int(v[1])
-        if (offset, n_tokens) != (self._offset, self._n_tokens):
-            raise ValueError(f"meta state {v} does not match the {self._n_tokens} rows loaded")
-
-    @classmethod
-    def from_state(cls, state: tuple[Any, ...], meta_state: tuple[str, ...] | None = None) -> ScopeKVCache:
-        obj = cls()
-        obj.state = state
-        if meta_state is not None:
-            obj.meta_state = meta_state
-        return obj
-
-    @classmethod
-    def merge(cls, caches: list[ScopeKVCache]) -> Any:
-        """mlx-lm's batch cache of plain caches (an edited one is refused: caches.prompt_cache)."""
-        return prompt_cache.merge(caches)
-
-    def to_quantized(self, group_size: int = 64, bits: int = 4) -> Any:
-        """mlx-lm's `QuantizedKVCache` with this plain cache's rows (an edited one is refused)."""
-        return prompt_cache.to_quantized(self, group_size, bits)
-
-    @property
     def nbytes(self) -> int:
         """Bytes of the stored rows (masked rows included: they are kept; head-wise: padding too)."""
         return self._rows.nbytes()
 
-    # ------------------------------------------------------------ reading
     @property
     def n_tokens(self) -> int:
         """Logical tokens this layer has seen (with or without a row)."""
@@ -287,7 +251,6 @@ class ScopeKVCache:
         n = self._rows.live.n
         return slice_rows(keys, n - m, n), slice_rows(values, n - m, n)
 
-    # ------------------------------------------------------------ editing
     def set_visible(self, token_lo: int, token_hi: int, visible: bool) -> int:
         """Mask or unmask the rows of logical tokens [lo, hi) (in every head). Returns rows changed.
 
@@ -404,7 +367,6 @@ class ScopeKVCache:
         obj._sync_offset()
         return obj
 
-    # ------------------------------------------------------------ internals
     def _append_per_head(self, live: HeadRowStore, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         if self._mask_owed:  # a tripwire: without the mask, heads would attend their holes
             raise RuntimeError(

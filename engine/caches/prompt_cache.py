@@ -135,3 +135,55 @@ def merge(caches: Any) -> Any:
     for c in caches:
         _require_plain(c, "batching")
     return mlx_cache.BatchKVCache.merge(caches)
+
+
+class PromptCacheFile:
+    """The parts of mlx-lm's cache protocol that only need a cache's public counts.
+
+    A base of `ScopeKVCache` (and so of the other kvscope row caches):
+    `size`, `is_trimmable`, `meta_state`, `from_state`, `merge`,
+    `to_quantized`. `state` itself reads the rows and lives on the cache.
+    """
+
+    state: Any
+
+    @property
+    def offset(self) -> int:  # the next RoPE position (the cache defines it)
+        raise NotImplementedError
+
+    @property
+    def n_tokens(self) -> int:  # logical tokens (the cache defines it)
+        raise NotImplementedError
+
+    def size(self) -> int:
+        return self.offset
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    @property
+    def meta_state(self) -> tuple[str, ...]:
+        return (str(self.offset), str(self.n_tokens))
+
+    @meta_state.setter
+    def meta_state(self, v: tuple[str, ...]) -> None:
+        offset, n_tokens = int(v[0]), int(v[1])
+        if (offset, n_tokens) != (self.offset, self.n_tokens):
+            raise ValueError(f"meta state {v} does not match the {self.n_tokens} rows loaded")
+
+    @classmethod
+    def from_state(cls, state: tuple[Any, ...], meta_state: tuple[str, ...] | None = None) -> Any:
+        obj = cls()
+        obj.state = state
+        if meta_state is not None:
+            obj.meta_state = meta_state
+        return obj
+
+    @classmethod
+    def merge(cls, caches: list[Any]) -> Any:
+        """mlx-lm's batch cache of plain caches (an edited one is refused)."""
+        return merge(caches)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> Any:
+        """mlx-lm's `QuantizedKVCache` with this plain cache's rows (an edited one is refused)."""
+        return to_quantized(self, group_size, bits)
