@@ -33,8 +33,25 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="MB",
         help="cap on the request sessions' cache; the least recently used unpinned ones are closed past it",
     )
+    p.add_argument(
+        "--stream-interval",
+        type=_interval_ms,
+        default=20.0,
+        metavar="MS",
+        help="a stream sends its new text at most this often, the first piece at once (default 20; 0: every token)",
+    )
     add_kv_events_args(p)
     p.set_defaults(func=run_serve)
+
+
+def _interval_ms(text: str) -> float:
+    try:
+        ms = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of milliseconds: {text!r}") from None
+    if not 0 <= ms <= 1000:
+        raise argparse.ArgumentTypeError(f"the stream interval must be 0-1000 ms, got {text}")
+    return ms
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -48,6 +65,7 @@ def run_serve(args: argparse.Namespace) -> int:
         session_budget_bytes=int(args.session_budget * _MB) if args.session_budget else None,
         model_alias=args.model,
         log_level="info",
+        stream_interval_ms=args.stream_interval,
     )
     config = {
         "memory_budget_bytes": int(args.memory_budget * _MB) if args.memory_budget is not None else None,

@@ -208,7 +208,7 @@ async def _wait_or_disconnect(request: Request, job: Job, started: bool = False)
         watcher.cancel()
 
 
-async def _stream(job: Job, chunks: ChunkMaker, req: ParsedRequest) -> AsyncIterator[str]:
+async def _stream(job: Job, chunks: ChunkMaker, req: ParsedRequest) -> AsyncIterator[bytes]:
     stop = StopFilter(req.sampling.stop)
     try:
         first = chunks.first()
