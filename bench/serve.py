@@ -168,7 +168,9 @@ def main() -> None:
     worker.shutdown()
 
 
-def decode_side_by_side(worker: EngineWorker, servers: dict, clients: dict, model: str, rounds: int, max_tokens: int) -> None:  # type: ignore[type-arg]
+def decode_side_by_side(
+    worker: EngineWorker, servers: dict, clients: dict, model: str, rounds: int, max_tokens: int
+) -> None:  # type: ignore[type-arg]
     """Each prompt on the engine directly and through each server, back to back; ratios pair by pair."""
     direct: list[float] = []
     http: dict[str, list[tuple[float, float, float]]] = {k: [] for k in servers}

@@ -45,7 +45,9 @@ class Server:
         aliases = tuple(a for a in (opts.model_alias, path) if a)
         self.model = ServedModel(name, aliases, int(time.time()))
         self.log = RequestLog(Path(opts.record) if opts.record else None)
-        self.runner = Runner(worker, self.log, opts.session_budget_bytes, stream_interval_s=opts.stream_interval_ms / 1000)
+        self.runner = Runner(
+            worker, self.log, opts.session_budget_bytes, stream_interval_s=opts.stream_interval_ms / 1000
+        )
         app = create_app(self.runner, self.model, opts.api_key)
         config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=opts.log_level, lifespan="off")
         self._uvicorn = uvicorn.Server(config)

@@ -56,9 +56,7 @@ class Outcome:
 class Job:
     """One request in flight: its record, answer pieces and cancellation."""
 
-    def __init__(
-        self, record: RequestRecord, loop: asyncio.AbstractEventLoop, stream_interval_s: float = 0.0
-    ) -> None:
+    def __init__(self, record: RequestRecord, loop: asyncio.AbstractEventLoop, stream_interval_s: float = 0.0) -> None:
         self.record = record
         self.pieces: asyncio.Queue[Any] = asyncio.Queue()
         self.cancelled = threading.Event()
