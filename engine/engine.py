@@ -44,7 +44,7 @@ from kvscope.engine.kv_publisher import publisher_from_config
 from kvscope.engine.lifecycle import LifecycleMixin, physical_memory_bytes
 from kvscope.engine.model_loading import LoadedModel, load_model
 from kvscope.engine.persistence import SessionStore
-from kvscope.engine.prefix_store import PrefixStore
+from kvscope.engine.prefix_store import PrefixStore, checked_policy
 from kvscope.engine.session import Session
 from kvscope.engine.snapshot import SessionSnapshot, take_snapshot
 from kvscope.engine.trace import write_trace
@@ -56,6 +56,7 @@ class EngineConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     prefill_chunk: int = 512
     prefix_budget_bytes: int = 1 << 30
+    prefix_policy: str = "lru"  # prefix-store eviction: lru, hot, workflow (engine/prefix_policy.py)
     memory_budget_bytes: int | None = None  # None: half of physical memory
     persist: bool = False  # save sessions after every turn / edit and reopen them
     data_dir: str | None = None  # None: KVSCOPE_HOME or the platform's user data folder
@@ -85,6 +86,7 @@ class Engine(EditingMixin, LifecycleMixin):
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
             raise InvalidRequestError(f"the memory budget must be a positive number of bytes, got {budget!r}")
         self.memory_budget_bytes = budget if budget is not None else physical_memory_bytes() // 2
+        checked_policy(cfg.prefix_policy)
         self.persistence = SessionStore(Path(cfg.data_dir) if cfg.data_dir else None) if cfg.persist else None
         self.load_errors: list[str] = []
         self.auto_compress: AutoCompress | None = None  # default for new sessions
@@ -106,6 +108,7 @@ class Engine(EditingMixin, LifecycleMixin):
             self.config.prefix_budget_bytes,
             self.bus.emit,
             self.bus.now_ms,
+            self.store.policy.name if self.store is not None else self.config.prefix_policy,
         )
         self.restore_sessions()
         return lm

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvscope.app.cli import main
-from kvscope.engine import Engine, SamplingParams
+from kvscope.engine import Engine, EngineConfig, SamplingParams
 from kvscope.engine.prompt_turn import run_prompt
 from kvscope.server.replay import ReplayError, read_log, replay, replay_file
 from kvscope.server.samples import write_samples
@@ -40,8 +40,30 @@ def test_simulated_store_matches_the_engines_prefix_store(engine: Engine, sample
     assert sum(real) > 0
 
 
+@pytest.mark.parametrize("policy", ["lru", "hot", "workflow"])
+def test_simulated_policies_match_the_engines_store_under_a_budget(
+    llama_dir: Path, samples: dict[str, Path], policy: str
+) -> None:
+    """The replay's store and the engine's live store run the same policy code: the same hits per request."""
+    eng = Engine(EngineConfig(prefix_policy=policy))
+    lm = eng.load(llama_dir)
+    budget = 40 * 16 * lm.bytes_per_token  # 40 blocks: the three agents do not all fit
+    eng.store.budget_bytes = budget  # type: ignore[union-attr]
+    requests = read_log(samples["workflow"], lm)
+    sim = replay(requests, lm, (policy,), budget_bytes=budget)
+    real = []
+    for r in requests:
+        sid = engine_session = eng.new_session()
+        eng.store.note_request(engine_session, r.agent, r.step)  # type: ignore[union-attr]
+        res = run_prompt(eng, sid, list(r.ids), SamplingParams(max_tokens=1), [], "", lambda: False)
+        real.append(res.stats.cached_tokens)
+        eng.close_session(sid)
+    assert sim.results[0].per_request == real
+    assert sim.results[0].evicted_blocks > 0
+
+
 def test_policies_differ_under_a_budget(engine: Engine, samples: dict[str, Path]) -> None:
-    budget = 96 * 16 * engine.model.bytes_per_token  # 96 blocks: not enough for all three agents
+    budget = 40 * 16 * engine.model.bytes_per_token  # 40 blocks: not enough for all three agents
     rep = replay_file(engine.model, samples["workflow"], budget_bytes=budget, ms_per_token=1.0)
     rate = {r.policy: r.hit_rate for r in rep.results}
     assert rate["workflow"] > rate["lru"] and rate["hot"] >= rate["lru"], rate
