@@ -7,6 +7,7 @@ import os
 import sys
 
 from kvscope.app.common import add_kv_events_args, add_model_arg, kv_events_config, memory_budget_mb
+from kvscope.engine.prefix_policy import POLICIES
 
 _MB = 1024 * 1024
 
@@ -34,6 +35,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="cap on the request sessions' cache; the least recently used unpinned ones are closed past it",
     )
     p.add_argument(
+        "--prefix-policy",
+        choices=POLICIES,
+        default="lru",
+        help="prefix-store eviction: lru, hot (keep the most reused), workflow (keep the agent that runs next; "
+        "agents and steps from X-KVScope-Agent/-Step headers or metadata.agent/step)",
+    )
+    p.add_argument(
+        "--prefix-budget", type=_prefix_mb, metavar="MB", help="cap on the prefix store's blocks (default 1024)"
+    )
+    p.add_argument(
         "--stream-interval",
         type=_interval_ms,
         default=20.0,
@@ -42,6 +53,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     add_kv_events_args(p)
     p.set_defaults(func=run_serve)
+
+
+def _prefix_mb(text: str) -> float:
+    try:
+        return memory_budget_mb(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"the prefix budget must be a positive number of MB, got {text!r}") from None
 
 
 def _interval_ms(text: str) -> float:
@@ -69,6 +87,8 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     config = {
         "memory_budget_bytes": int(args.memory_budget * _MB) if args.memory_budget is not None else None,
+        "prefix_policy": args.prefix_policy,
+        **({"prefix_budget_bytes": int(args.prefix_budget * _MB)} if args.prefix_budget is not None else {}),
         **kv_events_config(args),
     }
     if args.gui:

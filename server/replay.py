@@ -37,6 +37,7 @@ from kvscope.server.errors import APIError
 from kvscope.server.explain import EarlierPrompt, explain
 from kvscope.server.prompting import build_prompt
 from kvscope.server.protocol import ParsedRequest, parse_chat, parse_completion
+from kvscope.server.workflow import logged_agent_and_step
 
 MAX_LOG_BYTES = 256 << 20
 _DYNAMIC = re.compile(
@@ -123,16 +124,8 @@ def _request(body: Any, line: int, lm: LoadedModel) -> LoggedRequest:
         raise APIError(400, "each line must be a JSON object (an OpenAI request body)")
     body = dict(body, model=body.get("model") or lm.name)
     parsed = parse_chat(body) if "messages" in body else parse_completion(body)
-    agent = body.get("agent")
-    step = body.get("step")
-    ids = build_prompt(lm, parsed).ids
-    return LoggedRequest(
-        line,
-        str(agent) if agent is not None else "",
-        step if isinstance(step, int) and not isinstance(step, bool) else None,
-        parsed,
-        tuple(ids),
-    )
+    agent, step = logged_agent_and_step(body)
+    return LoggedRequest(line, agent, step, parsed, tuple(build_prompt(lm, parsed).ids))
 
 
 # ------------------------------------------------------------ the store

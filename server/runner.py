@@ -121,8 +121,11 @@ class Runner:
         self.session_budget_bytes = session_budget_bytes
         self._earlier: deque[EarlierPrompt] = deque(maxlen=history)
 
-    def start(self, req: ParsedRequest, client: str, body: dict[str, Any] | None = None) -> Job:
-        rec = self.log.new(client, req.endpoint, req.stream, body)
+    def start(
+        self, req: ParsedRequest, client: str, body: dict[str, Any] | None = None, step: int | None = None
+    ) -> Job:
+        """Queue `req` from `client` (its agent name) at workflow `step` (None: a step of its own)."""
+        rec = self.log.new(client, req.endpoint, req.stream, body, step)
         job = Job(rec, asyncio.get_running_loop(), self.stream_interval_s)
         job.future = self.worker.submit(lambda eng: self._run(eng, req, job))
         job.future.add_done_callback(lambda _f: job.push(DONE))
@@ -151,6 +154,8 @@ class Runner:
         answer = min(prompt.max_tokens, BUDGET_ANSWER_TOKENS)  # as run_prompt checks the memory budget
         self._retire(eng, (len(prompt.ids) - cached + answer) * lm.bytes_per_token)
         sid = eng.new_session(name=rec.name)
+        assert eng.store is not None
+        eng.store.note_request(sid, rec.client, rec.workflow_step)  # for the workflow-aware policy
         self.log.update(rec, session=sid, status="running", prompt_tokens=len(prompt.ids))
         job.push(STARTED)
         s = req.sampling

@@ -1,4 +1,5 @@
-"""A stream's pieces reach the event loop at most once per stream interval (the first at once), none lost."""
+"""Serve options: a stream's pieces reach the event loop at most once per stream interval (the first at once),
+none lost; bad --stream-interval, --prefix-policy and --prefix-budget values are refused by the CLI."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from kvscope.app.cli import build_parser
 from kvscope.server.records import RequestLog
 from kvscope.server.runner import DONE, STARTED, Job
 
@@ -59,10 +61,23 @@ def test_interval_zero_wakes_the_loop_for_every_piece() -> None:
 
 @pytest.mark.parametrize("bad", ["-1", "abc", "nan", "5000"])
 def test_cli_refuses_a_bad_stream_interval(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
-    from kvscope.app.cli import main
-
-    with pytest.raises(SystemExit) as exc:
-        main(["serve", "--stream-interval", bad])
+    with pytest.raises(SystemExit) as exc:  # parse only: a value let through must not start a server
+        build_parser().parse_args(["serve", "--stream-interval", bad])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--stream-interval" in err and ("0-1000 ms" in err or "milliseconds" in err)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prefix-policy", "fifo"], "invalid choice: 'fifo'"),
+        (["--prefix-budget", "-3"], "the prefix budget must be a positive number of MB"),
+    ],
+)
+def test_cli_refuses_a_bad_prefix_policy_or_budget(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["serve", *args])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
