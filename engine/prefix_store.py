@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from kvscope.engine.blocks import chain_hashes
+from kvscope.engine.config import EngineConfig
 from kvscope.engine.errors import InvalidRequestError
 from kvscope.engine.events import (
     AllBlocksCleared,
@@ -37,6 +38,7 @@ from kvscope.engine.events import (
     BlockRemoved,
     BlockStored,
     Event,
+    EventBus,
     PrefixEvictionDecided,
     SessionId,
 )
@@ -81,6 +83,12 @@ class PrefixStore:
         self._children: dict[BlockHash, int] = {}
         self._agent_of: dict[SessionId, str] = {}
         self.policy = EvictionPolicy(checked_policy(policy))
+
+    @classmethod
+    def for_model(cls, root: str, config: EngineConfig, bus: EventBus, previous: PrefixStore | None) -> PrefixStore:
+        """A new model's store, by the configured policy or the one `previous` (the old model's) had switched to."""
+        policy = previous.policy.name if previous is not None else config.prefix_policy
+        return cls(root, config.block_size, config.prefix_budget_bytes, bus.emit, bus.now_ms, policy)
 
     def set_policy(self, name: str) -> None:
         """Evict by `name` from now on (the step graph learned so far is kept)."""

@@ -154,8 +154,7 @@ class Runner:
         answer = min(prompt.max_tokens, BUDGET_ANSWER_TOKENS)  # as run_prompt checks the memory budget
         self._retire(eng, (len(prompt.ids) - cached + answer) * lm.bytes_per_token)
         sid = eng.new_session(name=rec.name)
-        assert eng.store is not None
-        eng.store.note_request(sid, rec.client, rec.workflow_step)  # for the workflow-aware policy
+        eng.note_request(sid, rec.client, rec.workflow_step)  # for the workflow-aware prefix-store policy
         self.log.update(rec, session=sid, status="running", prompt_tokens=len(prompt.ids))
         job.push(STARTED)
         s = req.sampling

@@ -193,7 +193,7 @@ class RequestsPanel(QWidget):
     def _on_policy(self, name: str) -> None:
         def apply(eng: Any) -> str | None:
             if eng.store is not None:
-                eng.store.set_policy(name)
+                eng.set_prefix_policy(name)
             return _store_policy(eng)  # what the engine uses now (without a model: its configured one)
 
         self.bridge.call(apply, self._show_policy)

@@ -53,8 +53,8 @@ def test_simulated_policies_match_the_engines_store_under_a_budget(
     sim = replay(requests, lm, (policy,), budget_bytes=budget)
     real = []
     for r in requests:
-        sid = engine_session = eng.new_session()
-        eng.store.note_request(engine_session, r.agent, r.step)  # type: ignore[union-attr]
+        sid = eng.new_session()
+        eng.note_request(sid, r.agent, r.step)
         res = run_prompt(eng, sid, list(r.ids), SamplingParams(max_tokens=1), [], "", lambda: False)
         real.append(res.stats.cached_tokens)
         eng.close_session(sid)
