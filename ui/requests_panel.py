@@ -94,9 +94,10 @@ class RequestsPanel(QWidget):
         )
         self.policy.currentTextChanged.connect(self._on_policy)
         self.eviction = QLabel("no eviction yet")
-        top.addWidget(QLabel("Prefix store"))
-        top.addWidget(self.policy)
-        top.addWidget(self.eviction)
+        store_row = QHBoxLayout()
+        for w in (QLabel("Prefix store eviction"), self.policy, self.eviction):
+            store_row.addWidget(w)
+        store_row.addStretch(1)
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(list(COLUMNS))
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
@@ -118,6 +119,7 @@ class RequestsPanel(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addLayout(top)
+        layout.addLayout(store_row)
         layout.addWidget(self.table, 1)
         layout.addLayout(bottom)
 
