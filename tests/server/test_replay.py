@@ -4,6 +4,7 @@ under a budget, the causes and the what-if on the sample logs, and bad logs."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,8 @@ def test_cli_replay_prints_the_table(llama_dir: Path, capsys: pytest.CaptureFixt
     assert "hit rate" in out and "timestamp" in out and "what-if" in out
     for policy in ("lru", "hot", "workflow"):
         assert f" {policy} " in out
+    before, after = re.search(r"hit rate ([\d.]+)% -> ([\d.]+)%", out).groups()  # type: ignore[union-attr]
+    assert float(after) > float(before) + 30  # the what-if's gain: the clock moved to the end
 
 
 def test_bad_logs_name_the_line(
