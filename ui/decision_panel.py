@@ -12,7 +12,7 @@ Promises:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyqtgraph as pg
@@ -54,7 +54,8 @@ class DecisionPanel(QWidget):
         )
         self.ratio.setToolTip("Share of each layer's cache rows the policy keeps (0.50 = half); the rest are evicted")
         self.use_budget = QCheckBox("budget")
-        self.budget = QSpinBox(minimum=1, maximum=1_000_000, value=256, suffix=" tok", enabled=False)
+        self.budget = QSpinBox(minimum=1, maximum=1_000_000, value=256, suffix=" tok")
+        self.budget.setEnabled(False)
         self.use_budget.toggled.connect(self.budget.setEnabled)
         self.use_budget.toggled.connect(lambda on: self.ratio.setEnabled(not on))
         self.apply_btn = QPushButton("Apply to session")
@@ -133,7 +134,7 @@ class DecisionPanel(QWidget):
             if rep.get(k) is not None
         )
         if ev is None:
-            evicted = self.evicted.get(self.session or "", [])
+            evicted: Sequence[int] = self.evicted.get(self.session or "", [])
             if any(evicted):  # e.g. a session reopened after a restart: its evictions are in the cache
                 self.summary.setText(
                     f"Evicted rows per layer {evicted} ({sum(evicted)} in all), from a decision made before "
