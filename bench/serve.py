@@ -36,6 +36,8 @@ from _common import med, model_arg, resolve_model
 from kvscope.engine import SamplingParams, chat
 from kvscope.engine.prompt_turn import run_prompt
 from kvscope.engine.worker import EngineWorker
+from kvscope.server.replay import replay_file
+from kvscope.server.samples import write_samples
 
 NOTES = "Notes:\nThe code for locker 7 is 4821.\nThe colour of door 3 is green.\nThe owner of cart 5 is Mara."
 LOOPY = [  # chats the demo model answers at length (it loops on an unfamiliar question)
@@ -116,21 +118,31 @@ def main() -> None:
     worker = EngineWorker()
     worker.call(lambda eng: eng.load(path))
     servers = {label: start_server(path, ms) for label, ms in (("interval 20 ms", "20"), ("every token", "0"))}
-    server, base_url = servers["interval 20 ms"]
+    base_url = servers["interval 20 ms"][1]
     clients = {k: openai.OpenAI(base_url=u, api_key="x", max_retries=0) for k, (_, u) in servers.items()}
     client = clients["interval 20 ms"]
     model = worker.call(lambda eng: eng.model.name)
     print(f"model: {model}; {args.rounds} rounds x {len(LOOPY)} prompts x {args.max_tokens} tokens, medians")
     decode_side_by_side(worker, servers, clients, model, args.rounds, args.max_tokens)
 
-    system = FILLER * max(1, args.prefix_tokens // 17)
+    ttft_hit_miss(client, base_url, model, args.rounds, args.prefix_tokens)
+    replay_throughput(worker)
+    for proc, _ in servers.values():
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    worker.shutdown()
+
+
+def ttft_hit_miss(client, base_url: str, model: str, rounds: int, prefix_tokens: int) -> None:  # type: ignore[no-untyped-def]
+    """TTFT through HTTP of a request whose long system prompt is cached vs the same length behind a unique line."""
+    system = FILLER * max(1, prefix_tokens // 17)
     client.chat.completions.create(
         model=model,
         messages=[{"role": "system", "content": system}, {"role": "user", "content": "warm up"}],
         max_tokens=1,
     )
     hits, misses, cached = [], [], 0
-    for i in range(args.rounds):
+    for i in range(rounds):
         q = [{"role": "user", "content": f"Question {i}: which room?"}]
         _, _, t_hit, _ = http_decode(client, model, [{"role": "system", "content": system}, *q], 1)
         unique = f"Run {uuid.uuid4().hex}.\n" + system
@@ -145,27 +157,17 @@ def main() -> None:
         f"hit/miss {hm / mm:.3f}  speed-up {mm / hm:.1f}x"
     )
 
-    try:
-        from kvscope.server.replay import replay_file
-        from kvscope.server.samples import write_samples
-    except ImportError:
-        pass
-    else:
-        folder = Path(tempfile.mkdtemp(prefix="kvscope-replay-"))
-        logs = write_samples(folder)
-        tok = worker.call(lambda eng: eng.model.tokenizer)
-        for log in logs:
-            t0 = time.perf_counter()
-            report = worker.call(lambda eng, log=log: replay_file(eng.model, log, policies=("lru",)))
-            dt = time.perf_counter() - t0
-            print(
-                f"replay {log.name}: {report.n_requests} requests in {dt:.2f} s = {report.n_requests / dt:.0f} requests/s"
-            )
-        del tok
-    for proc, _ in servers.values():
-        proc.send_signal(signal.SIGINT)
-        proc.wait(60)
-    worker.shutdown()
+
+def replay_throughput(worker: EngineWorker) -> None:
+    """Requests a second `kvscope replay` pushes through the tokenizer and the simulated store."""
+    folder = Path(tempfile.mkdtemp(prefix="kvscope-replay-"))
+    for log in write_samples(folder):
+        t0 = time.perf_counter()
+        report = worker.call(lambda eng, log=log: replay_file(eng.model, log, policies=("lru",)))
+        dt = time.perf_counter() - t0
+        print(
+            f"replay {log.name}: {report.n_requests} requests in {dt:.2f} s = {report.n_requests / dt:.0f} requests/s"
+        )
 
 
 def decode_side_by_side(

@@ -30,10 +30,7 @@ PREFIX_BUDGET_BLOCKS = 40
 
 def requests_scene(app: Any, win: Any, out: Path, n_clock: int = 6) -> Path:
     """Serve from `win` (a model loaded), send the sample traffic, select the last request, save the PNG."""
-    import openai
-
     from kvscope.server import ServeOptions
-    from kvscope.server.samples import write_samples
 
     win.requests.policy.setCurrentText("workflow")
     bpt = win.bridge.worker.call(lambda eng: eng.model.bytes_per_token)
@@ -41,30 +38,8 @@ def requests_scene(app: Any, win: Any, out: Path, n_clock: int = 6) -> Path:
     win.bridge.worker.call(lambda eng: setattr(eng.store, "budget_bytes", PREFIX_BUDGET_BLOCKS * 16 * bpt))
     win.requests.start(ServeOptions(port=0, session_budget_bytes=1))
     wait(app, lambda: win.requests.server is not None)
-    logs = {p.stem: p for p in write_samples(tempfile.mkdtemp())}
-    flow = [json.loads(line) for line in logs["workflow"].read_text().splitlines()][:9]
-    clock = [json.loads(line) for line in logs["agent-clock"].read_text().splitlines()][:n_clock]
-    url = win.requests.server.base_url
     done: list[object] = []
-
-    def send() -> None:
-        client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
-        for b in flow:
-            headers = {"X-KVScope-Agent": b["agent"], "X-KVScope-Step": str(b["step"])}
-            done.append(
-                client.chat.completions.create(
-                    model="kvscope-demo", messages=b["messages"], max_tokens=8, extra_headers=headers
-                )
-            )
-        for b in clock:
-            done.append(
-                client.chat.completions.create(
-                    model="kvscope-demo", messages=b["messages"], max_tokens=12, temperature=0, user="clock-agent"
-                )
-            )
-
-    threading.Thread(target=send, daemon=True).start()
-    n = len(flow) + len(clock)
+    n = send_samples(win.requests.server.base_url, n_clock, done)
     wait(app, lambda: len(done) == n and win.requests.table.rowCount() == n, 600)
     win.tabs.setCurrentWidget(win.requests)
     win.tabs.parentWidget().setSizes([330, 470])  # room for the table (the window's splitter)
@@ -84,6 +59,37 @@ def requests_scene(app: Any, win: Any, out: Path, n_clock: int = 6) -> Path:
     print(f"wrote {path}")
     win.requests.stop()
     return path
+
+
+def send_samples(url: str, n_clock: int, done: list[object]) -> int:
+    """From a thread: three workflow rounds tagged with agent/step headers, then the clock agent.
+    Appends each response to `done`; returns how many requests it will send."""
+    import openai
+
+    from kvscope.server.samples import write_samples
+
+    logs = {p.stem: p for p in write_samples(tempfile.mkdtemp())}
+    flow = [json.loads(line) for line in logs["workflow"].read_text().splitlines()][:9]
+    clock = [json.loads(line) for line in logs["agent-clock"].read_text().splitlines()][:n_clock]
+
+    def send() -> None:
+        client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+        for b in flow:
+            headers = {"X-KVScope-Agent": b["agent"], "X-KVScope-Step": str(b["step"])}
+            done.append(
+                client.chat.completions.create(
+                    model="kvscope-demo", messages=b["messages"], max_tokens=8, extra_headers=headers
+                )
+            )
+        for b in clock:
+            done.append(
+                client.chat.completions.create(
+                    model="kvscope-demo", messages=b["messages"], max_tokens=12, temperature=0, user="clock-agent"
+                )
+            )
+
+    threading.Thread(target=send, daemon=True).start()
+    return len(flow) + len(clock)
 
 
 def main() -> int:

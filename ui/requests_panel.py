@@ -85,19 +85,7 @@ class RequestsPanel(QWidget):
         for w in (self.serve, QLabel("host"), self.host, QLabel("port"), self.port, self.api_key, self.url):
             top.addWidget(w)
         top.addStretch(1)
-        self.policy = QComboBox()
-        self.policy.addItems(list(POLICIES))
-        self.policy.setToolTip(
-            "Which prefix-store blocks go first under its budget: lru (least recently used), hot (least reused), "
-            "workflow (the agent that runs again furthest; agents and steps from X-KVScope-Agent/-Step headers "
-            "or metadata.agent/step)"
-        )
-        self.policy.currentTextChanged.connect(self._on_policy)
-        self.eviction = QLabel("no eviction yet")
-        store_row = QHBoxLayout()
-        for w in (QLabel("Prefix store eviction"), self.policy, self.eviction):
-            store_row.addWidget(w)
-        store_row.addStretch(1)
+        store_row = self._build_store_row()
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(list(COLUMNS))
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
@@ -122,6 +110,23 @@ class RequestsPanel(QWidget):
         layout.addLayout(store_row)
         layout.addWidget(self.table, 1)
         layout.addLayout(bottom)
+
+    def _build_store_row(self) -> QHBoxLayout:
+        """The prefix-store policy selector and the latest eviction."""
+        self.policy = QComboBox()
+        self.policy.addItems(list(POLICIES))
+        self.policy.setToolTip(
+            "Which prefix-store blocks go first under its budget: lru (least recently used), hot (least reused), "
+            "workflow (the agent that runs again furthest; agents and steps from X-KVScope-Agent/-Step headers "
+            "or metadata.agent/step)"
+        )
+        self.policy.currentTextChanged.connect(self._on_policy)
+        self.eviction = QLabel("no eviction yet")
+        store_row = QHBoxLayout()
+        for part in (QLabel("Prefix store eviction"), self.policy, self.eviction):
+            store_row.addWidget(part)
+        store_row.addStretch(1)
+        return store_row
 
     # ------------------------------------------------------------ serving
     def start(self, options: ServeOptions | None = None) -> None:
