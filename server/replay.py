@@ -69,6 +69,7 @@ class PolicyResult:
     cached_tokens: int = 0
     evicted_blocks: int = 0
     per_request: list[int] = field(default_factory=list)  # cached tokens of each request
+    step_graph: dict[str, dict[str, int]] = field(default_factory=dict)  # who followed whom (workflow policy)
 
     @property
     def prefilled_tokens(self) -> int:
@@ -237,6 +238,7 @@ def _run(store: SimulatedStore, requests: Sequence[LoggedRequest], policy: str) 
         res.cached_tokens += hit
         res.per_request.append(hit)
     res.evicted_blocks = store.evicted
+    res.step_graph = store.policy.graph.edges()
     return res
 
 
@@ -292,6 +294,10 @@ def format_report(rep: ReplayReport) -> str:
         lines.append(
             f"{r.policy:>9} {r.hit_rate:9.1%} {r.cached_tokens:9d} {r.prefilled_tokens:10d} {saved:10.2f}s {r.evicted_blocks:8d}"
         )
+    graph = next((r.step_graph for r in rep.results if r.policy == "workflow"), None)
+    if graph:
+        edges = sorted((n, a, b) for a, nxt in graph.items() for b, n in nxt.items())[::-1][:8]
+        lines.append("workflow step graph learned: " + ", ".join(f"{a} -> {b} ({n}x)" for n, a, b in edges))
     if rep.causes:
         lines.append("misses by cause (requests, tokens recomputed):")
         for cause, n in rep.causes.most_common():

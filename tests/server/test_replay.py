@@ -12,7 +12,7 @@ import pytest
 from kvscope.app.cli import main
 from kvscope.engine import Engine, EngineConfig, SamplingParams
 from kvscope.engine.prompt_turn import run_prompt
-from kvscope.server.replay import ReplayError, read_log, replay, replay_file
+from kvscope.server.replay import ReplayError, format_report, read_log, replay, replay_file
 from kvscope.server.samples import write_samples
 
 
@@ -69,6 +69,9 @@ def test_policies_differ_under_a_budget(engine: Engine, samples: dict[str, Path]
     rate = {r.policy: r.hit_rate for r in rep.results}
     assert rate["workflow"] > rate["lru"] and rate["hot"] >= rate["lru"], rate
     assert rep.causes["evicted"] > 0
+    learned = next(r.step_graph for r in rep.results if r.policy == "workflow")  # from the log's agent/step only
+    assert learned == {"planner": {"coder": 6}, "coder": {"reviewer": 6}, "reviewer": {"planner": 5}}
+    assert "planner -> coder (6x)" in format_report(rep)
     unlimited = replay_file(engine.model, samples["workflow"])
     assert all(r.hit_rate == unlimited.results[0].hit_rate for r in unlimited.results)
     assert unlimited.results[0].hit_rate > rate["workflow"]
