@@ -12,8 +12,9 @@ Promises:
 - replaying a decision on a copy of the same cache gives the same cache bit
   for bit (eviction by logical token; quantization is deterministic).
 
-Eviction is per layer (different layers may keep different rows); per-head
-scores are recorded in the decision, not applied per head (see policies.base).
+Eviction is per layer (different layers may keep different rows), or per KV
+head for head-wise policies (`adakv`, `per_head`: policies/headwise.py, stored
+by `ScopeKVCache.keep_head_tokens`, attended through engine/head_attention.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import mlx.nn as nn
 import numpy as np
 
+from kvscope.engine import head_attention
 from kvscope.engine.blocks import TokenState
 from kvscope.engine.errors import InvalidRequestError
 from kvscope.engine.events import DecisionApplied, EventBus
@@ -33,6 +35,13 @@ from kvscope.engine.model_loading import LoadedModel
 from kvscope.engine.policies import POLICIES, make_policy
 from kvscope.engine.policies.base import Candidates, Policy, ScoreInput, layer_budgets, select
 from kvscope.engine.policies.decision import Decision, LayerDecision
+from kvscope.engine.policies.headwise import (
+    HeadwisePolicy,
+    budget_rows,
+    check_head_decision,
+    head_rows_input,
+    mask_absent,
+)
 from kvscope.engine.policies.quantization import check_bits, group_size_for, quantize_cache, quantized_nbytes
 from kvscope.engine.session import Session
 
@@ -65,9 +74,12 @@ def decide(
     one scoring pass can serve several budgets.
     """
     t0 = time.perf_counter()
+    presence = head_rows_input(caches, policy)  # which head attends which visible token
+    if isinstance(policy, HeadwisePolicy):
+        head_attention.require(model)
     cands = [Candidates.of(c) for c in caches]
     if policy.evicts:
-        budgets = layer_budgets([len(c) for c in cands], keep_ratio, budget_tokens, policy.name)
+        budgets = layer_budgets(budget_rows(presence), keep_ratio, budget_tokens, policy.name)
     elif keep_ratio not in (None, 1.0) or budget_tokens is not None:
         raise InvalidRequestError(
             f"{policy.name} keeps every row; to evict too, choose an eviction policy and pass quant_bits"
@@ -85,10 +97,14 @@ def decide(
             select(np.zeros(len(p), np.float32), cands[i], p, b)  # raises with the message
     if scores is None:
         scores = policy.score(ScoreInput(caches, cands, token_ids, model))
+    scores = mask_absent(scores, presence)  # head-wise layers: no score where a head holds no row
     floors = [int(p.sum()) for p in protected]
     budgets = policy.allocate(budgets, scores, floors, [len(c) for c in cands])
     layers = []
-    for cand, s, b in zip(cands, scores, budgets):
+    for cand, s, b, held in zip(cands, scores, budgets, presence):
+        if isinstance(policy, HeadwisePolicy):
+            layers.append(policy.decide_layer(cand, s, b, held))
+            continue
         layer_score = np.nanmean(s, axis=0) if s.shape[0] and not np.isnan(s).all() else s[0]
         prot = policy.protected(cand, b)
         keep = select(layer_score, cand, prot, b)
@@ -133,10 +149,14 @@ def _check_matches(caches: list[ScopeKVCache], decision: Decision) -> None:
 def apply_decision(caches: list[ScopeKVCache], decision: Decision) -> None:
     """Evict the decision's rows (and quantize the rest if it says so). Checks first, then edits."""
     _check_matches(caches, decision)
+    check_head_decision(caches, decision.layers)
     if decision.quant_bits is not None and caches and caches[0].keys is not None:
         group_size_for(caches[0].keys.shape[-1])
     for c, layer in zip(caches, decision.layers):
-        c.evict_tokens(np.intersect1d(c.visible_tokens, layer.evicted))
+        if layer.head_kept is not None:
+            c.keep_head_tokens(layer.head_kept)
+        else:
+            c.evict_tokens(np.intersect1d(c.visible_tokens, layer.evicted))
         if decision.quant_bits is not None:
             quantize_cache(c, decision.quant_bits)
     decision.bytes_after = sum(c.nbytes for c in caches)

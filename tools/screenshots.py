@@ -174,6 +174,17 @@ def _edit_scenes(app: object, win: object, out: Path, a: object, b: object) -> N
     settle(app, win)
     shoot(win, out, "compression_decision.png")
     win.toggle_compare()
+    if "adakv" in policies:  # head-wise: each KV head keeps its own rows (AdaKV budgets)
+        win.set_active(a.sid)
+        win.set_active(b.sid)  # shows bob's view again (compare mode is off)
+        b.actions_.undo()  # back to the full cache: the same notes, compressed head-wise instead
+        settle(app, win, 500)
+        b.actions_.compress("adakv", 0.5, None)
+        settle(app, win, 500)
+        win.tabs.setCurrentWidget(win.decisions)
+        win.decisions.heads.layer.setValue(1)
+        settle(app, win)
+        shoot(win, out, "compression_headwise.png")
 
 
 def _long_scene(app: object, win: object, out: Path) -> None:

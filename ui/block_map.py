@@ -4,6 +4,9 @@ Promises:
 - one pyqtgraph `ImageItem` with a fixed LUT (one colour per TokenState) and
   fixed levels, so a redraw is a single `setImage` of a uint8 view — no
   per-frame autolevels, no colour mixing of states;
+- where a layer's KV heads hold different rows (head-wise compression), each
+  layer row is split into one thin sub-row per KV head showing that head's
+  occupancy (`set_states(..., head_state)`); y still reads as the layer;
 - x is the block index, y the layer (layer 0 on top); ticks sit on cell
   centres and are whole numbers only, spaced so labels never overlap;
 - the view follows the growing cache (the whole cache while it fits
@@ -26,7 +29,7 @@ import math
 import numpy as np
 import pyqtgraph as pg
 from pyqtgraph.GraphicsScene.mouseEvents import MouseClickEvent
-from PySide6.QtCore import QEvent, QMimeData, QPointF, Qt, Signal
+from PySide6.QtCore import QEvent, QMimeData, QPointF, QRectF, Qt, Signal
 from PySide6.QtGui import QDragEnterEvent, QDragLeaveEvent, QDragMoveEvent, QDropEvent
 from PySide6.QtWidgets import QWidget
 
@@ -37,6 +40,15 @@ from kvscope.ui.palette import state_lut
 __all__ = ["BlockMap", "IndexAxis"]
 FOLLOW_BLOCKS = 160  # show the whole cache up to this many blocks, then the live end
 MIN_BLOCKS_SHOWN = 8
+
+
+def per_head_rows(block_state: np.ndarray, head_state: np.ndarray) -> np.ndarray:
+    """`[layers * kv_heads, blocks]`: each layer's heads as consecutive rows."""
+    n_layers, n_blocks = block_state.shape
+    n_heads, known = head_state.shape[1], min(head_state.shape[2], n_blocks)
+    out = np.repeat(block_state[:, None, :], n_heads, axis=1)
+    out[:, :, :known] = head_state[:n_layers, :, :known]
+    return out.reshape(n_layers * n_heads, n_blocks)
 
 
 class IndexAxis(pg.AxisItem):
@@ -121,13 +133,16 @@ class BlockMap(pg.PlotWidget):
         ticks = [(i + 0.5, text) for i, text in enumerate(labels)]
         self.getAxis("left").setTicks([ticks, []] if ticks else None)
 
-    def set_states(self, block_state: np.ndarray) -> None:
-        """Draw `[layers, blocks]` uint8 TokenStates."""
+    def set_states(self, block_state: np.ndarray, head_state: np.ndarray | None = None) -> None:
+        """Draw `[layers, blocks]` uint8 TokenStates; `head_state` (`[layers, kv_heads, blocks']`)
+        splits each layer into per-head sub-rows (blocks past `blocks'` repeat the layer's state)."""
         n_layers, n_blocks = block_state.shape
         if n_blocks == 0:
             self.image.clear()
         else:
-            self.image.setImage(block_state.T, autoLevels=False, levels=(0, N_STATES))
+            rows = block_state if head_state is None else per_head_rows(block_state, head_state)
+            self.image.setImage(rows.T, autoLevels=False, levels=(0, N_STATES))
+            self.image.setRect(QRectF(0, 0, n_blocks, n_layers))  # sub-rows share their layer's unit
         if (n_layers, n_blocks) != self._shape:
             self._shape = (n_layers, n_blocks)
             self.getViewBox().setLimits(xMax=max(n_blocks + 1, MIN_BLOCKS_SHOWN), yMax=max(n_layers, 1) + 0.5)

@@ -7,7 +7,9 @@ Promises:
   (`snapshot.scores`, which may be None: then says so);
 - summarises the last `DecisionApplied` event: policy, budget, kept and
   evicted rows per layer;
-- "Apply" calls `compress` through the active session's `SpanActions`.
+- "Apply" calls `compress` through the active session's `SpanActions`;
+- below, `HeadPanel` shows per-KV-head keep masks of a chosen layer and the
+  per-head / per-layer budgets (head-wise policies such as `adakv`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyqtgraph as pg
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -33,6 +36,7 @@ from kvscope.engine.blocks import N_STATES, TokenState
 from kvscope.engine.events import DecisionApplied, Event
 from kvscope.engine.snapshot import SessionSnapshot
 from kvscope.ui.dialogs import format_value, policy_names
+from kvscope.ui.head_panel import HeadPanel
 from kvscope.ui.palette import state_lut
 
 ApplyFn = Callable[[str, float | None, int | None], object]
@@ -74,11 +78,15 @@ class DecisionPanel(QWidget):
         split = QSplitter()
         split.addWidget(self.mask_plot)
         split.addWidget(self.score_plot)
+        self.heads = HeadPanel()
+        rows = QSplitter(Qt.Orientation.Vertical)
+        rows.addWidget(split)
+        rows.addWidget(self.heads)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addLayout(controls)
         lay.addWidget(self.summary)
-        lay.addWidget(split, 1)
+        lay.addWidget(rows, 1)
 
     def _on_apply(self) -> None:
         ratio = None if self.use_budget.isChecked() else self.ratio.value()
@@ -110,6 +118,7 @@ class DecisionPanel(QWidget):
         if snap.session != self.session:
             return
         self._show_summary()
+        self.heads.on_snapshot(snap)
         self.mask_img.setImage(snap.token_state.T, autoLevels=False, levels=(0, N_STATES))
         # The plots' ranges were pinned while empty, which turns auto-range off:
         # show the whole layer x token grid of this snapshot.

@@ -322,7 +322,7 @@ class SessionView(QFrame):
         self._dirty = False
         snap = self.snapshot
         token_state, texts, positions = self.live.arrays(snap)
-        self.block_map.set_states(block_states(token_state, snap.block_size))
+        self.block_map.set_states(block_states(token_state, snap.block_size), snap.head_block_state)
         self.block_map.set_layer_labels(snap.layer_labels)
         self.strip.set_tokens(texts, reduce_states(token_state), positions, snap.block_size)
         self._show_selection(*self.strip.selection)
