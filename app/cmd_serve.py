@@ -7,6 +7,7 @@ import os
 import sys
 
 from kvscope.app.common import add_kv_events_args, add_model_arg, kv_events_config, memory_budget_mb
+from kvscope.engine.prefix_policy import POLICIES
 
 _MB = 1024 * 1024
 
@@ -33,8 +34,42 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="MB",
         help="cap on the request sessions' cache; the least recently used unpinned ones are closed past it",
     )
+    p.add_argument(
+        "--prefix-policy",
+        choices=POLICIES,
+        default="lru",
+        help="prefix-store eviction: lru, hot (keep the most reused), workflow (keep the agent that runs next; "
+        "agents and steps from X-KVScope-Agent/-Step headers or metadata.agent/step)",
+    )
+    p.add_argument(
+        "--prefix-budget", type=_prefix_mb, metavar="MB", help="cap on the prefix store's blocks (default 1024)"
+    )
+    p.add_argument(
+        "--stream-interval",
+        type=_interval_ms,
+        default=20.0,
+        metavar="MS",
+        help="a stream sends its new text at most this often, the first piece at once (default 20; 0: every token)",
+    )
     add_kv_events_args(p)
     p.set_defaults(func=run_serve)
+
+
+def _prefix_mb(text: str) -> float:
+    try:
+        return memory_budget_mb(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"the prefix budget must be a positive number of MB, got {text!r}") from None
+
+
+def _interval_ms(text: str) -> float:
+    try:
+        ms = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of milliseconds: {text!r}") from None
+    if not 0 <= ms <= 1000:
+        raise argparse.ArgumentTypeError(f"the stream interval must be 0-1000 ms, got {text}")
+    return ms
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -48,9 +83,12 @@ def run_serve(args: argparse.Namespace) -> int:
         session_budget_bytes=int(args.session_budget * _MB) if args.session_budget else None,
         model_alias=args.model,
         log_level="info",
+        stream_interval_ms=args.stream_interval,
     )
     config = {
         "memory_budget_bytes": int(args.memory_budget * _MB) if args.memory_budget is not None else None,
+        "prefix_policy": args.prefix_policy,
+        **({"prefix_budget_bytes": int(args.prefix_budget * _MB)} if args.prefix_budget is not None else {}),
         **kv_events_config(args),
     }
     if args.gui:

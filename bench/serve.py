@@ -4,7 +4,11 @@
    (a subprocess, as users run it) with the official `openai` client
    (client-side clock, first to last content chunk) and run on the engine
    directly in this process (`prompt_turn.run_prompt`, the engine's own
-   decode clock); the two never run at once. Target >= 0.9.
+   decode clock); never two at once. Two servers: the default stream
+   interval (20 ms) and `--stream-interval 0` (one event per token, as
+   before). Also the CPU each token costs outside the engine: the server's
+   event-loop thread and the client (Linux /proc; on a 2-core machine that
+   CPU is taken from the decode). Target >= 0.9.
 2. TTFT through HTTP of a prefix-hit request / a miss: a long shared system
    prompt with a new question vs the same length behind a unique first line.
 3. Replay throughput: requests a second `kvscope replay` pushes through the
@@ -32,6 +36,8 @@ from _common import med, model_arg, resolve_model
 from kvscope.engine import SamplingParams, chat
 from kvscope.engine.prompt_turn import run_prompt
 from kvscope.engine.worker import EngineWorker
+from kvscope.server.replay import replay_file
+from kvscope.server.samples import write_samples
 
 NOTES = "Notes:\nThe code for locker 7 is 4821.\nThe colour of door 3 is green.\nThe owner of cart 5 is Mara."
 LOOPY = [  # chats the demo model answers at length (it loops on an unfamiliar question)
@@ -43,6 +49,24 @@ LOOPY = [  # chats the demo model answers at length (it loops on an unfamiliar q
     for q in ("What is the colour of door 3?", "What is the colour of door 9?", "What is the phone extension of Talia?")
 ]
 FILLER = "the locker code report lists rooms colours names numbers and the notes of the day. "
+
+
+def thread_cpu_s(pid: int, tid: int) -> float:
+    """CPU seconds (user + system) one thread of a process has used; 0 where /proc is missing."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def http_decode_cpu(client, model: str, messages: list, max_tokens: int, pid: int) -> tuple[float, float, float]:  # type: ignore[no-untyped-def]
+    """(decode tok/s, server event-loop CPU ms per token, client CPU ms per token) of one streamed request."""
+    loop0, me0 = thread_cpu_s(pid, pid), time.process_time()
+    tps, n, _, _ = http_decode(client, model, messages, max_tokens)
+    loop1, me1 = thread_cpu_s(pid, pid), time.process_time()
+    return tps, (loop1 - loop0) * 1000 / max(n, 1), (me1 - me0) * 1000 / max(n, 1)
 
 
 def http_decode(client, model: str, messages: list, max_tokens: int) -> tuple[float, int, float, float]:  # type: ignore[no-untyped-def]
@@ -93,40 +117,32 @@ def main() -> None:
     path = resolve_model(args.model)
     worker = EngineWorker()
     worker.call(lambda eng: eng.load(path))
-    server, base_url = start_server(path)
-    client = openai.OpenAI(base_url=base_url, api_key="x", max_retries=0)
+    servers = {label: start_server(path, ms) for label, ms in (("interval 20 ms", "20"), ("every token", "0"))}
+    base_url = servers["interval 20 ms"][1]
+    clients = {k: openai.OpenAI(base_url=u, api_key="x", max_retries=0) for k, (_, u) in servers.items()}
+    client = clients["interval 20 ms"]
     model = worker.call(lambda eng: eng.model.name)
-    print(f"model: {model}; {args.rounds} rounds, medians")
+    print(f"model: {model}; {args.rounds} rounds x {len(LOOPY)} prompts x {args.max_tokens} tokens, medians")
+    decode_side_by_side(worker, servers, clients, model, args.rounds, args.max_tokens)
 
-    http_tps, eng_tps, inside_tps, counts = [], [], [], []
-    for _ in range(args.rounds):
-        for messages in LOOPY:
-            tps, n, _ttft, inside = http_decode(client, model, messages, args.max_tokens)
-            e_tps, e_n = engine_decode(worker, messages, args.max_tokens)
-            http_tps.append(tps)
-            inside_tps.append(inside)
-            eng_tps.append(e_tps)
-            counts.append((n, e_n))
-    h, e = med(http_tps), med(eng_tps)
-    pairs = sorted(a / b for a, b in zip(http_tps, eng_tps) if b > 0)  # each pair ran back to back
-    print(
-        f"decode tok/s: HTTP {h:.1f}  engine {e:.1f}  HTTP/engine median of pairs {med(pairs):.3f} "
-        f"(range {pairs[0]:.2f}-{pairs[-1]:.2f}, {len(pairs)} pairs; tokens per answer {counts[:3]})"
-    )
-    inner = sorted(a / b for a, b in zip(inside_tps, eng_tps) if b > 0)
-    print(
-        f"  the server's engine clock: {med(inside_tps):.1f} tok/s; server engine/direct engine median of pairs "
-        f"{med(inner):.3f} (range {inner[0]:.2f}-{inner[-1]:.2f})"
-    )
+    ttft_hit_miss(client, base_url, model, args.rounds, args.prefix_tokens)
+    replay_throughput(worker)
+    for proc, _ in servers.values():
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    worker.shutdown()
 
-    system = FILLER * max(1, args.prefix_tokens // 17)
+
+def ttft_hit_miss(client, base_url: str, model: str, rounds: int, prefix_tokens: int) -> None:  # type: ignore[no-untyped-def]
+    """TTFT through HTTP of a request whose long system prompt is cached vs the same length behind a unique line."""
+    system = FILLER * max(1, prefix_tokens // 17)
     client.chat.completions.create(
         model=model,
         messages=[{"role": "system", "content": system}, {"role": "user", "content": "warm up"}],
         max_tokens=1,
     )
     hits, misses, cached = [], [], 0
-    for i in range(args.rounds):
+    for i in range(rounds):
         q = [{"role": "user", "content": f"Question {i}: which room?"}]
         _, _, t_hit, _ = http_decode(client, model, [{"role": "system", "content": system}, *q], 1)
         unique = f"Run {uuid.uuid4().hex}.\n" + system
@@ -141,26 +157,46 @@ def main() -> None:
         f"hit/miss {hm / mm:.3f}  speed-up {mm / hm:.1f}x"
     )
 
-    try:
-        from kvscope.server.replay import replay_file
-        from kvscope.server.samples import write_samples
-    except ImportError:
-        pass
-    else:
-        folder = Path(tempfile.mkdtemp(prefix="kvscope-replay-"))
-        logs = write_samples(folder)
-        tok = worker.call(lambda eng: eng.model.tokenizer)
-        for log in logs:
-            t0 = time.perf_counter()
-            report = worker.call(lambda eng, log=log: replay_file(eng.model, log, policies=("lru",)))
-            dt = time.perf_counter() - t0
-            print(
-                f"replay {log.name}: {report.n_requests} requests in {dt:.2f} s = {report.n_requests / dt:.0f} requests/s"
-            )
-        del tok
-    server.send_signal(signal.SIGINT)
-    server.wait(60)
-    worker.shutdown()
+
+def replay_throughput(worker: EngineWorker) -> None:
+    """Requests a second `kvscope replay` pushes through the tokenizer and the simulated store."""
+    folder = Path(tempfile.mkdtemp(prefix="kvscope-replay-"))
+    for log in write_samples(folder):
+        t0 = time.perf_counter()
+        report = worker.call(lambda eng, log=log: replay_file(eng.model, log, policies=("lru",)))
+        dt = time.perf_counter() - t0
+        print(
+            f"replay {log.name}: {report.n_requests} requests in {dt:.2f} s = {report.n_requests / dt:.0f} requests/s"
+        )
+
+
+def decode_side_by_side(
+    worker: EngineWorker, servers: dict, clients: dict, model: str, rounds: int, max_tokens: int
+) -> None:  # type: ignore[type-arg]
+    """Each prompt on the engine directly and through each server, back to back; ratios pair by pair."""
+    direct: list[float] = []
+    http: dict[str, list[tuple[float, float, float]]] = {k: [] for k in servers}
+    engine_decode(worker, LOOPY[0], 20)  # warm-up: first calls compile and allocate
+    for side in servers:
+        http_decode(clients[side], model, LOOPY[0], 20)
+    for r in range(rounds):
+        for i, messages in enumerate(LOOPY):
+            sides = ["direct", *servers]
+            k = (r * len(LOOPY) + i) % len(sides)
+            for side in sides[k:] + sides[:k]:  # rotate who goes first
+                if side == "direct":
+                    direct.append(engine_decode(worker, messages, max_tokens)[0])
+                else:
+                    pid = servers[side][0].pid
+                    http[side].append(http_decode_cpu(clients[side], model, messages, max_tokens, pid))
+    print(f"decode tok/s, the engine directly: {med(direct):.1f}")
+    for side, runs in http.items():
+        pairs = sorted(t / d for (t, _, _), d in zip(runs, direct) if d > 0)
+        print(
+            f"  HTTP, {side:>14}: {med([t for t, _, _ in runs]):6.1f} tok/s; HTTP/direct median of pairs "
+            f"{med(pairs):.3f} (range {pairs[0]:.2f}-{pairs[-1]:.2f}, {len(pairs)} pairs); CPU per token: "
+            f"server event loop {med([c for _, c, _ in runs]):.2f} ms, client {med([c for _, _, c in runs]):.2f} ms"
+        )
 
 
 def get_json(url: str) -> dict:  # type: ignore[type-arg]
@@ -168,11 +204,12 @@ def get_json(url: str) -> dict:  # type: ignore[type-arg]
         return json.loads(r.read())  # type: ignore[no-any-return]
 
 
-def start_server(model: str) -> tuple[subprocess.Popen, str]:  # type: ignore[type-arg]
+def start_server(model: str, stream_interval_ms: str = "20") -> tuple[subprocess.Popen, str]:  # type: ignore[type-arg]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "kvscope.app.cli", "serve", "--model", model, "--port", str(port)]
+    cmd += ["--stream-interval", stream_interval_ms]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     while True:
         try:

@@ -99,9 +99,7 @@ class Engine:
             self.store.clear()  # the old model's blocks are gone (consumers of the events learn it)
         self._pieces = {}
         self._loaded.lm = lm
-        self._loaded.store = PrefixStore(
-            lm.fingerprint, self.config.block_size, self.config.prefix_budget_bytes, self.bus.emit, self.bus.now_ms
-        )
+        self._loaded.store = PrefixStore.for_model(lm.fingerprint, self.config, self.bus, self.store)
         for s in self._files.restore(lm, self._registry, self._budget.reserve):
             self._registry.add(s)
         return lm
@@ -109,6 +107,14 @@ class Engine:
     @property
     def model(self) -> LoadedModel:
         return self._loaded.model()
+
+    def set_prefix_policy(self, name: str) -> None:
+        """Evict prefix-store blocks by `name` (lru, hot, workflow) from now on; kept across model loads."""
+        self._guard(None, lambda: self._store().set_policy(name))
+
+    def note_request(self, sid: SessionId, agent: str, step: int | None = None) -> None:
+        """Session `sid` serves `agent` at workflow `step`: for the workflow-aware prefix-store policy."""
+        self._store().note_request(sid, agent, step)
 
     def info(self) -> dict[str, Any]:
         """Device, dtype, BLAS, model and memory, for `kvscope info` and the status bar."""

@@ -96,6 +96,17 @@ class AllBlocksCleared(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class PrefixEvictionDecided(Event):
+    """The prefix store chose these blocks to evict (a `BlockRemoved` with the same hashes follows)."""
+
+    policy: str  # "lru", "hot", "workflow"
+    block_hashes: tuple[BlockHash, ...]
+    reasons: tuple[str, ...]  # one per block, for a person: "workflow: planner not expected again"
+    freed_bytes: int
+    budget_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class EngineError(Event):
     session: SessionId | None
     kind: str  # exception class name

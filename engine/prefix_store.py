@@ -5,10 +5,16 @@ Promises:
   sequence (chain hashes, so a hit implies the whole prefix is identical);
 - `insert` copies rows in (one copy per block, whatever the number of
   sessions), `acquire`/`release` count the sessions that use a block;
-- under the byte budget, unreferenced blocks are evicted least recently used
-  first, leaves before their parents; referenced blocks are never evicted;
+- under the byte budget, unreferenced leaf blocks are evicted in the order
+  of the selected policy (`prefix_policy`: lru, hot, workflow; `set_policy`
+  switches at any time), leaves before their parents; referenced blocks are
+  never evicted. A block counts its hits (later prompts that matched it)
+  and the agents that used it (`note_request` names a session's agent and
+  workflow step, which also feeds the policy's step graph);
 - every change is reported as `BlockStored` / `BlockRemoved` /
-  `AllBlocksCleared` events.
+  `AllBlocksCleared` events, each eviction's choice (policy, blocks, a
+  reason per block) as `PrefixEvictionDecided` just before its
+  `BlockRemoved`.
 
 A hit copies the rows into the session's own contiguous buffers: an O(L)
 copy instead of an O(L^2) prefill. Knows nothing about chat templates.
@@ -24,14 +30,19 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from kvscope.engine.blocks import chain_hashes
+from kvscope.engine.config import EngineConfig
+from kvscope.engine.errors import InvalidRequestError
 from kvscope.engine.events import (
     AllBlocksCleared,
     BlockHash,
     BlockRemoved,
     BlockStored,
     Event,
+    EventBus,
+    PrefixEvictionDecided,
     SessionId,
 )
+from kvscope.engine.prefix_policy import POLICIES, EvictionPolicy, eviction_order
 from kvscope.engine.tensor_ops import concat_rows, slice_rows
 
 
@@ -47,10 +58,12 @@ class StoredBlock:
     nbytes: int
     sessions: set[SessionId] = field(default_factory=set)
     last_used: float = 0.0
+    hits: int = 0  # later prompts that matched it
+    agents: set[str] = field(default_factory=set)  # who used it (request metadata; see note_request)
 
 
 class PrefixStore:
-    """Longest-prefix matching over chain-hashed blocks, with LRU eviction."""
+    """Longest-prefix matching over chain-hashed blocks, evicted by a selectable policy."""
 
     def __init__(
         self,
@@ -59,6 +72,7 @@ class PrefixStore:
         budget_bytes: int,
         emit: Callable[[Event], None],
         now_ms: Callable[[], float],
+        policy: str = "lru",
     ) -> None:
         self.root = root
         self.block_size = block_size
@@ -67,6 +81,24 @@ class PrefixStore:
         self._now_ms = now_ms
         self._blocks: OrderedDict[BlockHash, StoredBlock] = OrderedDict()  # LRU order
         self._children: dict[BlockHash, int] = {}
+        self._agent_of: dict[SessionId, str] = {}
+        self.policy = EvictionPolicy(checked_policy(policy))
+
+    @classmethod
+    def for_model(cls, root: str, config: EngineConfig, bus: EventBus, previous: PrefixStore | None) -> PrefixStore:
+        """A new model's store, by the configured policy or the one `previous` (the old model's) had switched to."""
+        policy = previous.policy.name if previous is not None else config.prefix_policy
+        return cls(root, config.block_size, config.prefix_budget_bytes, bus.emit, bus.now_ms, policy)
+
+    def set_policy(self, name: str) -> None:
+        """Evict by `name` from now on (the step graph learned so far is kept)."""
+        self.policy = EvictionPolicy(checked_policy(name), self.policy.graph)
+        self.evict_to_budget()
+
+    def note_request(self, session: SessionId, agent: str, step: int | None = None) -> None:
+        """`session` serves a request of `agent` at workflow `step`: its blocks are tagged with the agent."""
+        self._agent_of[session] = agent
+        self.policy.graph.observe(agent, step)
 
     # ------------------------------------------------------------ queries
     @property
@@ -108,9 +140,13 @@ class PrefixStore:
     def load_rows(self, blocks: list[StoredBlock], session: SessionId) -> tuple[list[mx.array], list[mx.array]]:
         """Per-layer K and V for `blocks`, concatenated; marks them used by `session`."""
         now = time.monotonic()
+        agent = self._agent_of.get(session)
         for b in blocks:
             b.sessions.add(session)
             b.last_used = now
+            b.hits += 1
+            if agent is not None:
+                b.agents.add(agent)
             self._blocks.move_to_end(b.block_hash)
         n_layers = len(blocks[0].keys)
         keys = [concat_rows([b.keys[i] for b in blocks]) for i in range(n_layers)]
@@ -139,6 +175,7 @@ class PrefixStore:
         new: list[BlockHash] = []
         parent: BlockHash | None = None
         now = time.monotonic()
+        agent = self._agent_of.get(session)
         for i, h in enumerate(hashes):
             b = self._blocks.get(h)
             if b is None:
@@ -153,6 +190,8 @@ class PrefixStore:
                 new.append(h)
             b.sessions.add(session)
             b.last_used = now
+            if agent is not None:
+                b.agents.add(agent)
             self._blocks.move_to_end(h)
             parent = h
         if new:
@@ -167,27 +206,34 @@ class PrefixStore:
         """The session no longer uses any block (closed or reset)."""
         for b in self._blocks.values():
             b.sessions.discard(session)
+        self._agent_of.pop(session, None)
         self.evict_to_budget()
 
     def evict_to_budget(self, budget_bytes: int | None = None) -> int:
-        """Evict unreferenced leaf blocks, LRU first, until under budget. Returns bytes freed."""
+        """Evict unreferenced leaf blocks in the policy's order until under budget. Returns bytes freed."""
         budget = self.budget_bytes if budget_bytes is None else budget_bytes
         total = self.nbytes
+        if total <= budget:
+            return 0
+        now = time.monotonic()
         freed = 0
         removed: list[BlockHash] = []
-        while total > budget:
-            victim = next(
-                (b for b in self._blocks.values() if not b.sessions and not self._children.get(b.block_hash)),
-                None,
-            )
-            if victim is None:
-                break
+        reasons: list[str] = []
+        order = eviction_order(
+            self.policy, self._blocks, self.children_count, lambda b: not b.sessions, lambda b: b.block_hash
+        )
+        for victim in order:
+            reasons.append(self.policy.reason(victim, now))
             self._remove(victim)
             removed.append(victim.block_hash)
             total -= victim.nbytes
             freed += victim.nbytes
+            if total <= budget:
+                break
         if removed:
-            self._emit(BlockRemoved(self._now_ms(), tuple(removed)))
+            t = self._now_ms()
+            self._emit(PrefixEvictionDecided(t, self.policy.name, tuple(removed), tuple(reasons), freed, budget))
+            self._emit(BlockRemoved(t, tuple(removed)))
         return freed
 
     def clear(self) -> None:
@@ -201,3 +247,10 @@ class PrefixStore:
             self._children[b.parent] -= 1
             if self._children[b.parent] <= 0:
                 del self._children[b.parent]
+
+
+def checked_policy(policy: str) -> str:
+    """`policy` if it names a prefix-store policy, else an `InvalidRequestError` listing them."""
+    if policy not in POLICIES:
+        raise InvalidRequestError(f"unknown prefix-store policy {policy!r}; choose from {', '.join(POLICIES)}")
+    return policy

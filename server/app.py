@@ -29,6 +29,7 @@ from kvscope.server.errors import APIError, from_engine
 from kvscope.server.protocol import ParsedRequest, parse_chat, parse_completion, parse_json
 from kvscope.server.runner import DONE, STARTED, Job, Runner
 from kvscope.server.shapes import ChunkMaker, StopFilter, completion, new_id
+from kvscope.server.workflow import agent_and_step
 
 
 @dataclass(frozen=True)
@@ -136,19 +137,6 @@ def _record(runner: Runner, request: Request) -> Any:
         raise APIError(404, f"No request {rid} (the log keeps the latest requests only).", code="not_found") from None
 
 
-def client_name(request: Request, req: ParsedRequest) -> str:
-    """The client a request came from: `user`, an X-Client header, the user agent, or the address."""
-    if req.user:
-        return req.user.strip()[:40]
-    for header in ("x-kvscope-client", "x-client"):
-        if request.headers.get(header, "").strip():
-            return request.headers[header].strip()[:40]
-    agent = request.headers.get("user-agent", "").split(" ")[0].strip()
-    if agent:
-        return agent[:40]
-    return request.client.host if request.client else "client"
-
-
 MAX_BODY_BYTES = 32 << 20
 
 
@@ -172,7 +160,8 @@ async def _generate(
     body = parse_json(await read_body(request))
     req = parse(body)
     _check_model(model, req.model)
-    job = runner.start(req, client_name(request, req), body)
+    agent, step = agent_and_step(request.headers, body, request.client.host if request.client else "")
+    job = runner.start(req, agent, body, step)
     cid = new_id(req.endpoint)
     if req.stream:
         # Headers go out once the request runs, so a bad prompt still gets its 4xx status.
@@ -208,7 +197,7 @@ async def _wait_or_disconnect(request: Request, job: Job, started: bool = False)
         watcher.cancel()
 
 
-async def _stream(job: Job, chunks: ChunkMaker, req: ParsedRequest) -> AsyncIterator[str]:
+async def _stream(job: Job, chunks: ChunkMaker, req: ParsedRequest) -> AsyncIterator[bytes]:
     stop = StopFilter(req.sampling.stop)
     try:
         first = chunks.first()

@@ -29,6 +29,7 @@ class ServeOptions:
     session_budget_bytes: int | None = None  # cap on request sessions' cache (None: the memory budget)
     model_alias: str | None = None  # also accept this name (the --model argument)
     log_level: str = "warning"
+    stream_interval_ms: float = 20.0  # a stream's pieces go out at most this often (the first at once); 0: every token
 
 
 class Server:
@@ -44,7 +45,9 @@ class Server:
         aliases = tuple(a for a in (opts.model_alias, path) if a)
         self.model = ServedModel(name, aliases, int(time.time()))
         self.log = RequestLog(Path(opts.record) if opts.record else None)
-        self.runner = Runner(worker, self.log, opts.session_budget_bytes)
+        self.runner = Runner(
+            worker, self.log, opts.session_budget_bytes, stream_interval_s=opts.stream_interval_ms / 1000
+        )
         app = create_app(self.runner, self.model, opts.api_key)
         config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=opts.log_level, lifespan="off")
         self._uvicorn = uvicorn.Server(config)

@@ -31,6 +31,7 @@ class RequestRecord:
     endpoint: str  # "chat" | "completions"
     created: float  # unix time
     stream: bool
+    workflow_step: int | None = None  # the step the client gave (header or metadata), if any
     session: str | None = None  # engine session id, once made
     status: str = "queued"  # queued | running | done | error | cancelled
     prompt_tokens: int = 0
@@ -73,17 +74,26 @@ class RequestLog:
             self._record_path.touch()
 
     # ------------------------------------------------------------ changes
-    def new(self, client: str, endpoint: str, stream: bool, body: dict[str, Any] | None = None) -> RequestRecord:
+    def new(
+        self,
+        client: str,
+        endpoint: str,
+        stream: bool,
+        body: dict[str, Any] | None = None,
+        workflow_step: int | None = None,
+    ) -> RequestRecord:
         with self._lock:
             step = self._per_client.get(client, 0) + 1
             self._per_client[client] = step
             rid = max(self._records, default=0) + 1
-            rec = RequestRecord(rid, client, step, endpoint, time.time(), stream)
+            rec = RequestRecord(rid, client, step, endpoint, time.time(), stream, workflow_step=workflow_step)
             self._records[rid] = rec
             for old in list(self._records)[: max(0, len(self._records) - self._keep)]:
                 del self._records[old]
             if body is not None and self._record_path is not None:
-                line = dict(body, agent=client, step=step, ts=round(rec.created, 3))
+                line = dict(body, agent=client, ts=round(rec.created, 3))
+                if workflow_step is not None:  # only a step the client gave (see server/workflow.py)
+                    line["step"] = workflow_step
                 with self._record_path.open("a", encoding="utf-8") as f:
                     f.write(json.dumps(line, ensure_ascii=False) + "\n")
         self.changed(rec)

@@ -5,13 +5,11 @@ Each line of the log is one request body (`messages` or `prompt`, as
 `ts` fields. Every request is tokenized exactly as `kvscope serve` would
 (chat template, tools) and matched against a simulated prefix store: the
 same chain hashes and full blocks as the engine's `PrefixStore`, under a
-byte budget, without computing any K/V. It reports, per eviction policy:
-
-    lru        least recently used leaf first (the engine's store today)
-    hot        hotness-aware (HotPrefix): the least reused leaf first
-    workflow   workflow-aware (KVFlow): the leaf whose agents run again
-               furthest in the future (steps-to-execution, from the log's
-               agent order), first
+byte budget, without computing any K/V, evicting with the engine's own
+policy code (`kvscope.engine.prefix_policy`: lru, hot, workflow; the
+workflow policy learns the step graph from the log's `agent`/`step` as it
+goes, exactly as the live store learns it from request metadata). It
+reports, per eviction policy:
 
 hit rate (cached / prompt tokens), cached vs prefilled tokens, the TTFT
 the hits save at a measured prefill speed, the misses grouped by cause (the
@@ -27,19 +25,20 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from kvscope.engine.blocks import chain_hashes
 from kvscope.engine.model_loading import LoadedModel
+from kvscope.engine.prefix_policy import POLICIES, EvictionPolicy, eviction_order
 from kvscope.server.errors import APIError
 from kvscope.server.explain import EarlierPrompt, explain
 from kvscope.server.prompting import build_prompt
 from kvscope.server.protocol import ParsedRequest, parse_chat, parse_completion
+from kvscope.server.workflow import logged_agent_and_step
 
-POLICIES = ("lru", "hot", "workflow")
 MAX_LOG_BYTES = 256 << 20
 _DYNAMIC = re.compile(
     r"\d{4}-\d{2}-\d{2}(?:[T ]\d{1,2}:\d{2}(?::\d{2})?(?:\.\d+)?Z?)?"  # ISO date (and time)
@@ -70,6 +69,7 @@ class PolicyResult:
     cached_tokens: int = 0
     evicted_blocks: int = 0
     per_request: list[int] = field(default_factory=list)  # cached tokens of each request
+    step_graph: dict[str, dict[str, int]] = field(default_factory=dict)  # who followed whom (workflow policy)
 
     @property
     def prefilled_tokens(self) -> int:
@@ -125,46 +125,38 @@ def _request(body: Any, line: int, lm: LoadedModel) -> LoggedRequest:
         raise APIError(400, "each line must be a JSON object (an OpenAI request body)")
     body = dict(body, model=body.get("model") or lm.name)
     parsed = parse_chat(body) if "messages" in body else parse_completion(body)
-    agent = body.get("agent")
-    step = body.get("step")
-    ids = build_prompt(lm, parsed).ids
-    return LoggedRequest(
-        line,
-        str(agent) if agent is not None else "",
-        step if isinstance(step, int) and not isinstance(step, bool) else None,
-        parsed,
-        tuple(ids),
-    )
+    agent, step = logged_agent_and_step(body)
+    return LoggedRequest(line, agent, step, parsed, tuple(build_prompt(lm, parsed).ids))
 
 
 # ------------------------------------------------------------ the store
 @dataclass
 class _Block:
+    block_hash: str
     parent: str | None
-    agents: set[str]
-    last_used: int
+    last_used: int  # request index
     hits: int = 0
+    agents: set[str] = field(default_factory=set)
 
 
 class SimulatedStore:
-    """Chain-hashed full blocks under a block budget, with a choice of eviction policy."""
+    """Chain-hashed full blocks under a block budget, evicted by the engine's own policy code."""
 
-    def __init__(self, root: str, block_size: int, budget_blocks: int | None, policy: str, order: Sequence[str]):
-        if policy not in POLICIES:
-            raise ReplayError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
-        self.root, self.block_size, self.budget, self.policy = root, block_size, budget_blocks, policy
+    def __init__(self, root: str, block_size: int, budget_blocks: int | None, policy: str):
+        try:
+            self.policy = EvictionPolicy(policy, clock_unit="requests")
+        except ValueError as exc:
+            raise ReplayError(str(exc)) from None
+        self.root, self.block_size, self.budget = root, block_size, budget_blocks
         self.blocks: dict[str, _Block] = {}
         self.children: Counter[str] = Counter()
         self.evicted = 0
-        self._next: dict[str, list[int]] = {}  # agent -> indices of its requests
-        for i, a in enumerate(order):
-            self._next.setdefault(a, []).append(i)
 
-    def serve(self, t: int, ids: Sequence[int], agent: str) -> int:
+    def serve(self, t: int, ids: Sequence[int], agent: str, step: int | None = None) -> int:
         """Cached tokens for request `t`, then store its blocks and evict to budget."""
-        hashes = chain_hashes(list(ids[:-1]), self.block_size, self.root)
+        self.policy.graph.observe(agent, step)
         hit = 0
-        for h in hashes:
+        for h in chain_hashes(list(ids[:-1]), self.block_size, self.root):
             b = self.blocks.get(h)
             if b is None:
                 break
@@ -174,7 +166,7 @@ class SimulatedStore:
         for h in chain_hashes(list(ids), self.block_size, self.root):
             b = self.blocks.get(h)
             if b is None:
-                b = self.blocks[h] = _Block(parent, set(), t)
+                b = self.blocks[h] = _Block(h, parent, t)
                 if parent is not None:
                     self.children[parent] += 1
             b.agents.add(agent)
@@ -184,30 +176,23 @@ class SimulatedStore:
         return hit * self.block_size
 
     def _evict(self, t: int) -> None:
-        if self.budget is None:
-            return
-        while len(self.blocks) > self.budget:
-            leaves = [(h, b) for h, b in self.blocks.items() if not self.children.get(h)]
-            h, b = min(leaves, key=lambda hb: self._priority(t, hb[1]))
-            del self.blocks[h]
-            if b.parent is not None:
-                self.children[b.parent] -= 1
-            self.evicted += 1
+        """As the engine's store does for a request session closed right after its turn: at insert the
+        request's own blocks are in use (others go first), at release they may go too."""
+        not_this_request: Callable[[_Block], bool] = lambda b: b.last_used != t  # noqa: E731
+        for evictable in (not_this_request, lambda b: True):
+            if self.budget is None or len(self.blocks) <= self.budget:
+                return
+            for b in eviction_order(self.policy, self.blocks, self.children.__getitem__, evictable, _hash):
+                del self.blocks[b.block_hash]
+                if b.parent is not None:
+                    self.children[b.parent] -= 1
+                self.evicted += 1
+                if len(self.blocks) <= self.budget:
+                    return
 
-    def _priority(self, t: int, b: _Block) -> tuple[float, int]:
-        """Smaller is evicted first."""
-        if self.policy == "hot":
-            return (b.hits, b.last_used)
-        if self.policy == "workflow":
-            soonest = min((self._steps_until(a, t) for a in b.agents), default=float("inf"))
-            return (-soonest, b.last_used)
-        return (b.last_used, 0)
 
-    def _steps_until(self, agent: str, t: int) -> float:
-        for i in self._next.get(agent, ()):
-            if i > t:
-                return i - t
-        return float("inf")
+def _hash(b: _Block) -> str:
+    return b.block_hash
 
 
 # ------------------------------------------------------------ replay
@@ -220,16 +205,15 @@ def replay(
     ms_per_token: float = 0.0,
 ) -> ReplayReport:
     budget_blocks = None if budget_bytes is None else max(1, budget_bytes // (block_size * lm.bytes_per_token))
-    order = [r.agent for r in requests]
     results = []
     for policy in policies:
-        store = SimulatedStore(lm.fingerprint, block_size, budget_blocks, policy, order)
+        store = SimulatedStore(lm.fingerprint, block_size, budget_blocks, policy)
         results.append(_run(store, requests, policy))
     causes, lost = _causes(requests, results[0].per_request, lm, block_size, ms_per_token)
     rewritten, moved = _move_dynamic_to_end(requests, lm)
     whatif = None
     if moved:
-        store = SimulatedStore(lm.fingerprint, block_size, budget_blocks, policies[0], order)
+        store = SimulatedStore(lm.fingerprint, block_size, budget_blocks, policies[0])
         whatif = _run(store, rewritten, policies[0])
     return ReplayReport(len(requests), budget_bytes, ms_per_token, results, causes, lost, whatif, moved)
 
@@ -248,12 +232,13 @@ def replay_file(
 def _run(store: SimulatedStore, requests: Sequence[LoggedRequest], policy: str) -> PolicyResult:
     res = PolicyResult(policy)
     for t, r in enumerate(requests):
-        hit = store.serve(t, r.ids, r.agent)
+        hit = store.serve(t, r.ids, r.agent, r.step)
         res.requests += 1
         res.prompt_tokens += len(r.ids)
         res.cached_tokens += hit
         res.per_request.append(hit)
     res.evicted_blocks = store.evicted
+    res.step_graph = store.policy.graph.edges()
     return res
 
 
@@ -309,6 +294,10 @@ def format_report(rep: ReplayReport) -> str:
         lines.append(
             f"{r.policy:>9} {r.hit_rate:9.1%} {r.cached_tokens:9d} {r.prefilled_tokens:10d} {saved:10.2f}s {r.evicted_blocks:8d}"
         )
+    graph = next((r.step_graph for r in rep.results if r.policy == "workflow"), None)
+    if graph:
+        edges = sorted((n, a, b) for a, nxt in graph.items() for b, n in nxt.items())[::-1][:8]
+        lines.append("workflow step graph learned: " + ", ".join(f"{a} -> {b} ({n}x)" for n, a, b in edges))
     if rep.causes:
         lines.append("misses by cause (requests, tokens recomputed):")
         for cause, n in rep.causes.most_common():

@@ -12,6 +12,12 @@ exceeded, opens a session named after the client and request number, runs
 `prompt_turn.run_prompt` (which reuses the prefix store) and explains where
 the prompt's prefix broke. `Job.cancel()` (a client that went away) is
 seen between prefill chunks and decode steps.
+
+Answer pieces reach the event loop at most once per `stream_interval_s`
+(the first piece at once): on a 2-core machine every wake-up of the loop,
+and every server-sent event the client parses, is CPU the decode does not
+get (`bench/serve.py` measures both), so a stream carries a few tokens per
+event instead of one, as vLLM's `--stream-interval` does.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ class Outcome:
 class Job:
     """One request in flight: its record, answer pieces and cancellation."""
 
-    def __init__(self, record: RequestRecord, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, record: RequestRecord, loop: asyncio.AbstractEventLoop, stream_interval_s: float = 0.0) -> None:
         self.record = record
         self.pieces: asyncio.Queue[Any] = asyncio.Queue()
         self.cancelled = threading.Event()
@@ -59,18 +65,29 @@ class Job:
         self._lock = threading.Lock()
         self._buffer: list[Any] = []  # pushed, not yet on the loop's queue
         self._wake_pending = False
+        self._interval = stream_interval_s
+        self._last_wake = -float("inf")
+        self._text_seen = False
 
     def cancel(self) -> None:
         self.cancelled.set()
 
     def push(self, item: Any) -> None:
         """From any thread. Wakes the event loop at most once until it has taken what is waiting,
-        so a loop that lags the decode takes several pieces per wake-up instead of one per token."""
+        and for text at most once per stream interval (the first text and the markers at once):
+        a piece held back goes out with the next push, at the latest with DONE."""
         with self._lock:
             self._buffer.append(item)
+            is_text = isinstance(item, str)
+            first_text = is_text and not self._text_seen
+            self._text_seen = self._text_seen or is_text
             if self._wake_pending:
                 return
+            now = time.monotonic()
+            if is_text and not first_text and now - self._last_wake < self._interval:
+                return
             self._wake_pending = True
+            self._last_wake = now
         try:
             self._loop.call_soon_threadsafe(self._flush)
         except RuntimeError:  # the loop is gone (server shutting down)
@@ -96,15 +113,20 @@ class Runner:
         log: RequestLog,
         session_budget_bytes: int | None = None,
         history: int = 256,
+        stream_interval_s: float = 0.0,
     ) -> None:
         self.worker = worker
+        self.stream_interval_s = stream_interval_s
         self.log = log
         self.session_budget_bytes = session_budget_bytes
         self._earlier: deque[EarlierPrompt] = deque(maxlen=history)
 
-    def start(self, req: ParsedRequest, client: str, body: dict[str, Any] | None = None) -> Job:
-        rec = self.log.new(client, req.endpoint, req.stream, body)
-        job = Job(rec, asyncio.get_running_loop())
+    def start(
+        self, req: ParsedRequest, client: str, body: dict[str, Any] | None = None, step: int | None = None
+    ) -> Job:
+        """Queue `req` from `client` (its agent name) at workflow `step` (None: a step of its own)."""
+        rec = self.log.new(client, req.endpoint, req.stream, body, step)
+        job = Job(rec, asyncio.get_running_loop(), self.stream_interval_s)
         job.future = self.worker.submit(lambda eng: self._run(eng, req, job))
         job.future.add_done_callback(lambda _f: job.push(DONE))
         return job
@@ -132,6 +154,7 @@ class Runner:
         answer = min(prompt.max_tokens, BUDGET_ANSWER_TOKENS)  # as run_prompt checks the memory budget
         self._retire(eng, (len(prompt.ids) - cached + answer) * lm.bytes_per_token)
         sid = eng.new_session(name=rec.name)
+        eng.note_request(sid, rec.client, rec.workflow_step)  # for the workflow-aware prefix-store policy
         self.log.update(rec, session=sid, status="running", prompt_tokens=len(prompt.ids))
         job.push(STARTED)
         s = req.sampling

@@ -5,9 +5,10 @@
   classic "timestamp in the system prompt" mistake).
 - `workflow.jsonl`: a planner, a coder and a reviewer that share a long
   tools description, taking turns in a fixed step graph (planner -> coder
-  -> reviewer -> coder -> reviewer ...), each with its own growing history;
-  under a small budget the eviction policy decides which agent's prefix
-  survives until its next step.
+  -> reviewer -> planner ...), each with its own growing history; under a
+  small budget the eviction policy decides which agent's prefix survives
+  until its next step (a cycle is least-recently-used eviction's worst
+  case: the prefix it drops is the one needed next).
 
 Deterministic: the same files every time. Knows nothing about models.
 """
@@ -52,14 +53,14 @@ def agent_clock(steps: int = 20) -> list[dict[str, Any]]:
     return out
 
 
-def workflow(rounds: int = 8) -> list[dict[str, Any]]:
+def workflow(rounds: int = 6) -> list[dict[str, Any]]:
     roles = {
         "planner": "You are the planner: split the task into steps for the coder.",
         "coder": "You are the coder: carry out the next step with the tools.",
         "reviewer": "You are the reviewer: check the coder's last step and say what to fix.",
     }
     histories: dict[str, list[dict[str, str]]] = {a: [] for a in roles}
-    order = ["planner"] + ["coder", "reviewer"] * rounds + ["planner"]
+    order = ["planner", "coder", "reviewer"] * rounds
     out = []
     for step, agent in enumerate(order, 1):
         task = TASKS[(step // 7) % len(TASKS)]

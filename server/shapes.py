@@ -14,10 +14,11 @@ that might be the start of one is held back until it is not.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Any
+
+import msgspec
 
 from kvscope.server.records import RequestRecord
 
@@ -72,7 +73,7 @@ class ChunkMaker:
         self.cid, self.model, self.endpoint, self.include_usage = cid, model, endpoint, include_usage
         self.created = int(time.time())
 
-    def _event(self, choices: list[dict[str, Any]], **extra: Any) -> str:
+    def _event(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         obj = "chat.completion.chunk" if self.endpoint == "chat" else "text_completion"
         d: dict[str, Any] = {
             "id": self.cid,
@@ -85,7 +86,7 @@ class ChunkMaker:
         if self.include_usage:
             d["usage"] = None
         d.update(extra)
-        return f"data: {json.dumps(d, ensure_ascii=False)}\n\n"
+        return _sse(d)
 
     def _choice(self, text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
         if self.endpoint == "chat":
@@ -97,13 +98,13 @@ class ChunkMaker:
             return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
 
-    def first(self) -> str | None:
+    def first(self) -> bytes | None:
         return self._event([self._choice("", None, role=True)]) if self.endpoint == "chat" else None
 
-    def piece(self, text: str) -> str:
+    def piece(self, text: str) -> bytes:
         return self._event([self._choice(text, None)])
 
-    def last(self, finish: str, rec: RequestRecord) -> str:
+    def last(self, finish: str, rec: RequestRecord) -> bytes:
         fin = FINISH.get(finish, "stop")
         out = self._event([self._choice(None if self.endpoint == "chat" else "", fin)], kvscope=kvscope_field(rec))
         if self.include_usage:
@@ -111,12 +112,17 @@ class ChunkMaker:
         return out
 
     @staticmethod
-    def error(body: dict[str, Any]) -> str:
-        return f"data: {json.dumps(body)}\n\n"
+    def error(body: dict[str, Any]) -> bytes:
+        return _sse(body)
 
     @staticmethod
-    def done() -> str:
-        return "data: [DONE]\n\n"
+    def done() -> bytes:
+        return b"data: [DONE]\n\n"
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    """One server-sent event; msgspec encodes (UTF-8, no ASCII escapes) several times faster than json."""
+    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
 
 
 class StopFilter:

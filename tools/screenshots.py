@@ -5,7 +5,8 @@
 Scenes (1280x800): two chats sharing a prefix, four sessions in tabs, a
 masked region, a splice between two sessions side by side with its report,
 a compression decision, the prefix tree of four sessions sharing a system
-prompt and notes, a ~2,000-token session with the block map following it. Uses the demo model unless
+prompt and notes, a ~2,000-token session with the block map following it, the Requests panel serving
+sample agent traffic (tools/serve_screenshot.py). Uses the demo model unless
 `--model` is given. Every step goes through the window's own API (the same
 calls the menus and drag and drop make).
 """
@@ -104,6 +105,9 @@ def _scenes(app: object, win: object, out: Path, model: str | None) -> int:
     a, b = _sessions_scenes(app, win, out, model)
     _edit_scenes(app, win, out, a, b)
     _long_scene(app, win, out)
+    from serve_screenshot import requests_scene  # the Requests panel: kvscope serve from the window
+
+    requests_scene(app, win, out)
     if win.last_error:
         print(f"last error shown in the window: {win.last_error}")
     return 0

@@ -8,7 +8,9 @@ prefilled, TTFT, tok/s and where its prefix broke; selecting a row shows
 the full explanation and emits `session_selected(sid)` so the window opens
 that request's session; "Pin" keeps its session from being retired.
 Request sessions get a session view only when selected (`hides`), so an
-agent's hundred requests do not become a hundred views.
+agent's hundred requests do not become a hundred views. A "Prefix store"
+selector sets the engine's eviction policy (lru, hot, workflow) and a
+label shows the store's latest eviction decision (`PrefixEvictionDecided`).
 
 Server records change on the engine thread or the server's event loop;
 they reach the widgets through a queued signal, never directly.
@@ -22,6 +24,7 @@ from typing import Any
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QCheckBox,
+    QComboBox,
     QHBoxLayout,
     QHeaderView,
     QLabel,
@@ -34,6 +37,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from kvscope.engine.events import Event, PrefixEvictionDecided
+from kvscope.engine.prefix_policy import POLICIES
 from kvscope.server import ServeOptions, Server
 from kvscope.server.records import RequestRecord
 from kvscope.ui.bridge import EngineBridge
@@ -55,6 +60,8 @@ class RequestsPanel(QWidget):
         self._unsubscribe: Any = None
         self._build()
         self._record_changed.connect(self._on_record, Qt.ConnectionType.QueuedConnection)
+        bridge.events.connect(self._on_events)
+        bridge.call(_store_policy, self._show_policy)
 
     # ------------------------------------------------------------ layout
     def _build(self) -> None:
@@ -78,6 +85,7 @@ class RequestsPanel(QWidget):
         for w in (self.serve, QLabel("host"), self.host, QLabel("port"), self.port, self.api_key, self.url):
             top.addWidget(w)
         top.addStretch(1)
+        store_row = self._build_store_row()
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(list(COLUMNS))
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
@@ -99,8 +107,26 @@ class RequestsPanel(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addLayout(top)
+        layout.addLayout(store_row)
         layout.addWidget(self.table, 1)
         layout.addLayout(bottom)
+
+    def _build_store_row(self) -> QHBoxLayout:
+        """The prefix-store policy selector and the latest eviction."""
+        self.policy = QComboBox()
+        self.policy.addItems(list(POLICIES))
+        self.policy.setToolTip(
+            "Which prefix-store blocks go first under its budget: lru (least recently used), hot (least reused), "
+            "workflow (the agent that runs again furthest; agents and steps from X-KVScope-Agent/-Step headers "
+            "or metadata.agent/step)"
+        )
+        self.policy.currentTextChanged.connect(self._on_policy)
+        self.eviction = QLabel("no eviction yet")
+        store_row = QHBoxLayout()
+        for part in (QLabel("Prefix store eviction"), self.policy, self.eviction):
+            store_row.addWidget(part)
+        store_row.addStretch(1)
+        return store_row
 
     # ------------------------------------------------------------ serving
     def start(self, options: ServeOptions | None = None) -> None:
@@ -170,6 +196,33 @@ class RequestsPanel(QWidget):
             w.setEnabled(True)
         self.url.setText("not serving")
 
+    # ------------------------------------------------------------ prefix store
+    def _on_policy(self, name: str) -> None:
+        def apply(eng: Any) -> str | None:
+            if eng.store is not None:
+                eng.set_prefix_policy(name)
+            return _store_policy(eng)  # what the engine uses now (without a model: its configured one)
+
+        self.bridge.call(apply, self._show_policy)
+
+    def _show_policy(self, name: str | None) -> None:
+        if name is not None:
+            self.policy.blockSignals(True)
+            self.policy.setCurrentText(name)
+            self.policy.blockSignals(False)
+
+    def _on_events(self, batch: list[Event]) -> None:
+        decided = [e for e in batch if isinstance(e, PrefixEvictionDecided)]
+        if not decided:
+            return
+        d = decided[-1]
+        n = len(d.block_hashes)
+        self.eviction.setText(f"evicted {n} block{'s' if n != 1 else ''} ({d.reasons[0]})")
+        self.eviction.setToolTip(
+            f"{d.policy}: {d.freed_bytes / 1024:.0f} KB freed to stay under {d.budget_bytes / (1 << 20):.1f} MB\n"
+            + "\n".join(f"{h}: {why}" for h, why in zip(d.block_hashes, d.reasons))
+        )
+
     # ------------------------------------------------------------ records
     def _on_record(self, rec: RequestRecord) -> None:
         d = rec.to_dict()
@@ -238,6 +291,11 @@ class RequestsPanel(QWidget):
         rid = self.selected_request()
         if rid is not None and self.server is not None:
             self.server.log.pin(rid, on)
+
+
+def _store_policy(eng: Any) -> str | None:
+    """The engine's prefix-store policy (engine thread)."""
+    return eng.store.policy.name if eng.store is not None else eng.config.prefix_policy  # type: ignore[no-any-return]
 
 
 def _break_summary(why: dict[str, Any]) -> str:

@@ -15,7 +15,9 @@ import openai
 import pytest
 from conftest import start_server
 
+from kvscope.engine.events import TokenSampled
 from kvscope.server import Server
+from kvscope.server.runner import Job
 
 CHAT = [{"role": "user", "content": "What is the code for locker 7?"}]
 
@@ -125,18 +127,35 @@ def _wait_done(server: Server, rid: int) -> Any:
     raise AssertionError(f"request {rid} never finished")
 
 
-def test_disconnect_mid_stream_cancels_generation(tiny_server: Server) -> None:
-    client = openai.OpenAI(base_url=tiny_server.base_url, api_key="x", max_retries=0)
-    stream = client.completions.create(
-        model=tiny_server.model.id, prompt="once upon", max_tokens=3000, temperature=0, stream=True
+def test_disconnect_mid_stream_cancels_generation(tiny_server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    sampled: list[int] = []  # tokens the engine sampled for the request (engine thread)
+    at_cancel: list[int] = []  # how many it had when the server cancelled the job
+    real_cancel = Job.cancel
+
+    def cancel(job: Job) -> None:
+        at_cancel.append(len(sampled))
+        real_cancel(job)
+
+    monkeypatch.setattr(Job, "cancel", cancel)
+    unsubscribe = tiny_server.worker.engine.subscribe(
+        lambda ev: sampled.append(ev.index) if isinstance(ev, TokenSampled) else None
     )
-    got = [next(iter(stream)) for _ in range(3)]
-    assert all(c.choices[0].text is not None for c in got)
-    stream.close()  # the client goes away
-    rid = max(r.id for r in tiny_server.log.all())
-    rec = _wait_done(tiny_server, rid)
-    # Greedy on this prompt runs 1382 tokens to its end-of-text; the client left after 3.
+    client = openai.OpenAI(base_url=tiny_server.base_url, api_key="x", max_retries=0)
+    try:
+        stream = client.completions.create(
+            model=tiny_server.model.id, prompt="once upon", max_tokens=3000, temperature=0, stream=True
+        )
+        got = [next(iter(stream)) for _ in range(3)]
+        assert all(c.choices[0].text is not None for c in got)
+        stream.close()  # the client goes away
+        rid = max(r.id for r in tiny_server.log.all())
+        rec = _wait_done(tiny_server, rid)
+    finally:
+        unsubscribe()
+    # Greedy on this prompt runs 1382 tokens to its end-of-text; the client left after 3 chunks.
     assert rec.finish_reason == "cancelled" and rec.completion_tokens < 1382
+    # Within one decode step of the cancel: at most the token being reported and the one in flight follow.
+    assert at_cancel and rec.completion_tokens <= at_cancel[0] + 2, (at_cancel, rec.completion_tokens)
     # The engine is consistent and serves the next request.
     sid = rec.session
     rows, tokens = tiny_server.worker.call(lambda eng: (eng.session(sid).caches[0].n_rows, eng.session(sid).n_tokens))

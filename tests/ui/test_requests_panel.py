@@ -59,3 +59,24 @@ def test_serve_toggle_reports_a_port_in_use(qtbot, window):
         window.requests.serve.setChecked(True)
         qtbot.waitUntil(lambda: "could not serve" in window.requests.url.text(), timeout=WAIT_MS)
     assert not window.requests.serve.isChecked() and window.requests.server is None
+
+
+def test_prefix_policy_selector_drives_the_engine_and_shows_its_evictions(qtbot, window):
+    from conftest import engine_call
+
+    from kvscope.engine import SamplingParams
+
+    panel = window.requests
+    qtbot.waitUntil(lambda: panel.policy.currentText() == "lru", timeout=WAIT_MS)  # the engine's own policy
+    panel.policy.setCurrentText("hot")
+    qtbot.waitUntil(lambda: engine_call(window, lambda eng: eng.store.policy.name) == "hot", timeout=WAIT_MS)
+
+    def fill_and_evict(eng):  # a chat leaves blocks in the store; closing it frees them; a zero budget evicts them
+        sid = eng.new_session()
+        eng.chat(sid, "the code for the locker is " * 8, SamplingParams(max_tokens=2))
+        eng.close_session(sid)
+        return eng.store.evict_to_budget(0)
+
+    assert engine_call(window, fill_and_evict) > 0
+    qtbot.waitUntil(lambda: "hot: reused 0 times" in panel.eviction.text(), timeout=WAIT_MS)
+    assert panel.eviction.text().startswith("evicted ") and "hot:" in panel.eviction.toolTip()
