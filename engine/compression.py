@@ -59,11 +59,13 @@ def decide(
     budget_tokens: int | None,
     quant_bits: int | None = None,
     scores: list[np.ndarray] | None = None,
+    tokenizer: Any = None,
 ) -> Decision:
     """Score the caches' visible rows and choose what each layer keeps (no changes made).
 
     `scores` (from `policy.score` on the same caches) skips the scoring, so
-    one scoring pass can serve several budgets.
+    one scoring pass can serve several budgets. `tokenizer`: for policies
+    that write their own prompt (kvzip's "repeat the context").
     """
     t0 = time.perf_counter()
     cands = [Candidates.of(c) for c in caches]
@@ -85,7 +87,7 @@ def decide(
         if int(p.sum()) > b:
             select(np.zeros(len(p), np.float32), cands[i], p, b)  # raises with the message
     if scores is None:
-        scores = policy.score(ScoreInput(caches, cands, token_ids, model))
+        scores = policy.score(ScoreInput(caches, cands, token_ids, model, tokenizer))
     floors = [int(p.sum()) for p in protected]
     budgets = policy.allocate(budgets, scores, floors, [len(c) for c in cands])
     layers = []
@@ -159,6 +161,7 @@ def compress_caches(
     keep_ratio: float | None = None,
     budget_tokens: int | None = None,
     scores: list[np.ndarray] | None = None,
+    tokenizer: Any = None,
     **params: Any,
 ) -> Decision:
     """Decide and apply in one go on bare caches (benchmarks, scripts).
@@ -168,17 +171,22 @@ def compress_caches(
     """
     policy_params, bits = _split_params(params)
     pol = make_policy(policy, **policy_params)
-    decision = decide(pol, caches, token_ids, model, keep_ratio, budget_tokens, bits, scores)
+    decision = decide(pol, caches, token_ids, model, keep_ratio, budget_tokens, bits, scores, tokenizer)
     apply_decision(caches, decision)
     return decision
 
 
 def score_caches(
-    policy: str, caches: list[ScopeKVCache], token_ids: list[int], model: nn.Module | None, **params: Any
+    policy: str,
+    caches: list[ScopeKVCache],
+    token_ids: list[int],
+    model: nn.Module | None,
+    tokenizer: Any = None,
+    **params: Any,
 ) -> list[np.ndarray]:
     """The policy's per-layer `[kv_heads, n_visible]` scores, for `decide(..., scores=...)`."""
     pol = make_policy(policy, **_split_params(params)[0])
-    return pol.score(ScoreInput(caches, [Candidates.of(c) for c in caches], token_ids, model))
+    return pol.score(ScoreInput(caches, [Candidates.of(c) for c in caches], token_ids, model, tokenizer))
 
 
 # ---------------------------------------------------------------- sessions
@@ -236,7 +244,7 @@ def _compress(
     pol = make_policy(policy, **policy_params)
     if not session.caches or session.caches[0].n_rows == 0:
         raise InvalidRequestError(f"session {session.name} has no cached tokens to compress")
-    decision = decide(pol, session.caches, session.tokens, lm.model, keep_ratio, budget_tokens, bits)
+    decision = decide(pol, session.caches, session.tokens, lm.model, keep_ratio, budget_tokens, bits, None, lm.tokenizer)
     apply_decision(session.caches, decision)
     _record(session, bus, decision, replay=False)
     return decision

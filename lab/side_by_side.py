@@ -1,0 +1,216 @@
+"""kvscope's half of the side-by-side check against NVIDIA kvpress (the MLX side).
+
+Promises:
+- `export_episodes` writes the recall episodes (`kvscope.engine.tasks`) as
+  token ids — prompt, answer, end-of-turn ids, and per mode how many prompt
+  tokens are compressed — so kvscope and kvpress (`tools/kvpress_runner.py`,
+  in its own venv) compress exactly the same tokens;
+- `run_kvscope` runs kvscope's policies on those ids the way the runner runs
+  kvpress's presses (prefill the first `n_ctx` tokens, compress to kvpress's
+  row count `max(1, int(n * (1 - compression_ratio)))`, feed the rest,
+  greedy-decode `len(answer) + 3` tokens) and writes the same JSON lines:
+  generated ids and, per layer and KV head, the kept rows as a packed bit mask;
+- `PAIRS` names, for each press both have, kvscope's policy and the
+  parameters that make it kvpress's recipe (SnapKV's 64-query window).
+
+Lines already in the output are skipped (an interrupted run resumes). Knows
+nothing about torch; the comparison and the report live in
+`kvscope.lab.side_by_side_report`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvscope.engine.model_loading import LoadedModel
+
+EXTRA_DECODE_TOKENS = 3
+PREFILL_CHUNK = 512
+MODES = ("context", "question")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A press both sides have: kvpress's name, kvscope's policy and its parameters."""
+
+    press: str
+    policy: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+PAIRS: dict[str, Pair] = {
+    p.press: p
+    for p in (
+        Pair("knorm", "key_norm"),
+        Pair("snapkv", "snapkv", {"window": 64}),
+        Pair("streaming_llm", "streaming_llm"),
+        Pair("keydiff", "keydiff"),
+        Pair("tova", "tova"),
+        Pair("expected_attention", "expected_attention"),
+        Pair("kvzip", "kvzip"),
+        Pair("adakv_expected_attention", "adakv", {"scorer": "expected_attention"}),
+        Pair("random", "random"),
+    )
+}
+
+
+def n_kept(n: int, keep: float) -> int:
+    """kvpress's row count for a keep ratio (`compute_n_kept(n, 1 - keep)`), float ops included."""
+    compression_ratio = 1.0 - keep
+    if compression_ratio >= 1.0:
+        return 0
+    return max(1, int(n * (1 - compression_ratio)))
+
+
+def pack(mask: np.ndarray) -> str:
+    return base64.b64encode(np.packbits(np.asarray(mask, np.uint8)).tobytes()).decode("ascii")
+
+
+def unpack(text: str, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(base64.b64decode(text), np.uint8))[:n].astype(bool)
+
+
+def _context_len(tok: Any, messages: Iterable[dict[str, str]], prompt: list[int]) -> int:
+    head = tok.apply_chat_template(list(messages)[:-1], add_generation_prompt=False, tokenize=False)
+    ids = tok.encode(str(head), add_special_tokens=False)
+    n = 0
+    for a, b in zip(ids, prompt):
+        if a != b:
+            break
+        n += 1
+    return min(n, len(prompt) - 1)
+
+
+def export_episodes(
+    lm: LoadedModel, model_dir: str, contexts: Iterable[int], depths: Iterable[float], n: int, seed: int
+) -> dict[str, Any]:
+    """The episodes as token ids, for both sides (see the module docstring)."""
+    from kvscope.engine.tasks import answer_tokens, make_episodes, prompt_tokens
+    from kvscope.engine.tasks.scoring import eos_ids
+
+    tok = lm.tokenizer
+    out = []
+    for ctx in contexts:
+        for depth in depths:
+            for ep in make_episodes("recall", n, ctx, depth, seed, tok):
+                prompt = prompt_tokens(tok, ep)
+                out.append(
+                    {
+                        "id": f"{ctx}:{depth}:{ep.index}",
+                        "context": ctx,
+                        "depth": depth,
+                        "index": ep.index,
+                        "seed": seed * 100_003 + ep.index,
+                        "prompt_ids": prompt,
+                        "answer_ids": answer_tokens(tok, ep.answer),
+                        "answer": ep.answer,
+                        "fact_tokens": list(ep.fact_tokens),
+                        "eos_ids": sorted(eos_ids(tok)),
+                        "n_ctx": {"context": _context_len(tok, ep.messages, prompt), "question": len(prompt) - 1},
+                    }
+                )
+    out.sort(key=lambda e: (e["index"], e["context"], e["depth"]))  # a partial run covers every cell
+    return {"format": "kvscope.side_by_side.episodes", "model": model_dir, "seed": seed, "episodes": out}
+
+
+def kept_masks(decision: Any, n_ctx: int, n_heads: int) -> list[np.ndarray]:
+    """`[kv_heads, n_ctx]` kept mask per layer; a layer-wide decision keeps the same rows in every head."""
+    out = []
+    for layer in decision.layers:
+        heads = getattr(layer, "head_kept", None)
+        mask = np.zeros((n_heads, n_ctx), bool)
+        if heads is not None and len(heads):
+            for h, toks in enumerate(heads):
+                mask[h, np.asarray(toks, np.int64)] = True
+        else:
+            mask[:, np.asarray(layer.kept, np.int64)] = True
+        out.append(mask)
+    return out
+
+
+def _done(path: Path) -> set[tuple[str, str, str, float]]:
+    if not path.exists():
+        return set()
+    keys = set()
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        keys.add((r["episode"], r["mode"], r["press"], float(r["keep"])))
+    return keys
+
+
+def run_one(lm: LoadedModel, ep: dict[str, Any], mode: str, pair: Pair | None, keep: float) -> dict[str, Any]:
+    """One (episode, mode, press, keep ratio) on kvscope; the JSON line `tools/kvpress_runner.py` writes."""
+    from kvscope.engine.compression import compress_caches
+    from kvscope.engine.generation import prefill
+    from kvscope.engine.kv_cache import ScopeKVCache
+    from kvscope.lab.compression_bench import answer
+
+    prompt = list(ep["prompt_ids"])
+    n_ctx = int(ep["n_ctx"][mode])
+    caches = [ScopeKVCache() for _ in range(lm.n_layers)]
+    t0 = time.perf_counter()
+    prefill(lm.model, caches, prompt[:n_ctx], PREFILL_CHUNK)
+    masks = None
+    if pair is not None:
+        params = dict(pair.params)
+        if pair.policy == "random":
+            params["seed"] = int(ep["seed"])
+        d = compress_caches(
+            caches, prompt[:n_ctx], lm.model, pair.policy, None, n_kept(n_ctx, keep), tokenizer=lm.tokenizer, **params
+        )
+        n_heads = caches[0].keys.shape[1] if caches[0].keys is not None else 1
+        masks = kept_masks(d, n_ctx, n_heads)
+    n_bytes = sum(c.nbytes for c in caches)
+    gen, _, _, steps, secs = answer(lm.model, caches, prompt[n_ctx:], list(ep["answer_ids"]), set(ep["eos_ids"]))
+    return {
+        "episode": ep["id"],
+        "mode": mode,
+        "press": pair.press if pair else "full",
+        "keep": keep if pair else 1.0,
+        "n_ctx": n_ctx,
+        "generated": gen,
+        "kept": None if masks is None else [[pack(h) for h in layer] for layer in masks],
+        "seconds": round(time.perf_counter() - t0, 3),
+        "cache_bytes": int(n_bytes),
+        "decode_steps": int(steps),
+        "decode_s": float(secs),
+    }
+
+
+def run_kvscope(
+    lm: LoadedModel,
+    episodes: dict[str, Any],
+    out: Path,
+    presses: Iterable[str],
+    ratios: Iterable[float],
+    modes: Iterable[str] = MODES,
+    max_episodes: int | None = None,
+    masks_for: int = 10,
+    progress: Callable[[str], None] = lambda s: None,
+) -> None:
+    """Every (episode, mode, press, ratio) not yet in `out`, appended as JSON lines."""
+    pairs = [PAIRS[p] for p in presses]
+    done = _done(out)
+    variants: list[tuple[Pair | None, float]] = [(None, 1.0)] + [(p, float(k)) for p in pairs for k in ratios]
+    with out.open("a") as f:
+        for ep in episodes["episodes"]:
+            if max_episodes is not None and ep["index"] >= max_episodes:
+                continue
+            for mode in modes:
+                for pair, keep in variants:
+                    if (ep["id"], mode, pair.press if pair else "full", keep) in done:
+                        continue
+                    r = run_one(lm, ep, mode, pair, keep)
+                    if ep["index"] >= masks_for:
+                        r["kept"] = None
+                    f.write(json.dumps(r) + "\n")
+                    f.flush()
+            progress(f"kvscope: episode {ep['id']} done")
