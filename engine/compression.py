@@ -12,8 +12,9 @@ Promises:
 - replaying a decision on a copy of the same cache gives the same cache bit
   for bit (eviction by logical token; quantization is deterministic).
 
-Eviction is per layer (different layers may keep different rows); per-head
-scores are recorded in the decision, not applied per head (see policies.base).
+Eviction is per layer (different layers may keep different rows), or per KV
+head for head-wise policies (`adakv`, `per_head`: policies/headwise.py, stored
+by `ScopeKVCache.keep_head_tokens`, attended through engine/head_attention.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import mlx.nn as nn
 import numpy as np
 
+from kvscope.engine import head_attention
 from kvscope.engine.blocks import TokenState
 from kvscope.engine.errors import InvalidRequestError
 from kvscope.engine.events import DecisionApplied, EventBus, SessionId
@@ -33,6 +35,7 @@ from kvscope.engine.model_loading import LoadedModel
 from kvscope.engine.policies import POLICIES, make_policy
 from kvscope.engine.policies.base import Candidates, Policy, ScoreInput, layer_budgets, select
 from kvscope.engine.policies.decision import Decision, LayerDecision
+from kvscope.engine.policies.headwise import HeadwisePolicy, check_head_decision, require_uniform_rows
 from kvscope.engine.policies.quantization import check_bits, group_size_for, quantize_cache, quantized_nbytes
 from kvscope.engine.session import Session
 
@@ -68,6 +71,9 @@ def decide(
     that write their own prompt (kvzip's "repeat the context").
     """
     t0 = time.perf_counter()
+    require_uniform_rows(caches, f"compressing with {policy.name}")
+    if isinstance(policy, HeadwisePolicy):
+        head_attention.require(model)
     cands = [Candidates.of(c) for c in caches]
     if policy.evicts:
         budgets = layer_budgets([len(c) for c in cands], keep_ratio, budget_tokens, policy.name)
@@ -91,7 +97,10 @@ def decide(
     floors = [int(p.sum()) for p in protected]
     budgets = policy.allocate(budgets, scores, floors, [len(c) for c in cands])
     layers = []
-    for cand, s, b in zip(cands, scores, budgets):
+    for cand, s, b, cache in zip(cands, scores, budgets, caches):
+        if isinstance(policy, HeadwisePolicy):
+            layers.append(policy.decide_layer(cand, s, b, cache.n_kv_heads))
+            continue
         layer_score = np.nanmean(s, axis=0) if s.shape[0] and not np.isnan(s).all() else s[0]
         prot = policy.protected(cand, b)
         keep = select(layer_score, cand, prot, b)
@@ -136,10 +145,14 @@ def _check_matches(caches: list[ScopeKVCache], decision: Decision) -> None:
 def apply_decision(caches: list[ScopeKVCache], decision: Decision) -> None:
     """Evict the decision's rows (and quantize the rest if it says so). Checks first, then edits."""
     _check_matches(caches, decision)
+    check_head_decision(caches, decision.layers)
     if decision.quant_bits is not None and caches and caches[0].keys is not None:
         group_size_for(caches[0].keys.shape[-1])
     for c, layer in zip(caches, decision.layers):
-        c.evict_tokens(np.intersect1d(c.visible_tokens, layer.evicted))
+        if layer.head_kept is not None:
+            c.keep_head_tokens(layer.head_kept)
+        else:
+            c.evict_tokens(np.intersect1d(c.visible_tokens, layer.evicted))
         if decision.quant_bits is not None:
             quantize_cache(c, decision.quant_bits)
     decision.bytes_after = sum(c.nbytes for c in caches)
@@ -321,7 +334,10 @@ class AutoCompress:
 
     def validate(self) -> None:
         policy_params, _ = _split_params(self.params)
-        make_policy(self.policy, **policy_params)
+        if make_policy(self.policy, **policy_params).head_wise:
+            raise InvalidRequestError(
+                f"auto-compress with {self.policy} is refused: a head-wise cache cannot be compressed again"
+            )
         if self.trigger not in TRIGGERS:
             raise InvalidRequestError(f"auto-compress trigger must be one of {TRIGGERS}, got {self.trigger!r}")
         if self.trigger == "budget":

@@ -15,7 +15,10 @@ Invariants, per session and layer:
 - visible and masked rows point at distinct tokens of the session, each list
   ascending, and the stored K/V hold exactly that many rows;
 - `token_state()` marks masked exactly the masked rows and evicted exactly
-  the tokens without a row.
+  the tokens without a row;
+- on a head-wise compressed layer, each KV head's visible and masked tokens
+  are ascending and distinct, their unions are the layer's visible and
+  masked tokens, and the buffer holds every head's rows.
 Per prefix store: each block's hash is the chain hash of its parent and its
 tokens, parents are stored, child counts match, and only open sessions hold
 references.
@@ -34,6 +37,7 @@ import numpy as np
 from kvscope.engine.blocks import TokenState, chain_hashes
 from kvscope.engine.events import SessionId
 from kvscope.engine.generation import forward
+from kvscope.engine.kv_cache import ScopeKVCache
 from kvscope.engine.model_loading import LoadedModel
 from kvscope.engine.prefix_store import PrefixStore, StoredBlock
 from kvscope.engine.session import Session
@@ -67,8 +71,26 @@ def _layer_problems(s: Session, i: int) -> list[str]:
         out.append(f"{where}: tokens {np.intersect1d(vis, hid)[:5].tolist()} are both visible and masked")
     if c.n_rows and c.state[0].shape[2] != c.n_rows:
         out.append(f"{where}: {c.state[0].shape[2]} stored K/V rows for {c.n_rows} rows booked")
+    if c.is_headwise:
+        return out + _head_problems(c, where)
     if c.keys is not None and c.keys.shape[2] < c.n_visible:
         out.append(f"{where}: the attended buffer holds {c.keys.shape[2]} rows, fewer than {c.n_visible} visible")
+    return out
+
+
+def _head_problems(c: ScopeKVCache, where: str) -> list[str]:
+    out = []
+    for visible, union in ((True, c.visible_tokens), (False, c.masked_tokens)):
+        heads = c.head_tokens(visible)
+        name = "visible" if visible else "masked"
+        if any(len(t) and np.any(np.diff(t) <= 0) for t in heads):
+            out.append(f"{where}: a KV head's {name} rows are not ascending distinct tokens")
+        joined = np.unique(np.concatenate(heads)) if heads else np.zeros(0, np.int64)
+        if not np.array_equal(joined, union):
+            out.append(f"{where}: the KV heads' {name} rows do not add up to the layer's {name} tokens")
+    most = max((len(t) for t in c.head_tokens(True)), default=0)
+    if c.keys is not None and c.keys.shape[2] < most:
+        out.append(f"{where}: the attended buffer holds {c.keys.shape[2]} columns, fewer than a head's {most} rows")
     return out
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from kvscope.engine import head_attention
 from kvscope.engine.caches.layout import CacheLayout, detect_layout
 from kvscope.engine.caches.rope_probe import LayerRotation, probe_rotations
 from kvscope.engine.caches.support import SupportTable, Verdict, build_table
@@ -216,6 +217,7 @@ def load_model(id_or_path: str | os.PathLike[str] | None = None) -> LoadedModel:
     if dtype == "float32":
         model.set_dtype(mx.float32)
     mx.eval(model.parameters())
+    head_attention.install(model)  # head-wise compressed caches (also reopened ones) attend per head
     name = path.name if Path(target).exists() else target
     try:
         layout = detect_layout(model)

@@ -48,6 +48,10 @@ class RowStore:
     def toks(self) -> np.ndarray:
         return self.tokens[: self.n]
 
+    def token_list(self) -> np.ndarray:
+        """Tokens of the rows, ascending (as `HeadRowStore.token_list`)."""
+        return self.toks()
+
     def set(self, keys: mx.array | None, values: mx.array | None, tokens: np.ndarray) -> None:
         self.keys, self.values = keys, values
         self.tokens = np.asarray(tokens, _I64).copy()

@@ -12,6 +12,7 @@ from typing import Any
 from kvscope.engine.errors import InvalidRequestError
 from kvscope.engine.policies.base import Candidates, Policy, ScoreInput, fit_budgets, layer_budgets, select
 from kvscope.engine.policies.decision import Decision, LayerDecision
+from kvscope.engine.policies.headwise import AdaKV, HeadwisePolicy, PerHead
 from kvscope.engine.policies.layerwise import DynamicKV, PyramidKV
 from kvscope.engine.policies.quantization import Quantize
 from kvscope.engine.policies.scorers import H2O, TOVA, KeyDiff, KeyNorm, RandomPolicy, SnapKV, StreamingLLM
@@ -20,6 +21,7 @@ POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
     for cls in (StreamingLLM, H2O, SnapKV, TOVA, KeyNorm, KeyDiff, RandomPolicy, PyramidKV, DynamicKV, Quantize)
 }
+POLICIES.update({cls.name: cls for cls in (AdaKV, PerHead)})  # head-wise wrappers over the scorers above
 
 
 def make_policy(name: str, **params: Any) -> Policy:
@@ -34,6 +36,7 @@ __all__ = [
     "POLICIES",
     "Candidates",
     "Decision",
+    "HeadwisePolicy",
     "LayerDecision",
     "Policy",
     "ScoreInput",

@@ -11,9 +11,10 @@ then the best-scored rest until the layer's budget is met.
              sinks   |  scored, top-k    | recent window
              (kept)  |                   | (kept)
 
-Per-head policies score each KV head, but `ScopeKVCache` stores rows per
-layer, so the physical eviction is per layer: head scores are averaged into
-the layer score and all head scores are recorded in the decision.
+Per-head policies score each KV head; by default the eviction is per layer
+(head scores averaged into the layer score, all head scores recorded in the
+decision). Head-wise policies (`head_wise = True`, policies/headwise.py)
+choose rows per KV head instead.
 
 Knows nothing about sessions, events or files.
 """
@@ -73,6 +74,7 @@ class Policy:
     defaults: ClassVar[dict[str, Any]] = {}
     needs_attention: ClassVar[bool] = False
     evicts: ClassVar[bool] = True  # False: keeps every row (quantization only)
+    head_wise: ClassVar[bool] = False  # True: each KV head keeps its own rows (decide_layer)
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.defaults))

@@ -7,7 +7,11 @@ Promises:
   policy scores heads), with the budget and the policy's parameters;
 - `to_json` / `from_json` round-trip exactly (float32 scores survive JSON;
   non-finite scores are written as null and read back as NaN);
-- `token_scores(n)` is the `[layers, tokens]` float32 view the window draws.
+- `token_scores(n)` is the `[layers, tokens]` float32 view the window draws;
+- a head-wise decision also names, per layer and KV head, the tokens the
+  head keeps (`head_kept`) and its budget (`head_budgets`); `kept` is then
+  the union over heads and `evicted` the tokens no head keeps. Files
+  without these fields are per-layer decisions, as before.
 
 Knows nothing about mx arrays, sessions or events.
 """
@@ -49,6 +53,8 @@ class LayerDecision:
         scores: `[n]` float32 layer score (the mean over heads) used to rank.
         head_scores: `[kv_heads, n]` float32 per-head scores (1 row when the
             policy does not score heads).
+        head_kept: head-wise decisions only: per KV head, the tokens it keeps.
+        head_budgets: head-wise decisions only: `[kv_heads]` rows each head keeps.
     """
 
     budget: int
@@ -58,9 +64,28 @@ class LayerDecision:
     scored_tokens: np.ndarray
     scores: np.ndarray
     head_scores: np.ndarray
+    head_kept: list[np.ndarray] | None = None
+    head_budgets: np.ndarray | None = None
+
+    @property
+    def is_headwise(self) -> bool:
+        return self.head_kept is not None
+
+    def head_keep_mask(self, n_tokens: int) -> np.ndarray:
+        """`[kv_heads, n_tokens]` bool: which head keeps which token (one row per layer decision)."""
+        heads = self.head_kept if self.head_kept is not None else [self.kept]
+        out = np.zeros((len(heads), n_tokens), bool)
+        for h, toks in enumerate(heads):
+            out[h, toks[toks < n_tokens]] = True
+        return out
 
     def to_dict(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.head_kept is not None:
+            extra["head_kept"] = [_ints(t).tolist() for t in self.head_kept]
+            extra["head_budgets"] = _ints(self.head_budgets if self.head_budgets is not None else []).tolist()
         return {
+            **extra,
             "budget": int(self.budget),
             "kept": _ints(self.kept).tolist(),
             "evicted": _ints(self.evicted).tolist(),
@@ -74,6 +99,11 @@ class LayerDecision:
     def from_dict(cls, d: dict[str, Any]) -> LayerDecision:
         n = len(d["scored_tokens"])
         heads = [_floats_in(h) for h in d.get("head_scores", [])]
+        head_kept = d.get("head_kept")
+        if head_kept is not None and (
+            not isinstance(head_kept, list) or len(d.get("head_budgets") or []) != len(head_kept)
+        ):
+            raise ValueError("head_kept and head_budgets must be lists with one entry per KV head")
         return cls(
             budget=int(d["budget"]),
             kept=_ints(d["kept"]),
@@ -82,6 +112,8 @@ class LayerDecision:
             scored_tokens=_ints(d["scored_tokens"]),
             scores=_floats_in(d["scores"]),
             head_scores=np.stack(heads) if heads else np.zeros((0, n), np.float32),
+            head_kept=None if head_kept is None else [_ints(t) for t in head_kept],
+            head_budgets=None if head_kept is None else _ints(d["head_budgets"]),
         )
 
 
@@ -125,6 +157,19 @@ class Decision:
     def evicted_counts(self) -> tuple[int, ...]:
         return tuple(len(layer.evicted) for layer in self.layers)
 
+    @property
+    def is_headwise(self) -> bool:
+        return any(layer.is_headwise for layer in self.layers)
+
+    @property
+    def head_budgets(self) -> list[list[int]] | None:
+        """Per layer, the rows each KV head keeps (head-wise decisions), else None."""
+        if not self.is_headwise:
+            return None
+        return [
+            [int(x) for x in (layer.head_budgets if layer.head_budgets is not None else [])] for layer in self.layers
+        ]
+
     def token_scores(self, n_tokens: int) -> np.ndarray:
         """`[layers, n_tokens]` float32 layer scores; NaN where a token has none."""
         out = np.full((len(self.layers), n_tokens), np.nan, np.float32)
@@ -149,6 +194,7 @@ class Decision:
             "bytes_after": self.bytes_after,
             "quantized_bytes": self.quantized_bytes,
             "decide_ms": round(self.decide_ms, 3),
+            **({"head_budgets": self.head_budgets} if self.is_headwise else {}),
         }
 
     # ------------------------------------------------------------ files
@@ -156,7 +202,7 @@ class Decision:
         return {
             "format": "kvscope.decision",
             "version": FORMAT_VERSION,
-            **{k: v for k, v in self.summary().items() if k not in ("op", "kept", "evicted")},
+            **{k: v for k, v in self.summary().items() if k not in ("op", "kept", "evicted", "head_budgets")},
             "group_size": self.group_size,
             "session": self.session,
             "extra": self.extra,

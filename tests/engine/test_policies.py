@@ -26,7 +26,15 @@ from kvscope.engine.policies import POLICIES
 from kvscope.engine.policies.attention import window_attention
 
 EVICTING = [name for name, cls in POLICIES.items() if cls.evicts]
-SMALL = {"snapkv": {"window": 6}, "pyramidkv": {"window": 6}, "dynamickv": {"window": 6}, "h2o": {}}
+PER_LAYER = [name for name in EVICTING if not POLICIES[name].head_wise]  # head-wise: tests/engine/test_headwise.py
+SMALL = {
+    "snapkv": {"window": 6},
+    "pyramidkv": {"window": 6},
+    "dynamickv": {"window": 6},
+    "h2o": {},
+    "adakv": {"window": 6},
+    "per_head": {"window": 6},
+}
 SYSTEM = "the code of locker red is 4 2 7 . the colour of the water is blue . " * 3
 
 
@@ -57,7 +65,7 @@ def _state(eng: Engine, sid: str) -> tuple:  # type: ignore[type-arg]
     return rows, len(s.operations), s.last_decision, tuple(s.origin)
 
 
-@pytest.mark.parametrize("policy", EVICTING)
+@pytest.mark.parametrize("policy", PER_LAYER)
 def test_each_policy_keeps_exactly_its_budget(lm, policy: str) -> None:  # type: ignore[no-untyped-def]
     for kw, per_layer in (({"keep_ratio": 0.5}, 32), ({"budget_tokens": 20}, 20)):
         caches, ids = _caches(lm)
