@@ -11,7 +11,9 @@ Promises:
   greedy-decode `len(answer) + 3` tokens) and writes the same JSON lines:
   generated ids and, per layer and KV head, the kept rows as a packed bit mask;
 - `PAIRS` names, for each press both have, kvscope's policy and the
-  parameters that make it kvpress's recipe (SnapKV's 64-query window).
+  parameters that make it kvpress's recipe: a kvpress `ScorerPress` keeps
+  its top rows per KV head, so its twin is kvscope's `per_head` over the
+  same scorer (SnapKV with kvpress's 64-query window).
 
 Lines already in the output are skipped (an interrupted run resumes). Knows
 nothing about torch; the comparison and the report live in
@@ -49,15 +51,18 @@ class Pair:
 PAIRS: dict[str, Pair] = {
     p.press: p
     for p in (
-        Pair("knorm", "key_norm"),
-        Pair("snapkv", "snapkv", {"window": 64}),
+        Pair("knorm", "per_head", {"scorer": "key_norm"}),
+        Pair("snapkv", "per_head", {"scorer": "snapkv", "window": 64}),
         Pair("streaming_llm", "streaming_llm"),
-        Pair("keydiff", "keydiff"),
+        Pair("keydiff", "per_head", {"scorer": "keydiff"}),
         Pair("tova", "tova"),
-        Pair("expected_attention", "expected_attention"),
+        Pair("expected_attention", "per_head", {"scorer": "expected_attention"}),
         Pair("kvzip", "kvzip"),
         Pair("adakv_expected_attention", "adakv", {"scorer": "expected_attention"}),
-        Pair("random", "random"),
+        Pair("random", "per_head", {"scorer": "random"}),
+        # kvscope only (no kvpress twin): the layer-wise policies, every head keeping the same rows
+        Pair("kvscope:keydiff", "keydiff"),
+        Pair("kvscope:snapkv", "snapkv"),
     )
 }
 
@@ -146,35 +151,20 @@ def _done(path: Path) -> set[tuple[str, str, str, float]]:
     return keys
 
 
-def run_one(lm: LoadedModel, ep: dict[str, Any], mode: str, pair: Pair | None, keep: float) -> dict[str, Any]:
-    """One (episode, mode, press, keep ratio) on kvscope; the JSON line `tools/kvpress_runner.py` writes."""
-    from kvscope.engine.compression import compress_caches
-    from kvscope.engine.generation import prefill
-    from kvscope.engine.kv_cache import ScopeKVCache
+def _answer_record(
+    lm: LoadedModel, ep: dict[str, Any], mode: str, press: str, keep: float, caches: list[Any], masks: Any, t0: float
+) -> dict[str, Any]:
     from kvscope.lab.compression_bench import answer
 
-    prompt = list(ep["prompt_ids"])
     n_ctx = int(ep["n_ctx"][mode])
-    caches = [ScopeKVCache() for _ in range(lm.n_layers)]
-    t0 = time.perf_counter()
-    prefill(lm.model, caches, prompt[:n_ctx], PREFILL_CHUNK)
-    masks = None
-    if pair is not None:
-        params = dict(pair.params)
-        if pair.policy == "random":
-            params["seed"] = int(ep["seed"])
-        d = compress_caches(
-            caches, prompt[:n_ctx], lm.model, pair.policy, None, n_kept(n_ctx, keep), tokenizer=lm.tokenizer, **params
-        )
-        n_heads = caches[0].keys.shape[1] if caches[0].keys is not None else 1
-        masks = kept_masks(d, n_ctx, n_heads)
     n_bytes = sum(c.nbytes for c in caches)
-    gen, _, _, steps, secs = answer(lm.model, caches, prompt[n_ctx:], list(ep["answer_ids"]), set(ep["eos_ids"]))
+    rest = list(ep["prompt_ids"])[n_ctx:]
+    gen, _, _, steps, secs = answer(lm.model, caches, rest, list(ep["answer_ids"]), set(ep["eos_ids"]))
     return {
         "episode": ep["id"],
         "mode": mode,
-        "press": pair.press if pair else "full",
-        "keep": keep if pair else 1.0,
+        "press": press,
+        "keep": keep,
         "n_ctx": n_ctx,
         "generated": gen,
         "kept": None if masks is None else [[pack(h) for h in layer] for layer in masks],
@@ -183,6 +173,44 @@ def run_one(lm: LoadedModel, ep: dict[str, Any], mode: str, pair: Pair | None, k
         "decode_steps": int(steps),
         "decode_s": float(secs),
     }
+
+
+def run_episode(
+    lm: LoadedModel, ep: dict[str, Any], mode: str, pairs: list[Pair], ratios: list[float], skip: set[tuple[str, float]]
+) -> list[dict[str, Any]]:
+    """Every (press, keep) of one episode and mode not in `skip`, as `tools/kvpress_runner.py` runs them:
+    one prefill, one scoring pass per press, one decision per keep ratio (on a copy)."""
+    from kvscope.engine.compression import compress_caches, score_caches
+    from kvscope.engine.generation import prefill
+    from kvscope.engine.kv_cache import ScopeKVCache
+
+    prompt = list(ep["prompt_ids"])
+    n_ctx = int(ep["n_ctx"][mode])
+    t0 = time.perf_counter()
+    base = [ScopeKVCache() for _ in range(lm.n_layers)]
+    prefill(lm.model, base, prompt[:n_ctx], PREFILL_CHUNK)
+    out = []
+    if ("full", 1.0) not in skip:
+        out.append(_answer_record(lm, ep, mode, "full", 1.0, [c.copy() for c in base], None, t0))
+    n_heads = base[0].n_kv_heads
+    for pair in pairs:
+        todo = [k for k in ratios if (pair.press, k) not in skip]
+        if not todo:
+            continue
+        t0 = time.perf_counter()
+        params = dict(pair.params)
+        if "random" in (pair.policy, params.get("scorer")):
+            params["seed"] = int(ep["seed"])
+        scores = score_caches(pair.policy, base, prompt[:n_ctx], lm.model, lm.tokenizer, **params)
+        for keep in todo:
+            caches = [c.copy() for c in base]
+            d = compress_caches(
+                caches, prompt[:n_ctx], lm.model, pair.policy, None, n_kept(n_ctx, keep), scores, lm.tokenizer, **params
+            )
+            masks = kept_masks(d, n_ctx, n_heads)
+            out.append(_answer_record(lm, ep, mode, pair.press, keep, caches, masks, t0))
+            t0 = time.perf_counter()
+    return out
 
 
 def run_kvscope(
@@ -194,23 +222,24 @@ def run_kvscope(
     modes: Iterable[str] = MODES,
     max_episodes: int | None = None,
     masks_for: int = 10,
+    shard: tuple[int, int] = (0, 1),
     progress: Callable[[str], None] = lambda s: None,
 ) -> None:
     """Every (episode, mode, press, ratio) not yet in `out`, appended as JSON lines."""
     pairs = [PAIRS[p] for p in presses]
     done = _done(out)
-    variants: list[tuple[Pair | None, float]] = [(None, 1.0)] + [(p, float(k)) for p in pairs for k in ratios]
+    ratios = [float(k) for k in ratios]
     with out.open("a") as f:
         for ep in episodes["episodes"]:
             if max_episodes is not None and ep["index"] >= max_episodes:
                 continue
+            if ep["index"] % shard[1] != shard[0]:
+                continue
             for mode in modes:
-                for pair, keep in variants:
-                    if (ep["id"], mode, pair.press if pair else "full", keep) in done:
-                        continue
-                    r = run_one(lm, ep, mode, pair, keep)
+                skip = {(p, k) for (e, m, p, k) in done if e == ep["id"] and m == mode}
+                for r in run_episode(lm, ep, mode, pairs, ratios, skip):
                     if ep["index"] >= masks_for:
                         r["kept"] = None
                     f.write(json.dumps(r) + "\n")
-                    f.flush()
+                f.flush()
             progress(f"kvscope: episode {ep['id']} done")
