@@ -151,15 +151,38 @@ def _done(path: Path) -> set[tuple[str, str, str, float]]:
     return keys
 
 
+def greedy(
+    model: Any, caches: list[Any], rest: list[int], n_steps: int, eos: set[int]
+) -> tuple[list[int], int, float]:
+    """Feed `rest`, then greedy-decode up to `n_steps` tokens (stop at end-of-turn), as the
+    kvpress runner does. Returns (tokens, decode steps timed, their seconds)."""
+    import mlx.core as mx
+
+    from kvscope.engine.generation import forward
+
+    logits = forward(model, rest, caches)
+    generated: list[int] = []
+    steps, secs = 0, 0.0
+    while True:
+        token = int(mx.argmax(logits[0, -1]).item())
+        generated.append(token)
+        if token in eos or len(generated) == n_steps:
+            return generated, steps, secs
+        t0 = time.perf_counter()
+        logits = forward(model, [token], caches)
+        mx.eval(logits)
+        secs += time.perf_counter() - t0
+        steps += 1
+
+
 def _answer_record(
     lm: LoadedModel, ep: dict[str, Any], mode: str, press: str, keep: float, caches: list[Any], masks: Any, t0: float
 ) -> dict[str, Any]:
-    from kvscope.lab.compression_bench import answer
-
     n_ctx = int(ep["n_ctx"][mode])
     n_bytes = sum(c.nbytes for c in caches)
     rest = list(ep["prompt_ids"])[n_ctx:]
-    gen, _, _, steps, secs = answer(lm.model, caches, rest, list(ep["answer_ids"]), set(ep["eos_ids"]))
+    n_steps = len(ep["answer_ids"]) + EXTRA_DECODE_TOKENS
+    gen, steps, secs = greedy(lm.model, caches, rest, n_steps, set(ep["eos_ids"]))
     return {
         "episode": ep["id"],
         "mode": mode,

@@ -244,9 +244,8 @@ def run_kvzip(model: Any, ep: dict[str, Any], mode: str, ratios: list[float]) ->
     """KVzipPress through its own context manager (prefill + context reconstruction) at the
     first ratio; its scores (`score_val`, ratio-independent) then serve the other ratios
     through its own `compress_post`."""
-    from transformers import DynamicCache
-
     import kvpress
+    from transformers import DynamicCache
 
     prompt = ep["prompt_ids"]
     n_ctx = int(ep["n_ctx"][mode])
@@ -311,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-episodes", type=int, default=None, help="per (context, depth) cell")
     p.add_argument("--masks-for", type=int, default=10, help="record kept masks for episodes with index < N")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--shard", default="0/1", help="i/n: run the episodes whose index %% n == i")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     data = json.loads(Path(a.episodes).read_text())
@@ -322,7 +322,12 @@ def main(argv: list[str] | None = None) -> int:
         for line in out_path.read_text().splitlines():
             r = json.loads(line)
             done.add((r["episode"], r["mode"], r["press"], r["keep"]))
-    episodes = [e for e in data["episodes"] if a.max_episodes is None or e["index"] < a.max_episodes]
+    i, n = (int(x) for x in a.shard.split("/"))
+    episodes = [
+        e
+        for e in data["episodes"]
+        if (a.max_episodes is None or e["index"] < a.max_episodes) and e["index"] % n == i
+    ]
     with out_path.open("a") as f:
         for ep in episodes:
             for mode in a.modes:
