@@ -16,6 +16,7 @@ from kvscope.app.common import add_model_arg, start_engine
 from kvscope.engine import Engine, InvalidRequestError, SamplingParams
 from kvscope.engine.events import SessionId
 from kvscope.engine.segment_file import inspect_segment
+from kvscope.engine.splicing import SpliceOptions
 
 
 class _Op(argparse.Action):
@@ -117,7 +118,7 @@ def _apply(eng: Engine, sid: SessionId, name: str, value: Any, seam: int) -> Non
         _report(name, eng.compact(sid, *span(rng), summary=summary or None))
     elif name == "splice_file":
         path, _, at = value.partition("@")
-        _report(name, eng.splice_file(sid, path, int(at) if at else None, seam))
+        _report(name, eng.splice_file(sid, path, SpliceOptions(at=int(at) if at else None, seam_repair=seam)))
     elif name == "save_segment":
         rng, _, path = value.partition("=")
         if not path:
@@ -179,6 +180,8 @@ def run_segment_load(args: argparse.Namespace) -> int:
     sid = _chat_with_system(eng, args.system)
     if args.text:
         eng.append_message(sid, "user", args.text)
-    _report("splice", eng.splice_file(sid, args.file, args.at, args.seam_repair, args.prompt))
+    _report(
+        "splice", eng.splice_file(sid, args.file, SpliceOptions(at=args.at, seam_repair=args.seam_repair), args.prompt)
+    )
     _ask(eng, sid, args.ask)
     return 0

@@ -20,6 +20,7 @@ import time
 
 from _common import med, model_arg, resolve_model
 from kvscope.engine import Engine, SamplingParams
+from kvscope.engine.splicing import SpliceOptions
 from kvscope.engine.tasks import make_episodes
 
 VARIANTS = ("full", "splice", "splice+repair16", "no-rope")
@@ -50,9 +51,9 @@ def _ttft_splice(eng: Engine, ep, library: str, variant: str, params: SamplingPa
         library,
         0,
         n,
-        seam_repair=16 if variant == "splice+repair16" else 0,
-        reposition=variant != "no-rope",
-        message=dict(notes),
+        SpliceOptions(
+            seam_repair=16 if variant == "splice+repair16" else 0, reposition=variant != "no-rope", message=dict(notes)
+        ),
     )
     t1 = time.perf_counter()
     eng.append_message(sid, ack["role"], ack["content"])

@@ -18,8 +18,10 @@ from kvscope.engine.errors import (  # noqa: E402
 )
 from kvscope.engine.generation import SamplingParams  # noqa: E402
 from kvscope.engine.model_loading import LoadedModel, demo_model_path, load_model  # noqa: E402
+from kvscope.engine.splicing import SpliceOptions  # noqa: E402
 
 __all__ = [
+    "SpliceOptions",
     "CancelledError",
     "Engine",
     "EngineConfig",

@@ -8,7 +8,7 @@ Promises:
   expands to nothing);
 - the extracted folder is read with `session_file.read_session`, so an
   archive is checked exactly like a saved session;
-- writing goes to a temporary file renamed into place; a failure removes the
+- writing goes through `atomic_io.atomic_write`; a failure removes the
   temporary file and says why (a failing clean-up never hides the reason).
 
 Knows nothing about the engine; the caller assigns a fresh id.
@@ -16,15 +16,15 @@ Knows nothing about the engine; the caller assigns a fresh id.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import stat
 import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
+from kvscope.engine.atomic_io import atomic_write
 from kvscope.engine.bounded_io import MAX_JSON_BYTES, describe, open_regular
 from kvscope.engine.errors import InvalidRequestError, SegmentFileError
 from kvscope.engine.model_limits import ModelLimits
@@ -40,22 +40,17 @@ def write_archive(s: Session, fingerprint: str, model_name: str, path: str | os.
     """Write `s` as a `.kvsession` zip at `path` (atomically)."""
     out = Path(path)
     try:
-        if out.exists() and not stat.S_ISREG(out.stat().st_mode):
-            raise InvalidRequestError(f"cannot write {out}: it exists and is not a regular file")
-        tmp_zip = out.with_name(out.name + ".tmp")
-    except (OSError, ValueError) as exc:
-        raise InvalidRequestError(f"cannot write {path!r}: {getattr(exc, 'strerror', None) or exc}") from exc
-    try:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "session"
             write_session_folder(folder, s, fingerprint, model_name)
-            with zipfile.ZipFile(tmp_zip, "w", zipfile.ZIP_DEFLATED) as zf:
-                for f in sorted(folder.iterdir()):
-                    zf.write(f, f.name)
-            os.replace(tmp_zip, out)
+
+            def fill(fh: BinaryIO) -> None:
+                with zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED) as zf:
+                    for f in sorted(folder.iterdir()):
+                        zf.write(f, f.name)
+
+            atomic_write(out, fill)
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
-        with contextlib.suppress(OSError, ValueError):
-            tmp_zip.unlink(missing_ok=True)
         raise InvalidRequestError(f"cannot write {path!r}: {getattr(exc, 'strerror', None) or exc}") from exc
     return out
 

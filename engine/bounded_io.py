@@ -169,3 +169,16 @@ def loads_json(data: bytes | str, what: str, max_bytes: int = MAX_JSON_BYTES, ma
         raise SegmentFileError(f"{what} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
     except (ValueError, RecursionError) as exc:
         raise SegmentFileError(f"{what} is refused: {exc}") from exc
+
+
+def check_fields(doc: dict[str, Any], fields: dict[str, type], where: str) -> None:
+    """Every key of `fields` is in `doc` with that JSON type (an int is never a bool), or `SegmentFileError`.
+
+    `where` names the document for the message ("session s1: session.json").
+    """
+    for key, typ in fields.items():
+        if key not in doc:
+            raise SegmentFileError(f"{where} is missing {key!r}")
+        value = doc[key]
+        if not isinstance(value, typ) or (typ in (int, float) and isinstance(value, bool)):
+            raise SegmentFileError(f"{where}: field {key!r} has the wrong type ({type(value).__name__})")

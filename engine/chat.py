@@ -22,10 +22,15 @@ def _has_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def render(tokenizer: Any, messages: Messages, add_generation_prompt: bool = True) -> str:
-    """The chat as template text."""
+def render(
+    tokenizer: Any, messages: Messages, add_generation_prompt: bool = True, tools: list[Any] | None = None
+) -> str:
+    """The chat as template text (with `tools`, the template's tool section too)."""
     if _has_template(tokenizer):
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        extra = {"tools": tools} if tools else {}
+        text = tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=add_generation_prompt, tokenize=False, **extra
+        )
         return str(text)
     parts = [f"{m['role']}: {m['content']}\n" for m in messages]
     if add_generation_prompt:
@@ -46,6 +51,17 @@ def first_turn_ids(tokenizer: Any, messages: Messages) -> list[int]:
     if _has_template(tokenizer):
         return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
     return encode(tokenizer, render(tokenizer, messages), special=True)
+
+
+def continued_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """Ids of one user message left open (`continue_final_message`), as mlx-lm's `cache_prompt` writes them."""
+    if getattr(tokenizer, "has_chat_template", False) or _has_template(tokenizer):
+        return _ids(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=False, continue_final_message=True
+            )
+        )
+    return encode(tokenizer, prompt, special=True)
 
 
 def encode(tokenizer: Any, text: str, special: bool = False) -> list[int]:

@@ -29,7 +29,7 @@ import numpy as np
 from kvscope.engine import head_attention
 from kvscope.engine.blocks import TokenState
 from kvscope.engine.errors import InvalidRequestError
-from kvscope.engine.events import DecisionApplied, EventBus, SessionId
+from kvscope.engine.events import DecisionApplied, EventBus
 from kvscope.engine.kv_cache import ScopeKVCache
 from kvscope.engine.model_loading import LoadedModel
 from kvscope.engine.policies import POLICIES, make_policy
@@ -45,11 +45,10 @@ __all__ = [
     "Decision",
     "apply_decision",
     "compress_caches",
-    "compress_session",
+    "compress_loaded",
     "decide",
-    "maybe_compress",
     "maybe_compress_session",
-    "replay_decision",
+    "replay_on",
 ]
 
 
@@ -238,7 +237,25 @@ def compress_loaded(
     budget_tokens: int | None = None,
     **params: Any,
 ) -> Decision:
-    """`compress_session` for callers that hold the session, model and bus."""
+    """Compress a session's cache with `policy` to a keep ratio or a per-layer token budget.
+
+    Args:
+        session / lm / bus: the session, its model, where the event goes.
+        policy: a name from `POLICIES`.
+        keep_ratio: fraction of each layer's visible rows to keep, in (0, 1].
+        budget_tokens: visible rows to keep per layer (layer-wise policies
+            keep this many on average).
+        params: the policy's parameters, plus `quant_bits` (8 or 4) to
+            quantize the kept rows.
+
+    Returns:
+        The applied decision (also in `session.last_decision`).
+
+    Raises:
+        InvalidRequestError: unknown policy or parameter, impossible budget.
+        (`Engine.compress` runs this as a transaction: the session is then
+        unchanged.)
+    """
     session.require_idle("compressing")
     return _compress(session, lm, bus, policy, keep_ratio, budget_tokens, **params)
 
@@ -263,42 +280,11 @@ def _compress(
     return decision
 
 
-def compress_session(
-    engine: Any,
-    sid: SessionId,
-    policy: str,
-    keep_ratio: float | None = None,
-    budget_tokens: int | None = None,
-    **params: Any,
-) -> Decision:
-    """Compress a session's cache with `policy` to a keep ratio or a per-layer token budget.
-
-    Args:
-        engine: the `Engine` holding the session.
-        sid: the session.
-        policy: a name from `POLICIES`.
-        keep_ratio: fraction of each layer's visible rows to keep, in (0, 1].
-        budget_tokens: visible rows to keep per layer (layer-wise policies
-            keep this many on average).
-        params: the policy's parameters, plus `quant_bits` (8 or 4) to
-            quantize the kept rows.
-
-    Returns:
-        The applied decision (also in `session.last_decision`).
-
-    Raises:
-        InvalidRequestError: unknown policy or parameter, impossible budget;
-            the session is then unchanged.
-    """
-    return compress_loaded(engine.session(sid), engine.model, engine.bus, policy, keep_ratio, budget_tokens, **params)
-
-
-def replay_decision(engine: Any, sid: SessionId, decision: Decision) -> None:
+def replay_on(session: Session, bus: EventBus, decision: Decision) -> None:
     """Apply a recorded decision's kept rows to a session holding the same cache."""
-    session = engine.session(sid)
     session.require_idle("replaying a decision")
     apply_decision(session.caches, decision)
-    _record(session, engine.bus, decision, replay=True)
+    _record(session, bus, decision, replay=True)
 
 
 # ---------------------------------------------------------------- automatic
@@ -314,7 +300,7 @@ class AutoCompress:
     keeps the cache at a fixed size instead.
 
     Attributes:
-        policy / keep_ratio / budget_tokens / params: as `compress_session`.
+        policy / keep_ratio / budget_tokens / params: as `compress_loaded`.
         trigger: "prefill" compresses at the end of every prefill; "budget"
             compresses (after a prefill or at the end of a turn) once a
             layer holds more than `trigger_tokens` visible rows.
@@ -357,11 +343,11 @@ class AutoCompress:
         return not (self.budget_tokens is not None and most <= self.budget_tokens)
 
 
-def set_auto_compress(target: Any, setting: AutoCompress | None) -> None:
-    """Store a validated setting on a session or an engine (`.auto_compress`)."""
+def checked_auto_compress(setting: AutoCompress | None) -> AutoCompress | None:
+    """`setting`, validated (unknown policy or parameter, impossible trigger: `InvalidRequestError`)."""
     if setting is not None:
         setting.validate()
-    target.auto_compress = setting
+    return setting
 
 
 def maybe_compress_session(session: Session, lm: LoadedModel, bus: EventBus, when: str) -> Decision | None:
@@ -371,11 +357,3 @@ def maybe_compress_session(session: Session, lm: LoadedModel, bus: EventBus, whe
         return None
     # Called from inside the turn (the session is marked generating): no busy check.
     return _compress(session, lm, bus, setting.policy, setting.keep_ratio, setting.budget_tokens, **setting.params)
-
-
-def maybe_compress(engine: Any, sid: SessionId, when: str) -> Decision | None:
-    """`maybe_compress_session` by session id; falls back to `engine.auto_compress`."""
-    session = engine.session(sid)
-    if getattr(session, "auto_compress", None) is None and getattr(engine, "auto_compress", None) is not None:
-        session.auto_compress = engine.auto_compress  # type: ignore[attr-defined]
-    return maybe_compress_session(session, engine.model, engine.bus, when)

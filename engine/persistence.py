@@ -44,6 +44,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from kvscope.engine.atomic_io import atomic_write
 from kvscope.engine.bounded_io import MAX_JSON_BYTES, loads_json, read_regular
 from kvscope.engine.errors import InvalidRequestError, KVScopeError
 from kvscope.engine.events import SessionId
@@ -72,25 +73,6 @@ def check_session_id(sid: object) -> SessionId:
             f"{str(sid)[:80]!r} is not a session id: ids are letters, digits, '-' and '_' (like s1), never paths"
         )
     return SessionId(sid)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _cache_bytes(s: Session) -> tuple[bytes, str]:
@@ -143,9 +125,9 @@ def write_session_folder(folder: Path, s: Session, fingerprint: str, model_name:
     data, sha = _cache_bytes(s)
     cache_name = f"cache-{sha[:12]}.safetensors"
     if not (folder / cache_name).exists():
-        _atomic_write(folder / cache_name, data)
+        atomic_write(folder / cache_name, data)
     doc = session_doc(s, fingerprint, model_name, cache_name, sha)
-    _atomic_write(folder / "session.json", json.dumps(doc, default=_jsonable, allow_nan=False).encode())
+    atomic_write(folder / "session.json", json.dumps(doc, default=_jsonable, allow_nan=False).encode())
     for old in folder.glob("cache-*.safetensors"):
         if old.name != cache_name:
             old.unlink(missing_ok=True)

@@ -27,9 +27,11 @@ from kvscope.engine import turns
 from kvscope.engine.errors import InvalidRequestError
 from kvscope.engine.events import SessionId
 from kvscope.engine.generation import SamplingParams
+from kvscope.engine.session import Session
 
 if TYPE_CHECKING:
     from kvscope.engine.engine import Engine
+    from kvscope.engine.parts import EngineParts
 
 # The memory budget is checked for the prompt plus at most this many answer
 # tokens: a request without max_tokens may run to the context limit, and
@@ -57,7 +59,7 @@ def run_prompt(
     transcript_text: str,
     cancelled: Callable[[], bool],
 ) -> turns.TurnResult:
-    """Generate the answer to `prompt_ids` on the empty session `sid`.
+    """Generate the answer to `prompt_ids` on the empty session `sid` (`Engine.run_prompt`).
 
     Args:
         messages: what the session shows as its chat (the answer is appended).
@@ -70,47 +72,22 @@ def run_prompt(
         CancelledError: cancelled during prefill (the session stays empty).
         MemoryBudgetError: the prompt and answer do not fit the memory budget.
     """
-    result: turns.TurnResult = eng._guard(  # errors come out as EngineError events, as for every engine call
-        sid, lambda: _run(eng, sid, prompt_ids, params, messages, transcript_text, cancelled)
-    )
-    return result
+    prompt = turns.PromptTokens(list(prompt_ids), 0, [dict(m) for m in messages], transcript_text)
+    return eng.run_prompt(sid, prompt, params, cancelled)
 
 
-def _run(
-    eng: Engine,
-    sid: SessionId,
-    prompt_ids: list[int],
-    params: SamplingParams,
-    messages: list[dict[str, str]],
-    transcript_text: str,
-    cancelled: Callable[[], bool],
+def run_on_empty(
+    s: Session, ctx: turns.TurnContext, prompt: turns.PromptTokens, params: SamplingParams, parts: EngineParts
 ) -> turns.TurnResult:
-    s = eng.session(sid)
-    s.require_idle("starting a request")
+    """The body of `Engine.run_prompt`: checks, the memory budget, then the shared turn code."""
     if s.n_tokens:
         raise InvalidRequestError(f"session {s.name} is not empty: a prompt turn needs a fresh session")
-    if not prompt_ids:
+    if not prompt.new_tokens:
         raise InvalidRequestError("empty prompt")
     params.validate()
-    lm, store = eng.model, eng.store
-    assert store is not None
-    eng.ensure_budget(len(prompt_ids) + min(params.max_tokens, BUDGET_ANSWER_TOKENS), "this request")
+    parts.reserve_tokens(len(prompt.new_tokens) + min(params.max_tokens, BUDGET_ANSWER_TOKENS), "this request")
     s.generating = True
     try:
-        result = turns.turn_on_tokens(
-            s,
-            lm,
-            store,
-            eng.bus,
-            list(prompt_ids),
-            0,
-            [dict(m) for m in messages],
-            transcript_text,
-            params,
-            eng.config.prefill_chunk,
-            cancelled,
-        )
+        return turns.turn_on_tokens(s, ctx, prompt, params)
     finally:
         s.generating = False
-    eng.persist(sid)
-    return result

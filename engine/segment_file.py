@@ -22,7 +22,6 @@ Knows nothing about sessions; returns `Segment`s.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -34,7 +33,9 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from kvscope.engine.bounded_io import loads_json
+from kvscope.engine import chat
+from kvscope.engine.atomic_io import atomic_write
+from kvscope.engine.bounded_io import check_fields, loads_json
 from kvscope.engine.errors import InvalidRequestError, SegmentFileError
 from kvscope.engine.model_limits import MAX_POSITION, ModelLimits, limits_of
 from kvscope.engine.model_loading import LoadedModel
@@ -150,16 +151,9 @@ def write_segment(lm: LoadedModel, seg: Segment, path: str | os.PathLike[str]) -
     manifest["sha256"] = _digest(ordered, manifest)
     meta["0.kvscope"] = json.dumps(manifest)
     data = save(arrays, metadata=meta)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, data)
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
-        with contextlib.suppress(OSError, ValueError):  # a failing cleanup must not hide the real reason
-            tmp.unlink(missing_ok=True)
         raise SegmentFileError(f"cannot write segment to {path}: {getattr(exc, 'strerror', None) or exc}") from exc
     return path
 
@@ -176,11 +170,7 @@ def _manifest(f: SafetensorsFile) -> dict[str, Any]:
     man = loads_json(meta["0.kvscope"], f"{fname}: the kvscope manifest")
     if not isinstance(man, dict):
         raise SegmentFileError(f"{fname}: the kvscope manifest is not a JSON object")
-    for key, typ in _FIELDS.items():
-        if key not in man:
-            raise SegmentFileError(f"{fname}: the manifest is missing {key!r}")
-        if not isinstance(man[key], typ) or isinstance(man[key], bool):
-            raise SegmentFileError(f"{fname}: manifest field {key!r} has the wrong type ({type(man[key]).__name__})")
+    check_fields(man, _FIELDS, f"{fname}: the manifest")
     if man["format"] != FORMAT:
         raise SegmentFileError(f"{fname}: format is {man['format'][:40]!r}, expected {FORMAT!r}")
     if man["version"] not in READABLE_VERSIONS:
@@ -348,17 +338,6 @@ def read_mlx_prompt_cache(
         return _mlx_prompt_cache(f, lm, prompt, str(path), reserve)
 
 
-def _prompt_ids(lm: LoadedModel, prompt: str) -> list[int]:
-    tok = lm.tokenizer
-    if getattr(tok, "has_chat_template", False):
-        ids = tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=False, continue_final_message=True
-        )
-    else:
-        ids = tok.encode(prompt)
-    return [int(t) for t in (ids["input_ids"] if isinstance(ids, dict) else ids)]
-
-
 def _mlx_prompt_cache(
     f: SafetensorsFile, lm: LoadedModel, prompt: str, source: str, reserve: Callable[[int], None] | None
 ) -> Segment:
@@ -375,7 +354,7 @@ def _mlx_prompt_cache(
     if len(offsets) != 1:
         raise SegmentFileError(f"{fname}: layers disagree on the cached length ({sorted(offsets)[:4]})")
     n = offsets.pop()
-    ids = _prompt_ids(lm, prompt)
+    ids = chat.continued_ids(lm.tokenizer, prompt)
     if len(ids) != n or n == 0:
         raise SegmentFileError(
             f"{fname} caches {n} tokens but the given prompt has {len(ids)}: pass the exact prompt it was made from"

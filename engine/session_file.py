@@ -31,7 +31,7 @@ import mlx.core as mx
 import numpy as np
 
 from kvscope.engine.blocks import TokenState
-from kvscope.engine.bounded_io import MAX_JSON_BYTES, loads_json, open_regular, read_regular
+from kvscope.engine.bounded_io import MAX_JSON_BYTES, check_fields, loads_json, open_regular, read_regular
 from kvscope.engine.errors import SegmentFileError
 from kvscope.engine.events import SessionId
 from kvscope.engine.kv_cache import ScopeKVCache
@@ -69,11 +69,7 @@ def check_doc(name: str, doc: Any) -> dict[str, Any]:
     """Structure and types of a session.json (no model needed); returns it."""
     if not isinstance(doc, dict):
         raise SegmentFileError(f"session {name}: session.json is not a JSON object")
-    for key, typ in _DOC_FIELDS.items():
-        if key not in doc:
-            raise SegmentFileError(f"session {name}: session.json is missing {key!r}")
-        if not isinstance(doc[key], typ) or (typ is int and isinstance(doc[key], bool)):
-            raise SegmentFileError(f"session {name}: field {key!r} has the wrong type ({type(doc[key]).__name__})")
+    check_fields(doc, _DOC_FIELDS, f"session {name}: session.json")
     if doc["format"] != FORMAT or doc["version"] != VERSION:
         raise SegmentFileError(
             f"session {name}: format {doc['format'][:40]!r} v{doc['version']} is not {FORMAT} v{VERSION}"

@@ -18,6 +18,8 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+from kvscope.engine.atomic_io import atomic_write
+from kvscope.engine.errors import InvalidRequestError
 from kvscope.engine.events import (
     Event,
     GenerationFinished,
@@ -168,10 +170,12 @@ def write_trace(events: list[Event], path: str | os.PathLike[str], names: dict[s
     """Write `{"traceEvents": [...]}` atomically; returns the path written."""
     path = Path(path)
     doc = {"traceEvents": trace_events(events, names), "displayTimeUnit": "ms"}
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(doc, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, json.dumps(doc).encode())
+
+
+def write_trace_checked(events: list[Event], path: str | os.PathLike[str], names: dict[str, str]) -> Path:
+    """`write_trace`, with a failure to write said as an `InvalidRequestError` naming the path."""
+    try:
+        return write_trace(events, path, names)
+    except OSError as exc:
+        raise InvalidRequestError(f"cannot write trace to {path}: {exc.strerror or exc}") from exc

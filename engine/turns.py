@@ -36,6 +36,28 @@ from kvscope.engine.session import Session, TurnStats
 
 
 @dataclass(frozen=True)
+class TurnContext:
+    """Where a turn runs: the model, the prefix store, the event bus, prefill chunking, the cancel poll."""
+
+    lm: LoadedModel
+    store: PrefixStore
+    bus: EventBus
+    chunk_size: int
+    cancelled: Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """What a turn feeds: keep the session's first `keep` tokens, add `new_tokens`;
+    the session then shows `messages` over `transcript_text` (+ the answer)."""
+
+    new_tokens: list[int]
+    keep: int
+    messages: chat.Messages
+    transcript_text: str
+
+
+@dataclass(frozen=True)
 class TurnResult:
     text: str
     token_ids: list[int]
@@ -99,47 +121,25 @@ def share_prefix(session: Session, store: PrefixStore, lm: LoadedModel) -> None:
     store.insert(session.tokens[:n], keys, values, session.id)  # type: ignore[arg-type]
 
 
-def run_turn(
-    session: Session,
-    lm: LoadedModel,
-    store: PrefixStore,
-    bus: EventBus,
-    user_text: str,
-    params: SamplingParams,
-    chunk_size: int,
-    cancelled: Callable[[], bool],
-) -> TurnResult:
+def run_turn(session: Session, ctx: TurnContext, user_text: str, params: SamplingParams) -> TurnResult:
     """Add a user message, generate the answer, keep the cache."""
     if not user_text.strip():
         raise InvalidRequestError("empty prompt: type a message first")
     params.validate()
     messages = session.messages + [{"role": "user", "content": user_text}]
-    new_tokens, keep = plan_prompt(session, lm, messages)
-    transcript = chat.render(lm.tokenizer, messages)
-    return turn_on_tokens(
-        session, lm, store, bus, new_tokens, keep, messages, transcript, params, chunk_size, cancelled
-    )
+    new_tokens, keep = plan_prompt(session, ctx.lm, messages)
+    transcript = chat.render(ctx.lm.tokenizer, messages)
+    return turn_on_tokens(session, ctx, PromptTokens(new_tokens, keep, messages, transcript), params)
 
 
-def turn_on_tokens(
-    session: Session,
-    lm: LoadedModel,
-    store: PrefixStore,
-    bus: EventBus,
-    new_tokens: list[int],
-    keep: int,
-    messages: chat.Messages,
-    transcript_text: str,
-    params: SamplingParams,
-    chunk_size: int,
-    cancelled: Callable[[], bool],
-) -> TurnResult:
-    """Keep the session's first `keep` tokens, add `new_tokens` (prefix-store hits first), generate.
+def turn_on_tokens(session: Session, ctx: TurnContext, prompt: PromptTokens, params: SamplingParams) -> TurnResult:
+    """Keep the session's first `prompt.keep` tokens, add `prompt.new_tokens` (prefix-store hits first), generate.
 
     The shared body of a chat turn (`run_turn`) and of a turn from ready-made
-    prompt ids (`prompt_turn.run_prompt`, what a server request is): after
-    it the session shows `messages` (+ the answer) over `transcript_text`.
+    prompt ids (`prompt_turn.run_prompt`, what a server request is).
     """
+    lm, store, bus = ctx.lm, ctx.store, ctx.bus
+    new_tokens, keep = prompt.new_tokens, prompt.keep
     before = (session.n_tokens, session.transcript_text, len(session.messages))
     t_start = time.perf_counter()
     session.trim_to(keep)
@@ -160,15 +160,15 @@ def turn_on_tokens(
 
     session.append_tokens(to_prefill[:-1])
     try:
-        prefill(lm.model, session.caches, to_prefill[:-1], chunk_size, cancelled, on_chunk)
+        prefill(lm.model, session.caches, to_prefill[:-1], ctx.chunk_size, ctx.cancelled, on_chunk)
         maybe_compress_session(session, lm, bus, "prefill")
     except BaseException:
         _roll_back(session, store, *before)
         raise
     session.append_tokens(to_prefill[-1:])
-    session.messages = messages
-    session.transcript_text = transcript_text
-    return _generate(session, lm, store, bus, to_prefill[-1], params, stats, t_start, cancelled)
+    session.messages = prompt.messages
+    session.transcript_text = prompt.transcript_text
+    return _generate(session, ctx, to_prefill[-1], params, stats, t_start)
 
 
 def _roll_back(session: Session, store: PrefixStore, n_tokens: int, transcript: str, n_messages: int) -> None:
@@ -212,17 +212,10 @@ class _Answer:
 
 
 def _generate(
-    session: Session,
-    lm: LoadedModel,
-    store: PrefixStore,
-    bus: EventBus,
-    last_token: int,
-    params: SamplingParams,
-    stats: TurnStats,
-    t_start: float,
-    cancelled: Callable[[], bool],
+    session: Session, ctx: TurnContext, last_token: int, params: SamplingParams, stats: TurnStats, t_start: float
 ) -> TurnResult:
-    ans = _Answer(session, lm, params, cancelled)
+    lm, store, bus = ctx.lm, ctx.store, ctx.bus
+    ans = _Answer(session, lm, params, ctx.cancelled)
     detok = lm.tokenizer.detokenizer  # streaming: keeps the spaces SentencePiece drops per token
     detok.reset()
     t_first = t_last = time.perf_counter()

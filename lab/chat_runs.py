@@ -27,6 +27,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from kvscope.engine import chat
 from kvscope.engine.kv_cache import ScopeKVCache
 from kvscope.engine.model_loading import LoadedModel
 
@@ -43,8 +44,7 @@ class RenderedChat:
 
 
 def _encode(tok: Any, messages: Messages, generation_prompt: bool) -> list[int]:
-    text = tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
-    return list(tok.encode(str(text), add_special_tokens=False))
+    return chat.encode(tok, chat.render(tok, messages, generation_prompt))
 
 
 def render_chat(tok: Any, messages: Messages, generation_prompt: bool = True) -> RenderedChat:

@@ -28,6 +28,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from kvscope.engine import chat
 from kvscope.engine.compression import compress_caches, score_caches
 from kvscope.engine.generation import prefill
 from kvscope.engine.kv_cache import ScopeKVCache
@@ -145,8 +146,7 @@ def answer(
 def _context_len(tok: Any, episode: Any, prompt: list[int], mode: str) -> int:
     if mode == "question":
         return len(prompt) - 1
-    head = tok.apply_chat_template(list(episode.messages[:-1]), add_generation_prompt=False, tokenize=False)
-    ids = tok.encode(str(head), add_special_tokens=False)
+    ids = chat.encode(tok, chat.render(tok, list(episode.messages[:-1]), add_generation_prompt=False))
     n = 0
     for a, b in zip(ids, prompt):
         if a != b:

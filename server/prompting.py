@@ -45,9 +45,7 @@ def build_prompt(lm: LoadedModel, req: ParsedRequest) -> Prompt:
         messages = [dict(m) for m in req.messages]
         try:
             if req.tools:
-                text = str(
-                    tok.apply_chat_template(messages, tools=list(req.tools), add_generation_prompt=True, tokenize=False)
-                )
+                text = chat.render(tok, messages, tools=list(req.tools))
                 ids = chat.encode(tok, text)  # the template text carries its own special tokens
             else:
                 text = chat.render(tok, messages)

@@ -33,6 +33,7 @@ from kvscope.engine.events import TokenSampled
 from kvscope.engine.fidelity import measure
 from kvscope.engine.invariants import check_sessions, logits_vs_recompute
 from kvscope.engine.policies import POLICIES
+from kvscope.engine.splicing import SpliceOptions
 
 EXACT_ATOL = 2e-4  # float32 logits of a 2-layer model: chunking changes sums at ~1e-6
 WORDS = "the code locker red blue green water name is what of a you first time day".split()
@@ -205,9 +206,9 @@ class EngineMachine(RuleBasedStateMachine):
                 self.eng.save_segment(src, lo, hi, path)
             except KVScopeError:
                 return
-            self._edit(dst, lambda: self.eng.splice_file(dst, path, at, seam))
+            self._edit(dst, lambda: self.eng.splice_file(dst, path, SpliceOptions(at=at, seam_repair=seam)))
         else:
-            self._edit(dst, lambda: self.eng.splice(dst, src, lo, hi, at, seam))
+            self._edit(dst, lambda: self.eng.splice(dst, src, lo, hi, SpliceOptions(at=at, seam_repair=seam)))
 
     @rule(sid=sessions, policy=st.sampled_from(sorted(POLICIES)), keep=st.sampled_from([0.5, 0.75, 0.9]))
     def compress(self, sid, policy, keep) -> None:

@@ -37,6 +37,7 @@ from kvscope.engine.errors import UnsupportedModelError
 from kvscope.engine.fidelity import measure
 from kvscope.engine.generation import SamplingParams, forward, prefill
 from kvscope.engine.kv_cache import ScopeKVCache
+from kvscope.engine.splicing import SpliceOptions
 from tiny_models import make_zoo_model
 
 PROMPT_1 = "the code for locker seven is red blue green"
@@ -232,7 +233,7 @@ def _run_op(eng: Engine, sid: str, op: str, tmp: Path) -> str:
         eng.delete_span(sid, lo, hi, shift=True, fidelity=False)  # type: ignore[arg-type]
         return _exact_rows(eng, sid)
     if op == "splice":
-        eng.splice(sid, sid, lo, hi, at=None, fidelity=False)  # type: ignore[arg-type]
+        eng.splice(sid, sid, lo, hi, SpliceOptions(at=None, fidelity=False))  # type: ignore[arg-type]
         return _exact_rows(eng, sid)
     if op == "replace":
         eng.replace_span(sid, lo, hi, "blue red", fidelity=False)  # type: ignore[arg-type]
@@ -248,7 +249,7 @@ def _run_op(eng: Engine, sid: str, op: str, tmp: Path) -> str:
     if op == "segment files":
         path = tmp / "seg.kvseg"
         eng.save_segment(sid, lo, hi, path)  # type: ignore[arg-type]
-        eng.splice_file(sid, path, at=None, fidelity=False)  # type: ignore[arg-type]
+        eng.splice_file(sid, path, SpliceOptions(at=None, fidelity=False))  # type: ignore[arg-type]
         return _exact_rows(eng, sid)
     raise ValueError(op)
 

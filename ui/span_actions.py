@@ -23,6 +23,7 @@ from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import QFileDialog, QInputDialog, QMenu
 
 from kvscope.engine.engine import Engine
+from kvscope.engine.splicing import SpliceOptions
 from kvscope.ui.dialogs import CompactDialog, CompressDialog, report_dict
 from kvscope.ui.drops import MIME_SEGMENT
 
@@ -161,7 +162,7 @@ class SpanActions(QObject):
         # The engine's compress reports its decision, not its fidelity: always measure it after.
         return self.run(
             "compress",
-            lambda e: _compress(e)(sid, policy, keep_ratio=keep_ratio, budget_tokens=budget_tokens),
+            lambda e: e.compress(sid, policy, keep_ratio=keep_ratio, budget_tokens=budget_tokens),
             deferred=True,
         )
 
@@ -176,13 +177,14 @@ class SpanActions(QObject):
     def splice(self, src: str, lo: int, hi: int, at: int | None, seam_repair: int = 0) -> int:
         dst = self.view.sid
         return self._measured(
-            "splice", lambda e, f: e.splice(dst, src, lo, hi, at=at, seam_repair=seam_repair, fidelity=f)
+            "splice", lambda e, f: e.splice(dst, src, lo, hi, SpliceOptions(at=at, seam_repair=seam_repair, fidelity=f))
         )
 
     def splice_file(self, path: str | Path, at: int | None, seam_repair: int = 0) -> int:
         dst = self.view.sid
         return self._measured(
-            "splice", lambda e, f: e.splice_file(dst, Path(path), at=at, seam_repair=seam_repair, fidelity=f)
+            "splice",
+            lambda e, f: e.splice_file(dst, Path(path), SpliceOptions(at=at, seam_repair=seam_repair, fidelity=f)),
         )
 
     # ------------------------------------------------------------ drops
@@ -220,14 +222,3 @@ class SpanActions(QObject):
         )
         if path:
             self.save(path)
-
-
-def _compress(eng: Engine) -> Callable[..., Any]:
-    """`Engine.compress`, or the compression module's public function until it lands."""
-    if hasattr(eng, "compress"):
-        return eng.compress  # type: ignore[no-any-return]
-    from functools import partial
-
-    from kvscope.engine.compression import compress_session
-
-    return partial(compress_session, eng)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, replace
 
+from kvscope.engine import chat
 from kvscope.engine.tasks import text, vocab
 from kvscope.engine.tasks.notes import ChatTokenizer, chat_messages, layout_notes, overhead_tokens
 
@@ -58,8 +59,7 @@ class Episode:
 
 def render_prompt(tokenizer: ChatTokenizer, messages: tuple[dict[str, str], ...] | list[dict[str, str]]) -> str:
     """The prompt text: the tokenizer's chat template with the assistant turn opened."""
-    out = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-    return str(out)
+    return chat.render(tokenizer, list(messages))
 
 
 def prompt_tokens(tokenizer: ChatTokenizer, episode: Episode) -> list[int]:

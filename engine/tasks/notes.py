@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from kvscope.engine import chat
 from kvscope.engine.tasks import text, vocab
 
 NOTES_HEADER = "Notes:"
@@ -106,5 +107,4 @@ def chat_messages(notes: str, turns: list[tuple[str, str]]) -> list[dict[str, st
 def overhead_tokens(tokenizer: ChatTokenizer, question: str) -> int:
     """Prompt tokens of a chat whose notes are empty: what the budget must leave room for."""
     msgs = chat_messages("", [("user", question)])
-    rendered = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    return len(tokenizer.encode(rendered, add_special_tokens=False))
+    return len(chat.encode(tokenizer, chat.render(tokenizer, msgs)))

@@ -167,7 +167,6 @@ def test_sessions_lists_and_deletes_saved_sessions(
     assert main(["sessions", "--data-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "'kept work'" in out and "tokens" in out
-    assert eng.persistence is not None
-    eng.persistence.close()  # one writer per data folder: the engine lets go before the CLI deletes
+    eng.close_data_folder()  # one writer per data folder: the engine lets go before the CLI deletes
     assert main(["sessions", "--data-dir", str(tmp_path), "--delete", sid]) == 0
     assert "no saved sessions" in capsys.readouterr().out

@@ -22,8 +22,7 @@ def data(tmp_path: Path, llama_dir: Path) -> Path:
     eng.load(llama_dir)
     for name in ("first", "second"):
         eng.chat(eng.new_session(name), "the code ?", SamplingParams(max_tokens=2))
-    assert eng.persistence is not None
-    eng.persistence.close()
+    eng.close_data_folder()
     (home / "notes.txt").write_text("mine, not kvscope's")
     (tmp_path / "sibling.txt").write_text("also mine")
     return home
@@ -64,8 +63,7 @@ def test_delete_waits_for_the_window_to_let_go(data: Path, llama_dir: Path, caps
     assert main(["sessions", "--data-dir", str(data), "--delete", "s1"]) == 2
     assert "in use by another kvscope process" in capsys.readouterr().err
     assert (data / "sessions" / "s1").exists()
-    assert window.persistence is not None
-    window.persistence.close()
+    window.close_data_folder()
 
 
 @pytest.mark.parametrize(
@@ -100,8 +98,7 @@ def test_a_broken_session_json_is_listed_and_the_others_open(
     eng.chat("s2", "and now ?", SamplingParams(max_tokens=2))  # type: ignore[arg-type]
     assert f.read_text() == text  # the broken one is left as it was, never re-saved elsewhere
     assert not Path("/abs/dir").exists()
-    assert eng.persistence is not None
-    eng.persistence.close()
+    eng.close_data_folder()
 
 
 @pytest.mark.parametrize("budget", ["0", "-1", "nan", "inf", "lots"])

@@ -20,6 +20,7 @@ from kvscope.engine.engine import Engine
 from kvscope.engine.errors import UnsupportedModelError
 from kvscope.engine.generation import SamplingParams
 from kvscope.engine.kv_cache import ScopeKVCache
+from kvscope.engine.splicing import SpliceOptions
 from tiny_models import make_zoo_model
 
 # arch -> the verdicts a user must see for (mask, delete, splice)
@@ -114,9 +115,9 @@ def test_mla_splice_matches_the_layer0_rows_of_a_recompute_and_the_unrotated_con
     sid = eng.new_session()
     eng.chat(sid, "the code for locker seven is red blue green", SamplingParams(max_tokens=4))
     control = eng.duplicate_session(sid)
-    eng.splice(sid, sid, 2, 8, fidelity=False)  # copied to the end: every row moves
+    eng.splice(sid, sid, 2, 8, SpliceOptions(fidelity=False))  # copied to the end: every row moves
     assert first_rows_error(eng, sid) < 1e-4
-    eng.splice(control, control, 2, 8, fidelity=False, reposition=False)
+    eng.splice(control, control, 2, 8, SpliceOptions(fidelity=False, reposition=False))
     assert first_rows_error(eng, control) > 1e-2  # the check can fail: unrotated k_pe is far off
 
 

@@ -23,6 +23,7 @@ from kvscope.engine.errors import SegmentFileError
 from kvscope.engine.model_limits import limits_of
 from kvscope.engine.persistence import SessionStore
 from kvscope.engine.session_file import read_session
+from kvscope.engine.splicing import SpliceOptions
 
 # KVSCOPE_FUZZ_EXAMPLES=1500 for the long run recorded in docs/reliability.md; the suite runs 150 a test.
 N_EXAMPLES = int(os.environ.get("KVSCOPE_FUZZ_EXAMPLES", "150"))
@@ -84,7 +85,7 @@ def _try_splice(setup, data: bytes) -> None:  # type: ignore[no-untyped-def]
     f.write_bytes(data)
     before = _state(eng, target)
     try:
-        eng.splice_file(target, f, fidelity=False)
+        eng.splice_file(target, f, SpliceOptions(fidelity=False))
     except SegmentFileError as exc:
         assert str(exc) and "case.safetensors" in str(exc) or "cannot read" in str(exc)
         assert _state(eng, target) == before

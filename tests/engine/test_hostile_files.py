@@ -254,8 +254,7 @@ def test_special_session_files_and_archive_bombs(tmp_path: Path, llama_dir: Path
     eng.load(llama_dir)
     for _ in range(3):
         eng.chat(eng.new_session(), "the code ?", SamplingParams(max_tokens=2))
-    assert eng.persistence is not None
-    eng.persistence.close()
+    eng.close_data_folder()
     (data / "sessions" / "s1" / "session.json").unlink()
     os.mkfifo(data / "sessions" / "s1" / "session.json")
     (data / "sessions" / "s2" / "session.json").unlink()
@@ -278,4 +277,4 @@ def test_special_session_files_and_archive_bombs(tmp_path: Path, llama_dir: Path
             zf.writestr("session.json", "[" * 100_000 + "]" * 100_000)
             zf.writestr("cache-0123456789ab.safetensors", b"")
         again.import_session(bomb)
-    again.persistence.close()  # type: ignore[union-attr]
+    again.close_data_folder()

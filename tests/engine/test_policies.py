@@ -14,10 +14,7 @@ from kvscope.engine.compression import (
     Decision,
     apply_decision,
     compress_caches,
-    compress_session,
-    maybe_compress,
-    replay_decision,
-    set_auto_compress,
+    maybe_compress_session,
 )
 from kvscope.engine.events import DecisionApplied
 from kvscope.engine.generation import forward, prefill
@@ -166,7 +163,7 @@ def test_eviction_equals_logical_masking(arch_dir: Path) -> None:
     sid = _chat_session(eng)
     s = eng.session(sid)
     reference = [c.copy() for c in s.caches]
-    d = compress_session(eng, sid, "snapkv", keep_ratio=0.5, window=6)
+    d = eng.compress(sid, "snapkv", keep_ratio=0.5, window=6)
     for c, layer in zip(reference, d.layers):
         for t in layer.evicted:
             c.set_visible(int(t), int(t) + 1, False)
@@ -188,7 +185,7 @@ def test_decision_is_recorded_in_the_session_and_as_an_event(llama_dir: Path) ->
     eng = Engine()
     eng.load(llama_dir)
     sid = _chat_session(eng)
-    d = compress_session(eng, sid, "key_norm", budget_tokens=16, sinks=2)
+    d = eng.compress(sid, "key_norm", budget_tokens=16, sinks=2)
     s = eng.session(sid)
     assert s.last_decision is d and s.operations[-1]["policy"] == "key_norm"
     ev = [e for e in eng.events if isinstance(e, DecisionApplied)][-1]
@@ -201,7 +198,7 @@ def test_decision_is_recorded_in_the_session_and_as_an_event(llama_dir: Path) ->
     assert (state == 3).sum() == sum(d.evicted_counts)  # TokenState.EVICTED
     # replay onto another session holding the same cache
     other = _chat_session(eng)
-    replay_decision(eng, other, Decision.from_json(d.to_json()))
+    eng.replay_decision(other, Decision.from_json(d.to_json()))
     assert [c.row_token.tolist() for c in eng.session(other).caches] == [c.row_token.tolist() for c in s.caches]
 
 
@@ -229,7 +226,7 @@ def test_impossible_requests_raise_and_leave_the_session_unchanged(llama_dir: Pa
     sid = _chat_session(eng)
     before = _state(eng, sid)
     with pytest.raises(InvalidRequestError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        compress_session(eng, sid, policy, **kw)
+        eng.compress(sid, policy, **kw)
     assert _state(eng, sid) == before
     assert not any(isinstance(e, DecisionApplied) for e in eng.events)
 
@@ -260,7 +257,7 @@ def test_quantization_needs_a_head_dim_multiple_of_32(llama_dir: Path) -> None:
     sid = _chat_session(eng)
     before = _state(eng, sid)
     with pytest.raises(UnsupportedModelError, match="multiple of 32"):
-        compress_session(eng, sid, "quantize", bits=4)
+        eng.compress(sid, "quantize", bits=4)
     assert _state(eng, sid) == before
 
 
@@ -270,11 +267,11 @@ def test_auto_compress_fires_past_its_budget(llama_dir: Path) -> None:
     sid = _chat_session(eng)
     s = eng.session(sid)
     with pytest.raises(InvalidRequestError):
-        set_auto_compress(s, AutoCompress("snapkv", budget_tokens=40, trigger="budget", trigger_tokens=20))
-    set_auto_compress(s, AutoCompress("streaming_llm", budget_tokens=24, trigger="budget", trigger_tokens=32))
-    assert maybe_compress(eng, sid, "prefill") is not None
+        eng.set_auto_compress(sid, AutoCompress("snapkv", budget_tokens=40, trigger="budget", trigger_tokens=20))
+    eng.set_auto_compress(sid, AutoCompress("streaming_llm", budget_tokens=24, trigger="budget", trigger_tokens=32))
+    assert maybe_compress_session(s, eng.model, eng.bus, "prefill") is not None
     assert [c.n_visible for c in s.caches] == [24] * len(s.caches)
-    assert maybe_compress(eng, sid, "turn_end") is None  # under the trigger now
+    assert maybe_compress_session(s, eng.model, eng.bus, "turn_end") is None  # under the trigger now
 
 
 def test_auto_compress_after_prefill_only_when_asked(llama_dir: Path) -> None:
@@ -282,11 +279,11 @@ def test_auto_compress_after_prefill_only_when_asked(llama_dir: Path) -> None:
     eng.load(llama_dir)
     sid = _chat_session(eng)
     s = eng.session(sid)
-    assert maybe_compress(eng, sid, "prefill") is None  # no setting
-    set_auto_compress(s, AutoCompress("snapkv", keep_ratio=0.5, params={"window": 4, "quant_bits": None}))
-    assert maybe_compress(eng, sid, "turn_end") is None
+    assert maybe_compress_session(s, eng.model, eng.bus, "prefill") is None  # no setting
+    eng.set_auto_compress(sid, AutoCompress("snapkv", keep_ratio=0.5, params={"window": 4, "quant_bits": None}))
+    assert maybe_compress_session(s, eng.model, eng.bus, "turn_end") is None
     n = s.caches[0].n_visible
-    d = maybe_compress(eng, sid, "prefill")
+    d = maybe_compress_session(s, eng.model, eng.bus, "prefill")
     assert d is not None and d.kept_counts == (round(n / 2),) * len(s.caches)
     assert s.operations[-1]["policy"] == "snapkv"
 

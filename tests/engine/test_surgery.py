@@ -13,6 +13,7 @@ from kvscope.engine import Engine, InvalidRequestError, SamplingParams
 from kvscope.engine.errors import BusyError
 from kvscope.engine.generation import forward
 from kvscope.engine.kv_cache import ScopeKVCache
+from kvscope.engine.splicing import SpliceOptions
 from tiny_models import make_tiny_model
 
 # Repositioning multiplies by cos/sin read off the model's RoPE: float32
@@ -62,7 +63,7 @@ def test_splice_in_the_middle_moves_later_rows(arch_dir: Path) -> None:
     b = eng.new_session()
     eng.append_message(b, "user", "the code for locker 7 is 4 8 2 1 . the water is hot")
     n_a, n_b = eng.session(a).n_tokens, eng.session(b).n_tokens
-    eng.splice(b, a, 1, n_a - 1, at=5)
+    eng.splice(b, a, 1, n_a - 1, SpliceOptions(at=5))
     s = eng.session(b)
     assert s.n_tokens == n_b + n_a - 2
     assert s.positions == list(range(s.n_tokens))
@@ -83,9 +84,9 @@ def _segment_and_context(llama_dir: Path) -> tuple[Engine, str, str]:
 def test_seam_repair_of_the_whole_segment_equals_recompute(llama_dir: Path) -> None:
     eng, a, b = _segment_and_context(llama_dir)
     n_a = eng.session(a).n_tokens
-    raw = eng.splice(b, a, 0, n_a, seam_repair=0)
+    raw = eng.splice(b, a, 0, n_a, SpliceOptions(seam_repair=0))
     eng.undo(b)
-    repaired = eng.splice(b, a, 0, n_a, seam_repair=n_a)
+    repaired = eng.splice(b, a, 0, n_a, SpliceOptions(seam_repair=n_a))
     assert repaired.kl < 1e-6 and repaired.top1_agree == 1.0
     assert repaired.cosine > 0.99999
     assert raw.kl > repaired.kl  # the unrepaired splice really differs (the test can fail)
@@ -96,7 +97,7 @@ def test_without_repositioning_keys_are_wrong(llama_dir: Path) -> None:
     seg = eng.session(a)
     from kvscope.engine.surgery import extract_segment
 
-    eng.splice_segment(b, extract_segment(seg, 0, seg.n_tokens), reposition=False)
+    eng.splice_segment(b, extract_segment(seg, 0, seg.n_tokens), SpliceOptions(reposition=False))
     s = eng.session(b)
     err = np.abs(_layer0_keys(eng, b) - _layer0_keys_of_recompute(eng, s.tokens)).max()
     assert err > 1e-2
@@ -158,7 +159,7 @@ def test_bad_spans_are_refused_and_change_nothing(llama_dir: Path) -> None:
         with pytest.raises(InvalidRequestError, match=msg):
             eng.mask(sid, lo, hi)
     with pytest.raises(InvalidRequestError, match="out of range"):
-        eng.splice(sid, sid, 0, 2, at=999)
+        eng.splice(sid, sid, 0, 2, SpliceOptions(at=999))
     with pytest.raises(InvalidRequestError, match="layers"):
         eng.mask(sid, 0, 2, layers=[7])
     assert (list(s.tokens), s.caches[0].n_visible) == state
@@ -182,7 +183,7 @@ def test_yarn_rope_is_probed_composable_and_splices_exactly(tmp_path: Path) -> N
     assert eng.model.unsupported_reason is None and eng.model.rope and eng.model.rope.kind == "YarnRoPE"
     sid = eng.new_session()
     eng.append_message(sid, "user", "the code for locker 7 is 4 8 2 1")
-    eng.splice(sid, sid, 0, 4, fidelity=False)
+    eng.splice(sid, sid, 0, 4, SpliceOptions(fidelity=False))
     assert first_rows_error(eng, sid) < 1e-4  # spliced rows == a recompute at their new positions
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from kvscope.engine import Engine, EngineConfig, SamplingParams
+from kvscope.engine.splicing import SpliceOptions
 from kvscope.engine.trace import trace_problems
 
 
@@ -17,7 +18,7 @@ def test_a_multi_session_trace_with_edits_nests(llama_dir: Path, tmp_path: Path)
     for sid in (a, b):
         eng.chat(sid, "what is the code of the red locker ?", SamplingParams(max_tokens=12))
     eng.mask(a, 2, 6)
-    eng.splice(b, a, 0, 8, seam_repair=2)
+    eng.splice(b, a, 0, 8, SpliceOptions(seam_repair=2))
     eng.rename_session(a, "renamed")
     for sid in (a, b):
         eng.chat(sid, "and the blue one ?", SamplingParams(max_tokens=12, temperature=0.7, seed=1))

@@ -52,8 +52,7 @@ def saved(tmp_path: Path, llama_dir: Path):  # type: ignore[no-untyped-def]
     sid = eng.new_session("work")
     eng.chat(sid, "the code for locker 7 is 4 8 2 1", SamplingParams(max_tokens=3))
     yield eng, sid, tmp_path
-    assert eng.persistence is not None
-    eng.persistence.close()
+    eng.close_data_folder()
 
 
 def test_on_a_full_disk_nothing_half_applies(saved, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
@@ -103,9 +102,9 @@ def test_a_failed_measure_or_save_undoes_the_splice(saved, monkeypatch: pytest.M
 
 def test_leftover_temp_files_are_removed_at_start_up(saved, llama_dir: Path) -> None:  # type: ignore[no-untyped-def]
     eng, sid, data = saved
-    assert eng.persistence is not None
-    folder = eng.persistence.folder(sid)
-    eng.persistence.close()
+    assert eng.data_folder is not None
+    folder = eng.data_folder / sid
+    eng.close_data_folder()
     junk = [folder / ".cache-0123456789ab.safetensors.tmp", folder / ".session.json.tmp"]
     for j in junk:
         j.write_bytes(b"x" * 4096)  # what a SIGKILL inside a save leaves
@@ -149,8 +148,7 @@ def test_everything_that_adds_rows_checks_the_budget(tmp_path: Path, llama_dir: 
     sid = big.new_session()
     big.append_message(sid, "user", "the code for locker 7 is 4 8 2 1 . " * 20)
     path = big.export_session(sid, tmp_path / "big.kvsession")
-    assert big.persistence is not None
-    big.persistence.close()
+    big.close_data_folder()
     need = big.session(sid).nbytes
     small = Engine(EngineConfig(persist=True, data_dir=str(tmp_path / "a"), memory_budget_bytes=need // 3))
     small.load(llama_dir)

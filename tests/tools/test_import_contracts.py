@@ -51,3 +51,10 @@ def test_the_window_importing_the_command_line_breaks_the_layers(tree: Path) -> 
     _plant(tree / "ui" / "palette.py", "import kvscope.app.cli  # noqa")
     res = run(tree, ROOT / "pyproject.toml")
     assert res.returncode != 0 and "kvscope.ui.palette -> kvscope.app.cli" in res.stdout
+
+
+def test_the_cache_reaching_up_to_the_engine_parts_breaks_the_engine_layers(tree: Path) -> None:
+    _plant(tree / "engine" / "kv_cache.py", "import kvscope.engine.transaction  # noqa")
+    res = run(tree, ROOT / "pyproject.toml")
+    assert res.returncode != 0
+    assert "Inside the engine" in res.stdout and "kvscope.engine.kv_cache -> kvscope.engine.transaction" in res.stdout
