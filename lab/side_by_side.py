@@ -151,9 +151,7 @@ def _done(path: Path) -> set[tuple[str, str, str, float]]:
     return keys
 
 
-def greedy(
-    model: Any, caches: list[Any], rest: list[int], n_steps: int, eos: set[int]
-) -> tuple[list[int], int, float]:
+def greedy(model: Any, caches: list[Any], rest: list[int], n_steps: int, eos: set[int]) -> tuple[list[int], int, float]:
     """Feed `rest`, then greedy-decode up to `n_steps` tokens (stop at end-of-turn), as the
     kvpress runner does. Returns (tokens, decode steps timed, their seconds)."""
     import mlx.core as mx
@@ -247,10 +245,11 @@ def run_kvscope(
     masks_for: int = 10,
     shard: tuple[int, int] = (0, 1),
     progress: Callable[[str], None] = lambda s: None,
+    also_done: Iterable[Path] = (),
 ) -> None:
-    """Every (episode, mode, press, ratio) not yet in `out`, appended as JSON lines."""
+    """Every (episode, mode, press, ratio) not yet in `out` (nor in `also_done`), appended as JSON lines."""
     pairs = [PAIRS[p] for p in presses]
-    done = _done(out)
+    done = _done(out).union(*(_done(p) for p in also_done))
     ratios = [float(k) for k in ratios]
     with out.open("a") as f:
         for ep in episodes["episodes"]:

@@ -10,12 +10,19 @@ folder, and per episode the prompt token ids, the answer token ids, the
 end-of-turn ids and, per mode, how many prompt tokens are compressed
 (`n_ctx`). Both sides read these ids, so they compress the same tokens.
 
-For each (episode, mode, press, keep ratio) the model (the demo folder loaded
-as a Hugging Face `LlamaForCausalLM`, float32, sdpa attention) prefills the
-first `n_ctx` tokens inside the press's context manager — kvpress's own code
-decides and compresses —, then the rest of the prompt is fed and the answer
-greedy-decoded for `len(answer) + 3` tokens (stop at end-of-turn), as
-kvscope's benchmark does. One JSON line per run:
+For each (episode, mode) the model (the demo folder loaded as a Hugging Face
+`LlamaForCausalLM`, float32, sdpa attention) prefills the first `n_ctx`
+tokens once, keeping each attention layer's hook arguments; every press and
+keep ratio then runs kvpress's own `forward_hook` (its `compress`, its
+scoring) on a copy of that cache — what prefilling inside `with press(model):`
+does, since the hook runs after a layer's attention (checked: the same kept
+rows and answers as the context-manager path on the demo episodes).
+`KVzipPress` runs through its own context manager (prefill + context
+reconstruction) once, its ratio-independent scores then serving each ratio
+through its own `compress_post`. The rest of the prompt is fed with RoPE
+positions continuing after the context (kvpress's `generate_answer`) and the
+answer greedy-decoded for `len(answer) + 3` tokens (stop at end-of-turn), as
+kvscope's side does. One JSON line per run:
 
     {"episode", "mode", "press", "keep", "generated": [ids],
      "kept": [[base64 packed bit mask per KV head] per layer] (or null), "n_ctx", "seconds"}
@@ -311,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--masks-for", type=int, default=10, help="record kept masks for episodes with index < N")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--shard", default="0/1", help="i/n: run the episodes whose index %% n == i")
+    p.add_argument("--also-done", nargs="*", default=[], help="more output files whose runs count as done")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     data = json.loads(Path(a.episodes).read_text())
@@ -318,15 +326,14 @@ def main(argv: list[str] | None = None) -> int:
     _cache_kvzip_tokenizer()
     done = set()
     out_path = Path(a.out)
-    if out_path.exists():
-        for line in out_path.read_text().splitlines():
-            r = json.loads(line)
-            done.add((r["episode"], r["mode"], r["press"], r["keep"]))
+    for path in [out_path, *map(Path, a.also_done)]:
+        if path.exists():
+            for line in path.read_text().splitlines():
+                r = json.loads(line)
+                done.add((r["episode"], r["mode"], r["press"], r["keep"]))
     i, n = (int(x) for x in a.shard.split("/"))
     episodes = [
-        e
-        for e in data["episodes"]
-        if (a.max_episodes is None or e["index"] < a.max_episodes) and e["index"] % n == i
+        e for e in data["episodes"] if (a.max_episodes is None or e["index"] < a.max_episodes) and e["index"] % n == i
     ]
     with out_path.open("a") as f:
         for ep in episodes:
