@@ -14,15 +14,28 @@ from kvscope.app import (
     cmd_bench,
     cmd_chat,
     cmd_eval,
+    cmd_experiment,
     cmd_gui,
     cmd_replay,
+    cmd_segment,
     cmd_serve,
     cmd_surgery,
 )
 
 # Every subcommand module, in the order `kvscope --help` lists them. An import
 # error is a bug to see, not a command to hide.
-COMMAND_MODULES = (cmd_chat, cmd_eval, cmd_surgery, cmd_bench, cmd_gui, cmd_serve, cmd_replay, cmd_attach)
+COMMAND_MODULES = (
+    cmd_chat,
+    cmd_eval,
+    cmd_surgery,
+    cmd_segment,
+    cmd_experiment,
+    cmd_bench,
+    cmd_gui,
+    cmd_serve,
+    cmd_replay,
+    cmd_attach,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from functools import partial
 from pathlib import Path
 
 from kvscope.app.common import add_model_arg, start_engine
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             combined="snapkv" if "snapkv" in policies else None,
             kind=args.kind,
         )
-        result = run_benchmark(lm, config, lambda s, m=mode: print(f"[{m}] {s}", file=sys.stderr, flush=True))
+        result = run_benchmark(lm, config, partial(_say, mode))
         seconds += result.seconds
         rows = summarize(result)
         tables[mode] = rows
@@ -93,3 +94,7 @@ def run(args: argparse.Namespace) -> int:
     drawn = write_report(tables, config, lm.name, seconds, out, png, _command(args))
     print(f"wrote {out}" + (f" and {png}" if drawn else " (no plot: matplotlib missing)"))
     return 0
+
+
+def _say(mode: str, text: str) -> None:
+    print(f"[{mode}] {text}", file=sys.stderr, flush=True)

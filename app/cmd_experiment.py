@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from kvscope.app.common import add_model_arg, start_engine
+from kvscope.engine import Engine
 
 EXPERIMENTS = {
     "mask-vs-restart": "compact (summary + mask) vs restart vs full cache when the summary omits the answer",
@@ -89,6 +92,19 @@ def _leakage_result(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return eng.model, run_leakage(eng.model, config, _progress)
 
 
+def _patching_result(eng: Engine, args: argparse.Namespace) -> Any:
+    from kvscope.lab.kv_patching import PatchConfig, run_patching
+
+    config = PatchConfig(n=args.n, context=args.context, depth=args.depth, seed=args.seed)
+    return run_patching(eng.model, config, _progress)
+
+
+def _draw(plot: Callable[[Any, Path], bool], result: Any, png: Path | None) -> None:
+    """With --png, draw the result (the lab's plots need matplotlib, which is optional)."""
+    if png is not None:
+        print(f"\nwrote {png}" if plot(result, png) else "\n(no plot: matplotlib is not installed)")
+
+
 def run_mask_vs_restart(args: argparse.Namespace) -> int:
     from kvscope.lab.experiment_report import leakage_behaviour_table
 
@@ -111,35 +127,27 @@ def run_leakage(args: argparse.Namespace) -> int:
     print(leakage_probe_table(result))
     print()
     print(leakage_behaviour_table(result))
-    if args.png is not None:
-        drawn = plot_leakage(result, args.png)
-        print(f"\nwrote {args.png}" if drawn else "\n(no plot: matplotlib is not installed)")
+    _draw(plot_leakage, result, args.png)
     return 0
 
 
 def run_kv_patching(args: argparse.Namespace) -> int:
     from kvscope.lab.experiment_report import patching_table, plot_patching
-    from kvscope.lab.kv_patching import PatchConfig, run_patching
 
     eng = start_engine(args)
-    config = PatchConfig(n=args.n, context=args.context, depth=args.depth, seed=args.seed)
-    result = run_patching(eng.model, config, _progress)
+    result = _patching_result(eng, args)
     print(f"\nKV patching on {eng.model.name}: {len(result.outcomes)} decision episodes, {args.context} tokens\n")
     print(patching_table(result))
-    if args.png is not None:
-        drawn = plot_patching(result, args.png)
-        print(f"\nwrote {args.png}" if drawn else "\n(no plot: matplotlib is not installed)")
+    _draw(plot_patching, result, args.png)
     return 0
 
 
 def run_erratum(args: argparse.Namespace) -> int:
     from kvscope.lab.experiment_report import patching_table, plot_patching, tally_table
     from kvscope.lab.experiments import erratum_vs_overwrite
-    from kvscope.lab.kv_patching import PatchConfig, run_patching
 
     eng = start_engine(args)
-    config = PatchConfig(n=args.n, context=args.context, depth=args.depth, seed=args.seed)
-    patched = run_patching(eng.model, config, _progress)
+    patched = _patching_result(eng, args)
     episodes = [p.episode for p in patched.pairs]
     tallies = erratum_vs_overwrite(eng, episodes, [p.new_value for p in patched.pairs])
     print(
@@ -149,9 +157,7 @@ def run_erratum(args: argparse.Namespace) -> int:
     print(tally_table(tallies))
     print("\nThe same edits as causal shares of the decision (overwrite span = 'field, all layers'):\n")
     print(patching_table(patched))
-    if args.png is not None:
-        drawn = plot_patching(patched, args.png)
-        print(f"\nwrote {args.png}" if drawn else "\n(no plot: matplotlib is not installed)")
+    _draw(plot_patching, patched, args.png)
     return 0
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from typing import Any
 
-from kvscope.engine import Engine, EngineConfig, demo_model_path
+from kvscope.engine import Engine, EngineConfig, SamplingParams, demo_model_path
+from kvscope.engine.events import SessionId
 
 
 def memory_budget_mb(text: str) -> float:
@@ -53,3 +55,35 @@ def kv_events_config(args: argparse.Namespace) -> dict[str, str | None]:
         "kv_events_replay": args.kv_events_replay,
         "kv_events_topic": args.kv_events_topic,
     }
+
+
+def token_span(text: str) -> tuple[int, int]:
+    """argparse type for a token span `LO:HI`."""
+    try:
+        lo, hi = text.split(":")
+        return int(lo), int(hi)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"span must be LO:HI (token indices), got {text!r}") from None
+
+
+def chat_with_system(eng: Engine, system: str | None) -> SessionId:
+    """A session whose system prompt is already in the cache (so spans can target it)."""
+    sid = eng.new_session()
+    if system:
+        eng.append_message(sid, "system", system)
+    return sid
+
+
+def print_report(label: str, rep: Any) -> None:
+    """One line per operation on stderr: `[label] <the report's summary>`."""
+    print(f"[{label}] {rep.summary()}", file=sys.stderr)
+
+
+def ask(eng: Engine, sid: SessionId, question: str | None) -> None:
+    """Ask `question` (if any) in the session; the answer on stdout, its timing on stderr."""
+    if question:
+        res = eng.chat(sid, question, SamplingParams(max_tokens=64))
+        print(res.text)
+        print(
+            f"[answer] ttft {res.stats.ttft_ms:.1f} ms, prefilled {res.stats.prefilled_tokens} tokens", file=sys.stderr
+        )

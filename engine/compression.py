@@ -35,7 +35,13 @@ from kvscope.engine.model_loading import LoadedModel
 from kvscope.engine.policies import POLICIES, make_policy
 from kvscope.engine.policies.base import Candidates, Policy, ScoreInput, layer_budgets, select
 from kvscope.engine.policies.decision import Decision, LayerDecision
-from kvscope.engine.policies.headwise import HeadwisePolicy, check_head_decision, require_uniform_rows
+from kvscope.engine.policies.headwise import (
+    HeadwisePolicy,
+    budget_rows,
+    check_head_decision,
+    head_rows_input,
+    mask_absent,
+)
 from kvscope.engine.policies.quantization import check_bits, group_size_for, quantize_cache, quantized_nbytes
 from kvscope.engine.session import Session
 
@@ -70,12 +76,12 @@ def decide(
     that write their own prompt (kvzip's "repeat the context").
     """
     t0 = time.perf_counter()
-    require_uniform_rows(caches, f"compressing with {policy.name}")
+    presence = head_rows_input(caches, policy)  # which head attends which visible token
     if isinstance(policy, HeadwisePolicy):
         head_attention.require(model)
     cands = [Candidates.of(c) for c in caches]
     if policy.evicts:
-        budgets = layer_budgets([len(c) for c in cands], keep_ratio, budget_tokens, policy.name)
+        budgets = layer_budgets(budget_rows(presence), keep_ratio, budget_tokens, policy.name)
     elif keep_ratio not in (None, 1.0) or budget_tokens is not None:
         raise InvalidRequestError(
             f"{policy.name} keeps every row; to evict too, choose an eviction policy and pass quant_bits"
@@ -93,12 +99,13 @@ def decide(
             select(np.zeros(len(p), np.float32), cands[i], p, b)  # raises with the message
     if scores is None:
         scores = policy.score(ScoreInput(caches, cands, token_ids, model, tokenizer))
+    scores = mask_absent(scores, presence)  # head-wise layers: no score where a head holds no row
     floors = [int(p.sum()) for p in protected]
     budgets = policy.allocate(budgets, scores, floors, [len(c) for c in cands])
     layers = []
-    for cand, s, b, cache in zip(cands, scores, budgets, caches):
+    for cand, s, b, held in zip(cands, scores, budgets, presence):
         if isinstance(policy, HeadwisePolicy):
-            layers.append(policy.decide_layer(cand, s, b, cache.n_kv_heads))
+            layers.append(policy.decide_layer(cand, s, b, held))
             continue
         layer_score = np.nanmean(s, axis=0) if s.shape[0] and not np.isnan(s).all() else s[0]
         prot = policy.protected(cand, b)
@@ -320,10 +327,7 @@ class AutoCompress:
 
     def validate(self) -> None:
         policy_params, _ = _split_params(self.params)
-        if make_policy(self.policy, **policy_params).head_wise:
-            raise InvalidRequestError(
-                f"auto-compress with {self.policy} is refused: a head-wise cache cannot be compressed again"
-            )
+        make_policy(self.policy, **policy_params)
         if self.trigger not in TRIGGERS:
             raise InvalidRequestError(f"auto-compress trigger must be one of {TRIGGERS}, got {self.trigger!r}")
         if self.trigger == "budget":

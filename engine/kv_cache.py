@@ -24,14 +24,12 @@ Storage, with tokens 2-3 masked and token 4 evicted::
     aside:           2  3               masked rows, token order, kept for unmask
     (token 4 has no row in this layer: evicted)
 
-The two row sets are `RowStore`s (engine/row_store.py). After a head-wise
-eviction (`keep_head_tokens`) both become `HeadRowStore`s (engine/head_rows.py):
-each KV head keeps its own rows, compacted to the front of the buffer, and
-heads holding fewer rows are padded with holes that `head_mask` hides in
-attention (engine/head_attention.py routes mlx-lm's attention through it).
-A token's row is visible or masked alike in every head that holds it. On a
-head-wise layer, decode, prefill, mask/unmask, trim, eviction, quantization,
-copies and `state` work; edits that move or overwrite rows (`rows_of` for
+The two row sets are one `RowSets` (engine/row_sets.py). After a head-wise
+eviction (`keep_head_tokens`) each KV head keeps its own rows, compacted to
+the front of the buffer; heads holding fewer rows are padded with holes that
+`head_mask` hides (engine/head_attention.py routes mlx-lm's attention through
+it). Decode, prefill, mask/unmask, trim, eviction, quantization, copies and
+`state` work per head; edits that move or overwrite rows (`rows_of` for
 segments, `tail_rows`, delete, insert, overwrite) raise `InvalidRequestError`
 before changing anything.
 
@@ -50,11 +48,11 @@ from mlx_lm.models.cache import create_attention_mask
 
 from kvscope.engine.errors import InvalidRequestError
 from kvscope.engine.head_rows import HeadRowStore
-from kvscope.engine.row_store import RowStore, frozen, gather
-from kvscope.engine.tensor_ops import concat_rows, slice_rows, take_rows
+from kvscope.engine.row_sets import RowMap, RowSets
+from kvscope.engine.row_store import frozen
+from kvscope.engine.tensor_ops import slice_rows
 
 Rotate = Callable[[mx.array, int], mx.array]
-RowMap = Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]
 _I64 = np.int64
 
 
@@ -64,8 +62,7 @@ class ScopeKVCache:
     step = 256
 
     def __init__(self) -> None:
-        self._live: RowStore | HeadRowStore = RowStore()  # attended: visible rows, with spare capacity
-        self._aside: RowStore | HeadRowStore = RowStore()  # masked rows, exact size
+        self._rows = RowSets()  # attended rows (with spare capacity) + masked rows aside
         self._mask_owed = False  # head-wise with holes: attention has not asked for head_mask yet
         self._pos = np.zeros(0, _I64)  # position of each logical token (capacity)
         self._n_tokens = 0
@@ -75,23 +72,24 @@ class ScopeKVCache:
     @property
     def keys(self) -> mx.array | None:
         """The attended buffer (visible rows first, then spare capacity)."""
-        return self._live.keys
+        return self._rows.live.keys
 
     @property
     def values(self) -> mx.array | None:
-        return self._live.values
+        return self._rows.live.values
 
     @property
     def offset(self) -> int:
         return self._offset
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        if isinstance(self._live, HeadRowStore):
-            return self._append_per_head(keys, values)
+        live = self._rows.live
+        if isinstance(live, HeadRowStore):
+            return self._append_per_head(live, keys, values)
         n_new = keys.shape[2]
-        live = self._live
         start, t, p = live.n, self._n_tokens, self._offset
-        self._reserve(start + n_new, keys, values)
+        self._reserve_positions(n_new)
+        live.reserve(start + n_new, keys, values, self.step)
         assert live.keys is not None and live.values is not None
         live.keys[..., start : start + n_new, :] = keys
         live.values[..., start : start + n_new, :] = values
@@ -108,12 +106,12 @@ class ScopeKVCache:
 
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None) -> Any:
         # The key list is the visible rows + the new ones; its length sets the mask offset.
-        return create_attention_mask(n, self._live.n, return_array, window_size)
+        return create_attention_mask(n, self._rows.live.n, return_array, window_size)
 
     def head_mask(self, n_q_heads: int, n_queries: int, n_keys: int) -> mx.array | None:
         """Boolean `[1, n_q_heads, n_queries, n_keys]` mask hiding each head's holes (causal over the
         new rows), or None when every head attends every fetched row (the plain path)."""
-        live = self._live
+        live = self._rows.live
         if not isinstance(live, HeadRowStore) or not live.has_holes:
             return None
         self._mask_owed = False
@@ -123,7 +121,7 @@ class ScopeKVCache:
         return self._offset
 
     def empty(self) -> bool:
-        return self._live.keys is None and self._aside.n == 0
+        return self._rows.live.keys is None and self._rows.aside.n == 0
 
     def is_trimmable(self) -> bool:
         return True
@@ -134,24 +132,23 @@ class ScopeKVCache:
         if n <= 0:
             return 0
         cut = self._n_tokens - n
-        self._live.keep(self._live.toks() < cut)
-        self._aside.keep(self._aside.toks() < cut)
+        self._rows.keep_below(cut)
         self._n_tokens = cut
         self._sync_offset()
         return n
 
     @property
     def state(self) -> tuple[mx.array, mx.array]:
-        """Every stored row (visible and masked) in token order."""
-        keys, values, _, _ = self._rows(0, self._n_tokens)
+        """Every stored row (visible and masked) in token order (head-wise: see `head_presence`)."""
+        keys, values, _, _ = self._rows.rows(0, self._n_tokens)
         return keys, values
 
     @state.setter
     def state(self, v: tuple[mx.array, mx.array]) -> None:
         keys, values = v
         n = keys.shape[2]
-        self._live, self._aside, self._mask_owed = RowStore(), RowStore(), False
-        self._live.set(keys, values, np.arange(n, dtype=_I64))
+        self._rows, self._mask_owed = RowSets(), False
+        self._rows.live.set(keys, values, np.arange(n, dtype=_I64))
         self._pos = np.arange(n, dtype=_I64)
         self._n_tokens = n
         self._sync_offset()
@@ -176,13 +173,8 @@ class ScopeKVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the stored rows (masked rows included: they are kept)."""
-        keys = self._live.keys if self._live.keys is not None else self._aside.keys
-        values = self._live.values if self._live.values is not None else self._aside.values
-        if keys is None or values is None or keys.shape[2] == 0:
-            return 0
-        per_row = keys.nbytes // keys.shape[2] + values.nbytes // values.shape[2]
-        return per_row * (self._live.n + self._aside.n)  # head-wise: columns held, holes included
+        """Bytes of the stored rows (masked rows included: they are kept; head-wise: padding too)."""
+        return self._rows.nbytes()
 
     # ------------------------------------------------------------ reading
     @property
@@ -195,30 +187,50 @@ class ScopeKVCache:
         """Stored rows, visible or masked (head-wise: tokens some head holds)."""
         if self.is_headwise:
             return len(self.row_token)
-        return self._live.n + self._aside.n
+        return self._rows.live.n + self._rows.aside.n
 
     @property
     def n_visible(self) -> int:
         """Visible rows (head-wise: tokens some head attends)."""
-        return len(self._live.token_list()) if self.is_headwise else self._live.n
+        return len(self._rows.visible()) if self.is_headwise else self._rows.live.n
+
+    @property
+    def n_columns(self) -> int:
+        """Rows stored per KV head, holes of head-wise layers included (what `nbytes` counts)."""
+        return self._rows.live.n + self._rows.aside.n
 
     @property
     def is_headwise(self) -> bool:
         """True once a head-wise eviction gave this layer's KV heads their own rows."""
-        return isinstance(self._live, HeadRowStore)
-
-    def head_tokens(self, visible: bool = True) -> list[np.ndarray]:
-        """Per KV head, the logical tokens of its visible (or masked) rows, ascending."""
-        rows = self._live if visible else self._aside
-        if isinstance(rows, HeadRowStore):
-            return [t[t >= 0].copy() for t in rows.toks()]
-        n_heads = self.n_kv_heads
-        return [rows.toks().copy() for _ in range(n_heads)]
+        return self._rows.is_headwise
 
     @property
     def n_kv_heads(self) -> int:
-        keys = self._live.keys if self._live.keys is not None else self._aside.keys
-        return 0 if keys is None else int(keys.shape[1])
+        return self._rows.n_kv_heads
+
+    def head_tokens(self, visible: bool = True) -> list[np.ndarray]:
+        """Per KV head, the logical tokens of its visible (or masked) rows, ascending."""
+        return self._rows.head_tokens(visible)
+
+    def visible_rows(self) -> tuple[mx.array, mx.array, np.ndarray, np.ndarray]:
+        """(keys, values, tokens, presence) of the visible rows, one per token in token order
+        (`[1, kv_heads, n_visible, dim]`); head-wise: zeros where `presence` (`[kv_heads, n]`) is False."""
+        live = self._rows.live
+        if isinstance(live, HeadRowStore):
+            return live.union_rows(live.toks() >= 0)
+        keys, values = live.kv()
+        return keys, values, live.toks().copy(), np.ones((keys.shape[1], live.n), bool)
+
+    def visible_presence(self) -> np.ndarray:
+        """`[kv_heads, n_visible]`: whether each head attends each of `visible_tokens`."""
+        live = self._rows.live
+        if isinstance(live, HeadRowStore):
+            return live.presence(live.token_list())
+        return np.ones((self.n_kv_heads, live.n), bool)
+
+    def head_presence(self) -> np.ndarray:
+        """`[kv_heads, n_rows]`: whether each head holds each row of `row_token` (all True unless head-wise)."""
+        return self._rows.presence()
 
     @property
     def token_positions(self) -> np.ndarray:
@@ -228,22 +240,22 @@ class ScopeKVCache:
     @property
     def visible_tokens(self) -> np.ndarray:
         """Logical tokens of the attended rows, ascending (read-only)."""
-        return frozen(self._live.token_list())
+        return frozen(self._rows.visible())
 
     @property
     def masked_tokens(self) -> np.ndarray:
         """Logical tokens of the rows kept aside by a mask, ascending (read-only)."""
-        return frozen(self._aside.token_list())
+        return frozen(self._rows.masked())
 
     @property
     def row_token(self) -> np.ndarray:
         """`[n_rows]` logical token of every stored row, ascending."""
-        return np.union1d(self._live.token_list(), self._aside.token_list()).astype(_I64)
+        return self._rows.tokens()
 
     @property
     def row_visible(self) -> np.ndarray:
         """`[n_rows]` whether each row of `row_token` is attended."""
-        return np.isin(self.row_token, self._live.token_list())
+        return np.isin(self.row_token, self._rows.visible())
 
     @property
     def row_position(self) -> np.ndarray:
@@ -252,13 +264,13 @@ class ScopeKVCache:
     @property
     def is_plain(self) -> bool:
         """True when rows are exactly tokens 0..n-1 at positions 0..n-1, all visible."""
-        return self.plain_prefix_len() == self._n_tokens == self._live.n
+        return self.plain_prefix_len() == self._n_tokens == self._rows.live.n
 
     def plain_prefix_len(self) -> int:
         """Leading tokens 0..k-1 with visible rows at positions 0..k-1 (0 on a head-wise layer)."""
-        if isinstance(self._live, HeadRowStore):
+        if self.is_headwise:
             return 0
-        live = self._live.toks()
+        live = self._rows.live.toks()
         m = min(len(live), self._n_tokens)
         ok = (live[:m] == np.arange(m)) & (self._pos[:m] == np.arange(m))
         bad = np.nonzero(~ok)[0]
@@ -267,64 +279,22 @@ class ScopeKVCache:
     def rows_of(self, lo: int, hi: int) -> tuple[mx.array, mx.array, np.ndarray, np.ndarray]:
         """(keys, values, tokens, visible) of the stored rows of tokens [lo, hi), token order."""
         self._require_uniform("reading rows as one row per token (segments, splices, row edits)")
-        return self._rows(lo, hi)
-
-    def head_presence(self) -> np.ndarray:
-        """`[kv_heads, n_rows]`: whether each head holds each row of `row_token` (all True unless head-wise)."""
-        toks = self.row_token
-        if not self.is_headwise:
-            return np.ones((self.n_kv_heads, len(toks)), bool)
-        live, aside = self._live, self._aside
-        assert isinstance(live, HeadRowStore) and isinstance(aside, HeadRowStore)
-        return live.presence(toks) | aside.presence(toks)
-
-    def _rows(self, lo: int, hi: int) -> tuple[mx.array, mx.array, np.ndarray, np.ndarray]:
-        # Head-wise layers: one row per token some head holds, zeros where a head does not (see head_presence).
-        parts = []
-        for rows, vis in ((self._live, True), (self._aside, False)):
-            t = rows.toks()
-            sel = (t >= lo) & (t < hi)
-            if sel.any():
-                if isinstance(rows, HeadRowStore):
-                    k, v, toks, _ = rows.union_rows(sel)
-                else:
-                    k, v, toks = rows.take(sel)
-                parts.append((k, v, toks, np.full(len(toks), vis)))
-        if not parts:
-            store = self._live if self._live.keys is not None else self._aside
-            if store.keys is None or store.values is None:
-                raise ValueError("the cache holds no rows yet")
-            return store.keys[..., :0, :], store.values[..., :0, :], np.zeros(0, _I64), np.zeros(0, bool)
-        toks = np.concatenate([p[2] for p in parts])
-        order = np.argsort(toks, kind="stable")
-        keys = concat_rows([p[0] for p in parts])
-        values = concat_rows([p[1] for p in parts])
-        if len(parts) > 1:
-            keys, values = gather(keys, order), gather(values, order)
-        return keys, values, toks[order], np.concatenate([p[3] for p in parts])[order]
+        return self._rows.rows(lo, hi)
 
     def tail_rows(self, m: int) -> tuple[mx.array, mx.array]:
         """Contiguous copies of the last `m` attended rows."""
         self._require_uniform("reading the last rows")
-        keys, values = self._live.kv()
-        n = self._live.n
+        keys, values = self._rows.live.kv()
+        n = self._rows.live.n
         return slice_rows(keys, n - m, n), slice_rows(values, n - m, n)
 
     # ------------------------------------------------------------ editing
     def set_visible(self, token_lo: int, token_hi: int, visible: bool) -> int:
-        """Mask or unmask the rows of logical tokens [lo, hi). Returns rows changed.
+        """Mask or unmask the rows of logical tokens [lo, hi) (in every head). Returns rows changed.
 
         One gather per call; decode afterwards attends only the visible rows.
         """
-        src, dst = (self._aside, self._live) if visible else (self._live, self._aside)
-        t = src.toks()
-        sel = (t >= token_lo) & (t < token_hi)
-        if not sel.any():
-            return 0
-        keys, values, toks = src.take(sel)
-        src.keep(~sel)
-        dst.merge(keys, values, toks)  # type: ignore[arg-type]
-        return len(toks) if toks.ndim == 1 else len(np.unique(toks[toks >= 0]))
+        return self._rows.move(token_lo, token_hi, visible)
 
     def keep_head_tokens(self, kept: list[np.ndarray]) -> int:
         """Head-wise eviction: KV head h keeps the visible rows of `kept[h]` and drops its other
@@ -341,33 +311,18 @@ class ScopeKVCache:
             )
         if len(kept) != self.n_kv_heads:
             raise InvalidRequestError(f"head-wise decision has {len(kept)} heads; the layer has {self.n_kv_heads}")
-        if not self.is_headwise:
-            self._live, self._aside = _per_head(self._live, self._aside), _per_head(self._aside, self._live)
-        live = self._live
-        toks = live.toks()
-        keep = np.stack([np.isin(toks[h], np.asarray(kept[h], _I64)) for h in range(len(kept))])
-        dropped = int(((toks >= 0) & ~keep).sum())
-        live.keep(keep)
-        return dropped
+        return self._rows.keep_heads(kept)
 
     def evict_tokens(self, tokens: np.ndarray) -> int:
         """Physically drop the rows of `tokens` (positions untouched). Returns rows dropped."""
-        tokens = np.asarray(tokens, _I64)
-        n = 0
-        for rows in (self._live, self._aside):
-            drop = np.isin(rows.toks(), tokens)
-            if drop.any():
-                n += int(drop.sum())
-                rows.keep(~drop)
-        return n
+        return self._rows.drop(np.asarray(tokens, _I64))
 
     def delete_tokens(self, lo: int, hi: int, d_pos: int = 0, rotate: Rotate | None = None) -> None:
         """Remove tokens [lo, hi): their rows and positions. Later tokens move down
         by `hi - lo` indices and by `d_pos` positions (keys re-rotated by `rotate`)."""
         self._require_uniform("deleting tokens")
         self.evict_tokens(np.arange(lo, hi))
-        for rows in (self._live, self._aside):
-            rows.shift_from(hi, lo - hi, d_pos, rotate)
+        self._rows.shift_from(hi, lo - hi, d_pos, rotate)
         pos = self._pos[: self._n_tokens]
         self._pos = np.concatenate([pos[:lo], pos[hi:] + d_pos])
         self._n_tokens -= hi - lo
@@ -392,41 +347,21 @@ class ScopeKVCache:
         self._require_uniform("inserting tokens")
         m = keys.shape[2]
         positions = np.asarray(positions, _I64)
-        visible = np.asarray(visible, bool)
-        for rows in (self._live, self._aside):
-            rows.shift_from(at, m, shift, rotate)
+        self._rows.shift_from(at, m, shift, rotate)
         pos = self._pos[: self._n_tokens]
         self._pos = np.concatenate([pos[:at], positions, pos[at:] + shift])
         self._n_tokens += m
-        new = np.arange(at, at + m, dtype=_I64)
-        for rows, sel in ((self._live, visible), (self._aside, ~visible)):
-            if sel.any():
-                idx = np.nonzero(sel)[0]
-                rows.merge(gather(keys, idx), gather(values, idx), new[idx])
+        self._rows.add(keys, values, np.arange(at, at + m, dtype=_I64), np.asarray(visible, bool))
         self._sync_offset()
 
     def overwrite_rows(self, lo: int, keys: mx.array, values: mx.array) -> int:
         """Overwrite the K/V of tokens [lo, lo + m) where this layer holds them. Returns rows written."""
         self._require_uniform("overwriting rows")
-        m = keys.shape[2]
-        written = 0
-        for rows in (self._live, self._aside):
-            t = rows.toks()
-            sel = np.nonzero((t >= lo) & (t < lo + m))[0]
-            if len(sel) and rows.keys is not None and rows.values is not None:
-                src = mx.array((t[sel] - lo).astype(np.int32))
-                dst = mx.array(sel.astype(np.int32))
-                rows.keys[..., dst, :] = take_rows(keys, src)
-                rows.values[..., dst, :] = take_rows(values, src)
-                written += len(sel)
-        return written
+        return self._rows.overwrite(lo, keys, values)
 
     def map_rows(self, fn: RowMap) -> None:
         """Replace every stored row's K/V by `fn(keys, values)` (same shapes), e.g. a quantization round trip."""
-        for rows in (self._live, self._aside):
-            if rows.n:
-                keys, values = fn(*rows.kv())
-                rows.set(keys, values, rows.toks())
+        self._rows.map(fn)
 
     def truncated(self, n_tokens: int) -> ScopeKVCache:
         """A copy holding only logical tokens < n_tokens (rows, masks and positions)."""
@@ -442,7 +377,7 @@ class ScopeKVCache:
 
     def copy(self) -> ScopeKVCache:
         other = ScopeKVCache()
-        other._live, other._aside = self._live.copy(), self._aside.copy()
+        other._rows = self._rows.copy()
         other._pos = self._pos[: self._n_tokens].copy()
         other._n_tokens, other._offset = self._n_tokens, self._offset
         return other
@@ -461,42 +396,17 @@ class ScopeKVCache:
 
         `head_presence` (`[kv_heads, n_rows]`, as `head_presence()` wrote it) rebuilds a head-wise layer.
         """
-        row_tokens = np.asarray(row_tokens, _I64)
-        row_visible = np.asarray(row_visible, bool)
         pos = np.asarray(token_positions, _I64)
-        n = len(pos)
-        if row_tokens.ndim != 1 or row_visible.shape != row_tokens.shape or pos.ndim != 1:
-            raise ValueError("row lists must be flat and of one length")
-        if keys.shape[2] != len(row_tokens) or values.shape[2] != len(row_tokens):
-            raise ValueError(f"{keys.shape[2]} key rows for {len(row_tokens)} row tokens")
-        if len(row_tokens) and (np.any(np.diff(row_tokens) <= 0) or row_tokens[0] < 0 or row_tokens[-1] >= n):
-            raise ValueError(f"row tokens must be increasing and within the {n} tokens")
-        if n and (pos[0] < 0 or np.any(np.diff(pos) <= 0)):
+        if pos.ndim != 1 or (len(pos) and (pos[0] < 0 or np.any(np.diff(pos) <= 0))):
             raise ValueError("token positions must be increasing non-negative integers")
         obj = cls()
-        for rows, sel in ((obj._live, row_visible), (obj._aside, ~row_visible)):
-            if sel.any():
-                idx = np.nonzero(sel)[0]
-                rows.set(gather(keys, idx), gather(values, idx), row_tokens[idx])
-        obj._pos, obj._n_tokens = pos.copy(), n
+        obj._rows = RowSets.from_rows(keys, values, row_tokens, row_visible, len(pos), head_presence)
+        obj._pos, obj._n_tokens = pos.copy(), len(pos)
         obj._sync_offset()
-        if head_presence is not None and not np.asarray(head_presence, bool).all():
-            obj._split_heads(np.asarray(head_presence, bool), row_visible)
         return obj
 
-    def _split_heads(self, presence: np.ndarray, row_visible: np.ndarray) -> None:
-        if presence.shape != (self.n_kv_heads, len(row_visible)):
-            raise ValueError(
-                f"head presence is {presence.shape}, not [kv heads, rows] = {(self.n_kv_heads, len(row_visible))}"
-            )
-        self._live, self._aside = _per_head(self._live, self._aside), _per_head(self._aside, self._live)
-        for rows, sel in ((self._live, row_visible), (self._aside, ~row_visible)):
-            rows.keep(presence[:, sel])
-
     # ------------------------------------------------------------ internals
-    def _append_per_head(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        live = self._live
-        assert isinstance(live, HeadRowStore)
+    def _append_per_head(self, live: HeadRowStore, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         if self._mask_owed:  # a tripwire: without the mask, heads would attend their holes
             raise RuntimeError(
                 "a head-wise compressed layer was attended without its per-head mask: the model's attention "
@@ -522,24 +432,8 @@ class ScopeKVCache:
     def _sync_offset(self) -> None:
         self._offset = int(self._pos[self._n_tokens - 1]) + 1 if self._n_tokens else 0
 
-    def _reserve(self, n_rows: int, keys: mx.array, values: mx.array) -> None:
-        self._reserve_positions(keys.shape[2])
-        assert isinstance(self._live, RowStore)
-        self._live.reserve(n_rows, keys, values, self.step)
-
     def _reserve_positions(self, n_new: int) -> None:
         if len(self._pos) < self._n_tokens + n_new:
             grown = np.zeros(self._n_tokens + n_new + self.step, _I64)
             grown[: self._n_tokens] = self._pos[: self._n_tokens]
             self._pos = grown
-
-
-def _per_head(rows: RowStore | HeadRowStore, other: RowStore | HeadRowStore) -> HeadRowStore:
-    """`rows` as a HeadRowStore in which every head holds every row (shaped like `other` when empty)."""
-    if isinstance(rows, HeadRowStore):
-        return rows
-    if rows.n:
-        return HeadRowStore.uniform(*rows.kv(), rows.toks())
-    src = rows if rows.keys is not None else other
-    assert src.keys is not None and src.values is not None, "the layer holds no rows"
-    return HeadRowStore.uniform(src.keys[..., :0, :], src.values[..., :0, :], np.zeros(0, _I64))

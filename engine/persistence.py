@@ -113,6 +113,7 @@ def session_doc(s: Session, fingerprint: str, model_name: str, cache_name: str, 
                 "row_token": c.row_token.tolist(),
                 "row_position": c.row_position.tolist(),
                 "row_visible": c.row_visible.astype(int).tolist(),
+                **({"head_rows": c.head_presence().astype(int).tolist()} if getattr(c, "is_headwise", False) else {}),
             }
             for c in s.caches
         ],

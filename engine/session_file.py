@@ -34,6 +34,7 @@ from kvscope.engine.blocks import TokenState
 from kvscope.engine.bounded_io import MAX_JSON_BYTES, check_fields, loads_json, open_regular, read_regular
 from kvscope.engine.errors import SegmentFileError
 from kvscope.engine.events import SessionId
+from kvscope.engine.head_states import head_rows
 from kvscope.engine.kv_cache import ScopeKVCache
 from kvscope.engine.model_limits import MAX_POSITION, ModelLimits
 from kvscope.engine.safetensors_reader import MAX_HEADER, SafetensorsFile, json_int
@@ -126,8 +127,8 @@ def _turn(name: str, i: int, rec: Any) -> TurnStats:
 
 def _rows(name: str, i: int, lay: Any, n_tokens: int) -> tuple[list[np.ndarray], int, int]:
     keys = {"offset", "next_token", "row_token", "row_position", "row_visible"}
-    if not isinstance(lay, dict) or set(lay) != keys:
-        raise SegmentFileError(f"session {name}: layer {i} record must have exactly {sorted(keys)}")
+    if not isinstance(lay, dict) or set(lay) - {"head_rows"} != keys:
+        raise SegmentFileError(f"session {name}: layer {i} record must have exactly {sorted(keys)} (+ head_rows)")
     lists = [lay[k] for k in ("row_token", "row_position", "row_visible")]
     if not all(isinstance(v, list) and all(json_int(x) and 0 <= x < MAX_POSITION for x in v) for v in lists):
         raise SegmentFileError(f"session {name}: layer {i} rows must be lists of integers in [0, {MAX_POSITION})")
@@ -142,7 +143,7 @@ def _rows(name: str, i: int, lay: Any, n_tokens: int) -> tuple[list[np.ndarray],
     offset, next_token = lay["offset"], lay["next_token"]
     if not (json_int(offset) and 0 <= offset <= MAX_POSITION and json_int(next_token) and next_token == n_tokens):
         raise SegmentFileError(f"session {name}: layer {i} offset/next_token out of range")
-    return [tok, pos, vis], offset, next_token
+    return [tok, pos, vis, head_rows(name, i, lay.get("head_rows"), n)], offset, next_token
 
 
 def _cache(
@@ -185,11 +186,11 @@ def _layer(
     name: str, i: int, rows: tuple[list[np.ndarray], int, int], arrays: dict[str, np.ndarray], positions: np.ndarray
 ) -> ScopeKVCache:
     """One layer's cache from its checked rows; the cache itself owns positions (and re-checks them)."""
-    (tok, pos, vis), offset, _ = rows
+    (tok, pos, vis, heads), offset, _ = rows
     empty = np.zeros((1, 1, 0, 1), np.float32)
     k, v = (arrays[f"{i}.keys"], arrays[f"{i}.values"]) if len(tok) else (empty, empty)
     try:
-        c = ScopeKVCache.from_rows(mx.array(k), mx.array(v), tok, vis.astype(bool), positions)
+        c = ScopeKVCache.from_rows(mx.array(k), mx.array(v), tok, vis.astype(bool), positions, heads)
     except ValueError as exc:
         raise SegmentFileError(f"session {name}: layer {i} rows are inconsistent ({exc})") from exc
     if not np.array_equal(c.row_position, pos) or c.offset != offset:

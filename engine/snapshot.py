@@ -14,6 +14,7 @@ import numpy as np
 from kvscope.engine.blocks import block_states, chain_hashes
 from kvscope.engine.caches.describe import layer_label, layer_note
 from kvscope.engine.events import BlockHash, SessionId
+from kvscope.engine.head_states import head_block_states, head_token_states
 from kvscope.engine.session import Session, TurnStats
 
 
@@ -38,6 +39,10 @@ class SessionSnapshot:
     turns: tuple[TurnStats, ...]
     layer_labels: tuple[str, ...] = ()  # per cache: "3 attn", "4 win 512", "5 state"
     layer_notes: tuple[str, ...] = ()  # per cache: what kind of cache it is, bytes, last token absorbed
+    head_state: tuple[np.ndarray | None, ...] = ()  # per layer [kv_heads, tokens] where heads differ, else None
+    head_block_state: np.ndarray | None = None  # [layers, kv_heads, blocks], None when no layer differs per head
+    layer_budgets: tuple[int, ...] | None = None  # per layer budget of the last decision
+    head_budgets: tuple[tuple[int, ...], ...] | None = None  # per layer, rows each KV head keeps (head-wise)
 
     @property
     def n_tokens(self) -> int:
@@ -70,6 +75,7 @@ def take_snapshot(
     hashes: list[BlockHash | None] = list(chain_hashes(ids[: plain - plain % block_size], block_size, root))
     hashes += [None] * (n_blocks - len(hashes))
     scores = None
+    heads = head_token_states(session.caches, state)
     decision = session.last_decision
     if decision is not None and getattr(decision, "token_scores", None) is not None:
         scores = decision.token_scores(len(ids))
@@ -93,4 +99,18 @@ def take_snapshot(
         turns=tuple(session.turns),
         layer_labels=tuple(layer_label(i, c) for i, c in enumerate(session.caches)),
         layer_notes=tuple(layer_note(c) for c in session.caches),
+        head_state=heads,
+        head_block_state=head_block_states(heads, state, block_size),
+        layer_budgets=_layer_budgets(decision),
+        head_budgets=_head_budgets(decision),
     )
+
+
+def _layer_budgets(decision: object) -> tuple[int, ...] | None:
+    layers = getattr(decision, "layers", None)
+    return tuple(int(layer.budget) for layer in layers) if layers else None
+
+
+def _head_budgets(decision: object) -> tuple[tuple[int, ...], ...] | None:
+    hb = getattr(decision, "head_budgets", None)
+    return tuple(tuple(int(x) for x in b) for b in hb) if hb else None

@@ -196,7 +196,9 @@ def run_benchmark(
                         )
                         n_bytes = d.quantized_bytes if d.quantized_bytes is not None else d.bytes_after
                         fact = np.arange(*ep.fact_tokens)
-                        fact_kept = float(np.mean([np.isin(fact, layer.kept).mean() for layer in d.layers]))
+                        # per KV head where heads keep their own rows (head-wise policies)
+                        width = int(fact.max()) + 1
+                        fact_kept = float(np.mean([layer.head_keep_mask(width)[:, fact].mean() for layer in d.layers]))
                     else:
                         n_bytes = sum(c.nbytes for c in caches)
                     gen, lp, first, n_steps, secs = answer(model, caches, prompt[n_ctx:], ans, eos)

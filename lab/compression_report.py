@@ -143,8 +143,9 @@ def plot(tables: dict[str, list[Row]], path: Path) -> bool:
                 ys = [scale * getattr(r, metric) for _, r in pts]
                 style = "--" if label == "random" else ("-." if "+" in label else "-")
                 if metric == "accuracy_all":  # Wilson 95% intervals
-                    err = [[y - scale * r.accuracy_ci.lo for y, (_, r) in zip(ys, pts)]]
-                    err.append([scale * r.accuracy_ci.hi - y for y, (_, r) in zip(ys, pts)])
+                    # clamped at 0: at 100% the interval's top is 1 up to rounding
+                    err = [[max(0.0, y - scale * r.accuracy_ci.lo) for y, (_, r) in zip(ys, pts)]]
+                    err.append([max(0.0, scale * r.accuracy_ci.hi - y) for y, (_, r) in zip(ys, pts)])
                     ax.errorbar(xs, ys, yerr=err, fmt=style, marker="o", capsize=2, label=label)
                 else:
                     ax.plot(xs, ys, style, marker="o", label=label)

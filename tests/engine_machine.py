@@ -47,6 +47,7 @@ def fingerprint(eng: Engine, sid: str) -> str:
     h.update(repr((s.tokens, s.origin, s.positions, s.messages, s.transcript_text, len(s.undo_stack))).encode())
     for c in s.caches:
         h.update(c.row_token.tobytes() + c.masked_tokens.tobytes() + c.token_positions.tobytes())
+        h.update(c.head_presence().tobytes())  # which KV head holds which row (head-wise compression)
         if c.n_rows:
             k, v = c.state
             h.update(np.array(k).tobytes() + np.array(v).tobytes())

@@ -13,17 +13,21 @@ and runs `lint-imports` on it, with pyproject's contracts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]
 
 
-def run(root: Path, config: Path) -> subprocess.CompletedProcess[str]:
+@contextlib.contextmanager
+def installed_tree(root: Path, config: Path) -> Iterator[str]:
+    """A throwaway folder where `kvscope/<name>` links to `root/<folder>` (pyproject's package-dir)."""
     line = re.search(r"^package-dir = \{(.*)\}$", config.read_text(), re.M)
     assert line, "pyproject.toml has no one-line package-dir table"
     package_dir = dict(re.findall(r'"([\w.]+)" = "([\w./-]+)"', line.group(1)))
@@ -32,6 +36,11 @@ def run(root: Path, config: Path) -> subprocess.CompletedProcess[str]:
             link = Path(tmp, *name.split("."))
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to((root / folder).resolve(), target_is_directory=True)
+        yield tmp
+
+
+def run(root: Path, config: Path) -> subprocess.CompletedProcess[str]:
+    with installed_tree(root, config) as tmp:
         env = dict(os.environ, PYTHONPATH=tmp)
         lint = Path(sys.executable).with_name("lint-imports")
         return subprocess.run([str(lint), str(config), "--no-cache"], cwd=tmp, env=env, capture_output=True, text=True)

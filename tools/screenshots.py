@@ -43,7 +43,8 @@ def wait_until(app: object, pred: object, timeout_s: float = 60.0) -> None:
 def settle(app: object, win: object, ms: int = 300) -> None:
     """Let pending snapshots arrive and one redraw happen."""
     end = time.perf_counter() + ms / 1000
-    wait_until(app, lambda: win.bridge.in_flight() == 0)  # type: ignore[attr-defined]
+    # Fidelity measured after an edit runs when the engine is idle: wait for it too, so no shot says "busy".
+    wait_until(app, lambda: win.bridge.in_flight() == 0 and win.fidelity.n_waiting() == 0)  # type: ignore[attr-defined]
     while time.perf_counter() < end:
         app.processEvents()  # type: ignore[attr-defined]
         time.sleep(0.01)
@@ -100,6 +101,16 @@ def _session(app: object, win: object, name: str, system: str | None = SYSTEM) -
 
 
 def _scenes(app: object, win: object, out: Path, model: str | None) -> int:
+    a, b = _sessions_scenes(app, win, out, model)
+    _edit_scenes(app, win, out, a, b)
+    _long_scene(app, win, out)
+    if win.last_error:
+        print(f"last error shown in the window: {win.last_error}")
+    return 0
+
+
+def _sessions_scenes(app: object, win: object, out: Path, model: str | None) -> tuple[object, object]:
+    """Two chats sharing a prefix, then four in tabs, then their prefix tree; returns alice and bob."""
     win.load_model(model)
     wait_until(app, lambda: len(win.views) == 1, 120)
     win.close_session(win.active_view().sid)
@@ -128,7 +139,11 @@ def _scenes(app: object, win: object, out: Path, model: str | None) -> int:
         tree.itemClicked.emit(tree.topLevelItem(0), 0)
     settle(app, win)
     shoot(win, out, "prefix_tree.png")
+    return a, b
 
+
+def _edit_scenes(app: object, win: object, out: Path, a: object, b: object) -> None:
+    """A masked region, a splice side by side with its report, a compression decision."""
     win.set_active(a.sid)
     a.select(16, 40)
     a.actions_.mask()
@@ -155,7 +170,21 @@ def _scenes(app: object, win: object, out: Path, model: str | None) -> int:
     settle(app, win)
     shoot(win, out, "compression_decision.png")
     win.toggle_compare()
+    if "adakv" in policies:  # head-wise: each KV head keeps its own rows (AdaKV budgets)
+        win.set_active(a.sid)
+        win.set_active(b.sid)  # shows bob's view again (compare mode is off)
+        b.actions_.undo()  # back to the full cache: the same notes, compressed head-wise instead
+        settle(app, win, 500)
+        b.actions_.compress("adakv", 0.5, None)
+        settle(app, win, 500)
+        win.tabs.setCurrentWidget(win.decisions)
+        win.decisions.heads.layer.setValue(1)
+        settle(app, win)
+        shoot(win, out, "compression_headwise.png")
 
+
+def _long_scene(app: object, win: object, out: Path) -> None:
+    """A ~2,000-token session, the block map following its end."""
     long = _session(app, win, "long notes")
     long.max_tokens.setValue(60)
     chat(app, win, long, "Notes:\n" + "\n".join(NOTES.splitlines()[1:]) * 1 + ("\n" + NOTES.split("\n", 1)[1]) * 34)
@@ -164,10 +193,6 @@ def _scenes(app: object, win: object, out: Path, model: str | None) -> int:
     settle(app, win)
     print(f"long session: {len(long.strip.texts)} tokens")
     shoot(win, out, "long_session.png")
-
-    if win.last_error:
-        print(f"last error shown in the window: {win.last_error}")
-    return 0
 
 
 if __name__ == "__main__":

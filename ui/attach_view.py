@@ -344,7 +344,7 @@ class AttachWindow(QMainWindow):
         lay.addWidget(split, 1)
         self.prompt = QLineEdit()  # one prompt for every engine: which would hit, and how much
         self.prompt.setPlaceholderText("a prompt for every engine: the cached prefix each would find")
-        self.prompt.textChanged.connect(lambda text: [v.prompt.setText(text) for v in self.views])
+        self.prompt.textChanged.connect(self._prompt_every_engine)
         self.prompt.setVisible(len(self.views) > 1)
         lay.addWidget(self.prompt)
         self.common = QLabel()
@@ -355,6 +355,10 @@ class AttachWindow(QMainWindow):
         self.timer.timeout.connect(self.refresh_common)
         self.timer.start()
         self.refresh_common()
+
+    def _prompt_every_engine(self, text: str) -> None:
+        for v in self.views:
+            v.prompt.setText(text)
 
     def refresh_common(self) -> None:
         tok = next((v.tokenizer for v in self.views if v.tokenizer is not None), None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvscope.engine.blocks import TokenState
+from kvscope.engine.head_states import head_occupancy
 from kvscope.engine.snapshot import SessionSnapshot
 from kvscope.ui.palette import state_name
 
@@ -27,6 +28,10 @@ def describe_block(snap: SessionSnapshot | None, layer: int, block: int) -> str:
     text = "".join(snap.token_text[lo:hi]).replace("\n", "⏎")
     counts = ", ".join(f"{state_name(s)} {int((states == s).sum())}" for s in np.unique(states))
     first, last = int(snap.positions[lo]), int(snap.positions[hi - 1])
+    heads = snap.head_state[layer] if layer < len(snap.head_state) else None
+    if heads is not None:  # head-wise compressed layer: each KV head holds its own rows
+        held = head_occupancy(heads, lo, hi)
+        counts += f" · KV heads hold {', '.join(map(str, held))} of {hi - lo} rows"
     return (
         f"block {block} · layer {layer} · tokens [{lo}, {hi}) · positions {first}–{last} · {counts} · "
         f"{per_row * int(stored[:, lo:hi].sum()) / 1024:.1f} KiB · hash {h or '— (partial/edited)'} · "

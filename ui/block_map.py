@@ -4,6 +4,9 @@ Promises:
 - one pyqtgraph `ImageItem` with a fixed LUT (one colour per TokenState) and
   fixed levels, so a redraw is a single `setImage` of a uint8 view — no
   per-frame autolevels, no colour mixing of states;
+- where a layer's KV heads hold different rows (head-wise compression), each
+  layer row is split into one thin sub-row per KV head showing that head's
+  occupancy (`set_states(..., head_state)`); y still reads as the layer;
 - x is the block index, y the layer (layer 0 on top); ticks sit on cell
   centres and are whole numbers only, spaced so labels never overlap;
 - the view follows the growing cache (the whole cache while it fits
@@ -25,16 +28,27 @@ import math
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QMimeData, QPointF, Qt, Signal
+from pyqtgraph.GraphicsScene.mouseEvents import MouseClickEvent
+from PySide6.QtCore import QEvent, QMimeData, QPointF, QRectF, Qt, Signal
+from PySide6.QtGui import QDragEnterEvent, QDragLeaveEvent, QDragMoveEvent, QDropEvent
 from PySide6.QtWidgets import QWidget
 
 from kvscope.engine.blocks import N_STATES
-from kvscope.ui.drops import MIME_SEGMENT, has_payload, refusal
+from kvscope.ui.drag_format import accept_drop, accept_enter, accept_move
 from kvscope.ui.palette import state_lut
 
-__all__ = ["MIME_SEGMENT", "BlockMap", "IndexAxis"]
+__all__ = ["BlockMap", "IndexAxis"]
 FOLLOW_BLOCKS = 160  # show the whole cache up to this many blocks, then the live end
 MIN_BLOCKS_SHOWN = 8
+
+
+def per_head_rows(block_state: np.ndarray, head_state: np.ndarray) -> np.ndarray:
+    """`[layers * kv_heads, blocks]`: each layer's heads as consecutive rows."""
+    n_layers, n_blocks = block_state.shape
+    n_heads, known = head_state.shape[1], min(head_state.shape[2], n_blocks)
+    out = np.repeat(block_state[:, None, :], n_heads, axis=1)
+    out[:, :, :known] = head_state[:n_layers, :, :known]
+    return out.reshape(n_layers * n_heads, n_blocks)
 
 
 class IndexAxis(pg.AxisItem):
@@ -46,7 +60,7 @@ class IndexAxis(pg.AxisItem):
         super().__init__(orientation)
         self.px_per_label = px_per_label
 
-    def tickValues(self, minVal: float, maxVal: float, size: float) -> list:  # noqa: N802, N803
+    def tickValues(self, minVal: float, maxVal: float, size: float) -> list[tuple[float, list[float]]]:  # noqa: N802, N803
         lo_val, hi_val = sorted((minVal, maxVal))  # an inverted axis (layers) passes them reversed
         lo, hi = math.ceil(lo_val - 0.5), math.floor(hi_val - 0.5)
         if hi < lo or size <= 0:
@@ -76,10 +90,10 @@ class BlockMap(pg.PlotWidget):
     drop_refused = Signal(str)
     follow_changed = Signal(bool)
 
-    def __init__(self, parent: QWidget | None = None) -> None:
+    def __init__(self, parent: QWidget | None = None, session: str = "") -> None:
         axes = {"bottom": IndexAxis("bottom", 44), "left": IndexAxis("left", 16)}
         super().__init__(parent, axisItems=axes)
-        self.session = ""
+        self.session = session  # drops of a span of this session need Ctrl (see drag_format)
         self.setBackground((24, 24, 28))
         self.image = pg.ImageItem(axisOrder="col-major")
         self.image.setLookupTable(state_lut())
@@ -119,13 +133,16 @@ class BlockMap(pg.PlotWidget):
         ticks = [(i + 0.5, text) for i, text in enumerate(labels)]
         self.getAxis("left").setTicks([ticks, []] if ticks else None)
 
-    def set_states(self, block_state: np.ndarray) -> None:
-        """Draw `[layers, blocks]` uint8 TokenStates."""
+    def set_states(self, block_state: np.ndarray, head_state: np.ndarray | None = None) -> None:
+        """Draw `[layers, blocks]` uint8 TokenStates; `head_state` (`[layers, kv_heads, blocks']`)
+        splits each layer into per-head sub-rows (blocks past `blocks'` repeat the layer's state)."""
         n_layers, n_blocks = block_state.shape
         if n_blocks == 0:
             self.image.clear()
         else:
-            self.image.setImage(block_state.T, autoLevels=False, levels=(0, N_STATES))
+            rows = block_state if head_state is None else per_head_rows(block_state, head_state)
+            self.image.setImage(rows.T, autoLevels=False, levels=(0, N_STATES))
+            self.image.setRect(QRectF(0, 0, n_blocks, n_layers))  # sub-rows share their layer's unit
         if (n_layers, n_blocks) != self._shape:
             self._shape = (n_layers, n_blocks)
             self.getViewBox().setLimits(xMax=max(n_blocks + 1, MIN_BLOCKS_SHOWN), yMax=max(n_layers, 1) + 0.5)
@@ -175,50 +192,42 @@ class BlockMap(pg.PlotWidget):
             self._hover = cell
             self.hovered.emit(*cell)
 
-    def _on_mouse_clicked(self, ev: object) -> None:
-        if ev.button() != Qt.MouseButton.LeftButton:  # type: ignore[attr-defined]
+    def _on_mouse_clicked(self, ev: MouseClickEvent) -> None:
+        if ev.button() != Qt.MouseButton.LeftButton:
             return
-        layer, block = self.cell_at(ev.scenePos())  # type: ignore[attr-defined]
+        layer, block = self.cell_at(ev.scenePos())
         if block >= 0:
-            shift = bool(ev.modifiers() & Qt.KeyboardModifier.ShiftModifier)  # type: ignore[attr-defined]
+            shift = bool(ev.modifiers() & Qt.KeyboardModifier.ShiftModifier)
             self.block_clicked.emit(block, shift)
 
-    def leaveEvent(self, ev: object) -> None:  # noqa: N802 - Qt override
+    def leaveEvent(self, ev: QEvent) -> None:  # noqa: N802 - Qt override
         self._hover = (-1, -1)
         self.hovered.emit(-1, -1)
         super().leaveEvent(ev)
 
     # ------------------------------------------------------------ drops
-    def _boundary_at(self, pos: object) -> int:
-        scene = self.mapToScene(pos.toPoint())  # type: ignore[attr-defined]
+    def _boundary_at(self, pos: QPointF) -> int:
+        scene = self.mapToScene(pos.toPoint())
         x = self.getViewBox().mapSceneToView(scene).x()
         return int(np.clip(round(x), 0, self._shape[1]))
 
-    def dragEnterEvent(self, ev: object) -> None:  # noqa: N802
-        if has_payload(ev.mimeData()):  # type: ignore[attr-defined]
-            ev.acceptProposedAction()  # type: ignore[attr-defined]
+    def dragEnterEvent(self, ev: QDragEnterEvent) -> None:  # noqa: N802
+        accept_enter(ev)
+
+    def dragMoveEvent(self, ev: QDragMoveEvent) -> None:  # noqa: N802
+        if accept_move(ev, self.session):
+            self.drop_line.setValue(self._boundary_at(ev.position()))
+            self.drop_line.show()
         else:
-            ev.ignore()  # type: ignore[attr-defined]
-
-    def dragMoveEvent(self, ev: object) -> None:  # noqa: N802
-        if refusal(ev.mimeData(), self.session, ev.modifiers()) is not None:  # type: ignore[attr-defined]
             self.drop_line.hide()
-            ev.ignore()  # type: ignore[attr-defined]
-            return
-        self.drop_line.setValue(self._boundary_at(ev.position()))  # type: ignore[attr-defined]
-        self.drop_line.show()
-        ev.acceptProposedAction()  # type: ignore[attr-defined]
 
-    def dragLeaveEvent(self, ev: object) -> None:  # noqa: N802
+    def dragLeaveEvent(self, ev: QDragLeaveEvent) -> None:  # noqa: N802
         self.drop_line.hide()
 
-    def dropEvent(self, ev: object) -> None:  # noqa: N802
+    def dropEvent(self, ev: QDropEvent) -> None:  # noqa: N802
         self.drop_line.hide()
-        mime = ev.mimeData()  # type: ignore[attr-defined]
-        why = refusal(mime, self.session, ev.modifiers())  # type: ignore[attr-defined]
+        why = accept_drop(ev, self.session)
         if why is not None:
             self.drop_refused.emit(why)
-            ev.ignore()  # type: ignore[attr-defined]
             return
-        self.dropped.emit(mime, self._boundary_at(ev.position()))  # type: ignore[attr-defined]
-        ev.acceptProposedAction()  # type: ignore[attr-defined]
+        self.dropped.emit(ev.mimeData(), self._boundary_at(ev.position()))

@@ -23,6 +23,7 @@ import threading
 import traceback
 from collections.abc import Callable
 from concurrent.futures import Future
+from functools import partial
 from typing import Any
 
 from PySide6.QtCore import QObject, QTimer, Signal, Slot
@@ -73,7 +74,7 @@ class EngineBridge(QObject):
         if len(self._callbacks) == 1:
             self.busy_changed.emit(True)
         fut = self.worker.submit(fn)
-        fut.add_done_callback(lambda f, t=ticket: self._emit_finished(t, f))
+        fut.add_done_callback(partial(self._emit_finished, ticket))
         return ticket
 
     def in_flight(self) -> int:

@@ -7,15 +7,18 @@ Promises:
   (`snapshot.scores`, which may be None: then says so);
 - summarises the last `DecisionApplied` event: policy, budget, kept and
   evicted rows per layer;
-- "Apply" calls `compress` through the active session's `SpanActions`.
+- "Apply" calls `compress` through the active session's `SpanActions`;
+- below, `HeadPanel` shows per-KV-head keep masks of a chosen layer and the
+  per-head / per-layer budgets (head-wise policies such as `adakv`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyqtgraph as pg
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -33,6 +36,7 @@ from kvscope.engine.blocks import N_STATES, TokenState
 from kvscope.engine.events import DecisionApplied, Event
 from kvscope.engine.snapshot import SessionSnapshot
 from kvscope.ui.dialogs import format_value, policy_names
+from kvscope.ui.head_panel import HeadPanel
 from kvscope.ui.palette import state_lut
 
 ApplyFn = Callable[[str, float | None, int | None], object]
@@ -54,7 +58,8 @@ class DecisionPanel(QWidget):
         )
         self.ratio.setToolTip("Share of each layer's cache rows the policy keeps (0.50 = half); the rest are evicted")
         self.use_budget = QCheckBox("budget")
-        self.budget = QSpinBox(minimum=1, maximum=1_000_000, value=256, suffix=" tok", enabled=False)
+        self.budget = QSpinBox(minimum=1, maximum=1_000_000, value=256, suffix=" tok")
+        self.budget.setEnabled(False)
         self.use_budget.toggled.connect(self.budget.setEnabled)
         self.use_budget.toggled.connect(lambda on: self.ratio.setEnabled(not on))
         self.apply_btn = QPushButton("Apply to session")
@@ -73,11 +78,15 @@ class DecisionPanel(QWidget):
         split = QSplitter()
         split.addWidget(self.mask_plot)
         split.addWidget(self.score_plot)
+        self.heads = HeadPanel()
+        rows = QSplitter(Qt.Orientation.Vertical)
+        rows.addWidget(split)
+        rows.addWidget(self.heads)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addLayout(controls)
         lay.addWidget(self.summary)
-        lay.addWidget(split, 1)
+        lay.addWidget(rows, 1)
 
     def _on_apply(self) -> None:
         ratio = None if self.use_budget.isChecked() else self.ratio.value()
@@ -109,6 +118,7 @@ class DecisionPanel(QWidget):
         if snap.session != self.session:
             return
         self._show_summary()
+        self.heads.on_snapshot(snap)
         self.mask_img.setImage(snap.token_state.T, autoLevels=False, levels=(0, N_STATES))
         # The plots' ranges were pinned while empty, which turns auto-range off:
         # show the whole layer x token grid of this snapshot.
@@ -133,7 +143,7 @@ class DecisionPanel(QWidget):
             if rep.get(k) is not None
         )
         if ev is None:
-            evicted = self.evicted.get(self.session or "", [])
+            evicted: Sequence[int] = self.evicted.get(self.session or "", [])
             if any(evicted):  # e.g. a session reopened after a restart: its evictions are in the cache
                 self.summary.setText(
                     f"Evicted rows per layer {evicted} ({sum(evicted)} in all), from a decision made before "

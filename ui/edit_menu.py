@@ -1,6 +1,8 @@
 """EditMenu: the Edit menu and its shortcuts, routed to the active session.
 
 Promises:
+- its actions, labels, shortcuts and enabled rule are `actions.EDIT_ACTIONS`
+  (the same table the context menu reads);
 - every action acts on the active session view — the one the person last
   acted in (selected a span, clicked, typed, chose its tab) — and its text
   says which session and which span (“Mask [3, 9) of alice”), so what a
@@ -12,80 +14,59 @@ Promises:
   text field: an editable text field takes its own keys first (Qt's
   shortcut override), so M types “m” and Ctrl+Z undoes typing there;
   anywhere else in the window Ctrl+Z undoes the last edit of the session.
+
+Knows the view only as an `ActionTarget` (no import of the view or window).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import QMenu, QWidget
 
-from kvscope.ui.span_actions import SHORTCUTS
-
-if TYPE_CHECKING:
-    from kvscope.ui.session_view import SessionView
-
-LABELS = {
-    "mask": "Mask",
-    "unmask": "Unmask",
-    "compact": "Compact with a summary…",
-    "erratum": "Append an erratum…",
-    "delete": "Delete",
-    "compress": "Compress with a policy…",
-    "save": "Save as a segment file…",
-    "undo": "Undo the last edit",
-}
-SPAN_OPS = ("mask", "unmask", "compact", "delete", "save")
+from kvscope.ui.actions import ACTIONS, EDIT_ACTIONS, ActionTarget, enabled, fill_menu, menu_text
 
 
 class EditMenu:
     def __init__(
-        self, parent: QWidget, menu: QMenu, active_view: Callable[[], SessionView | None], say: Callable[[str], None]
+        self,
+        parent: QWidget,
+        menu: QMenu,
+        active_view: Callable[[], ActionTarget | None],
+        say: Callable[[str], None],
     ) -> None:
         self._active_view = active_view
         self._say = say
         self.actions: dict[str, QAction] = {}
-        for key, label in LABELS.items():
-            act = QAction(label, parent)
-            act.setShortcut(QKeySequence(SHORTCUTS[key]))
-            act.triggered.connect(lambda _=False, k=key: self.run(k))
-            menu.addAction(act)
-            self.actions[key] = act
-            if key == "save":
-                menu.addSeparator()
+        for action in EDIT_ACTIONS:
+            act = QAction(action.label, parent)
+            act.setShortcut(QKeySequence(action.shortcut))
+            act.triggered.connect(lambda _=False, k=action.key: self.run(k))
+            self.actions[action.key] = act
+        fill_menu(menu, self.actions)
         menu.aboutToShow.connect(self.refresh)
         self.refresh()
 
     def refresh(self) -> None:
         """Texts and enabled states for the active view and its selection."""
         view = self._active_view()
-        lo, hi = view.selection() if view is not None else (0, 0)
-        busy = view is not None and view.generating
+        span = view.selection() if view is not None else (0, 0)
         for key, act in self.actions.items():
-            label = LABELS[key]
-            if view is None:
-                act.setText(label)
-                act.setEnabled(False)
-                continue
-            if key in SPAN_OPS:
-                where = f" [{lo}, {hi})" if hi > lo else " (select a span first)"
-                act.setText(f"{label}{where} of {view.name}")
-                act.setEnabled(hi > lo and not busy)
-            else:
-                act.setText(f"{label} — {view.name}")
-                act.setEnabled(not busy)
+            action = ACTIONS[key]
+            act.setText(menu_text(action, view))
+            act.setEnabled(view is not None and enabled(action, span, view.generating))
 
     def run(self, key: str) -> None:
         """Run the action `key` on the active view and say where it went."""
         view = self._active_view()
         if view is None:
             return
+        action = ACTIONS[key]
         lo, hi = view.selection()
-        if key in SPAN_OPS and hi <= lo:
-            self._say(f"{LABELS[key]}: select a span of {view.name} first")
+        if action.needs_span and hi <= lo:
+            self._say(f"{action.label}: select a span of {view.name} first")
             return
-        where = f" [{lo}, {hi})" if key in SPAN_OPS else ""
+        where = f" [{lo}, {hi})" if action.needs_span else ""
         self._say(f"{key}{where} on {view.name}")
-        view.actions_.trigger(key)
+        view.run_action(key)

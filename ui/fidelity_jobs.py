@@ -54,6 +54,10 @@ class FidelityJobs(QObject):
         self._timer.timeout.connect(self._maybe_start)
         self._timer.start()
 
+    def set_inline_max_tokens(self, n_tokens: int) -> None:
+        """Sessions up to this many tokens measure an edit's fidelity inside the edit."""
+        self.inline_max_tokens = n_tokens
+
     def inline(self, n_tokens: int) -> bool:
         """Measure inside the edit (small sessions) or queue it here."""
         return n_tokens <= self.inline_max_tokens

@@ -20,31 +20,25 @@ Promises:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from PySide6.QtCore import Qt, QTimer
-from PySide6.QtGui import QAction, QCloseEvent, QKeySequence, QShowEvent
+from PySide6.QtGui import QCloseEvent, QKeySequence, QShowEvent
 from PySide6.QtWidgets import QApplication, QDockWidget, QMainWindow, QSplitter, QTabWidget, QWidget
 
-from kvscope.engine.events import (
-    EngineError,
-    Event,
-    GenerationFinished,
-    PrefillChunk,
-    SessionClosed,
-    SessionCreated,
-    SessionId,
-    TokenSampled,
-    TurnStarted,
-)
+from kvscope.engine.events import EngineError, Event, SessionClosed, SessionCreated, SessionId, TurnStarted
 from kvscope.engine.snapshot import SessionSnapshot
+from kvscope.ui.actions import menu_action
 from kvscope.ui.attach_view import attach_engine
 from kvscope.ui.bridge import EngineBridge
 from kvscope.ui.decision_panel import DecisionPanel
 from kvscope.ui.edit_menu import EditMenu
+from kvscope.ui.edit_reports import EditReports
 from kvscope.ui.fidelity_jobs import FidelityJobs
 from kvscope.ui.file_actions import MESSAGE_MS, FileActions
 from kvscope.ui.latency_panel import LatencyPanel
 from kvscope.ui.naming import next_chat_name, unique_name
+from kvscope.ui.prefill_progress import PrefillProgress
 from kvscope.ui.prefix_tree import PrefixTreePanel
 from kvscope.ui.report_panel import ReportPanel
 from kvscope.ui.requests_panel import RequestsPanel
@@ -55,7 +49,6 @@ from kvscope.ui.status import StatusBar
 
 REDRAW_MS = 33  # idle: 30 Hz
 REDRAW_BUSY_MS = 100  # while a session decodes: 10 Hz leaves the GIL to the decode loop
-PROGRESS_MIN_TOKENS = 256  # prefills shorter than this finish before a bar could be read
 
 
 class MainWindow(QMainWindow):
@@ -65,15 +58,15 @@ class MainWindow(QMainWindow):
         self.views: dict[str, SessionView] = {}
         self.active: str | None = None
         self._previous: str | None = None
-        self.model_name: str | None = None
         self.last_error: str | None = None
-        self._progress_sid: str | None = None
         self._pending_names: set[str] = set()
-        self.files = FileActions(self)
         self.fidelity = FidelityJobs(bridge, self)
         self.setWindowTitle("kvscope")
         self.resize(1280, 800)
         self._build()
+        self.files = FileActions(bridge, self.status, self.active_view, self)
+        self.files.model_loaded.connect(self._on_model_loaded)
+        self.files.failed.connect(self.show_error)
         self._menus()
         bridge.events.connect(self._on_events)
         bridge.snapshot_ready.connect(self._on_snapshot)
@@ -88,7 +81,7 @@ class MainWindow(QMainWindow):
     # ------------------------------------------------------------ layout
     def _build(self) -> None:
         self.sessions = SessionsPanel()
-        self.sessions.new_requested.connect(lambda: self.new_session(system=self.sessions.system_prompt()))
+        self.sessions.new_requested.connect(self._new_from_panel)
         self.sessions.duplicate_requested.connect(self.duplicate_session)
         self.sessions.rename_requested.connect(self.rename_session)
         self.sessions.close_requested.connect(self.close_session)
@@ -102,10 +95,6 @@ class MainWindow(QMainWindow):
         self.area = SessionArea()
         self.area.tab_chosen.connect(self.set_active)
         self.report = ReportPanel()
-        self.report.inline_max.setValue(self.fidelity.inline_max_tokens)
-        self.report.inline_max.valueChanged.connect(lambda n: setattr(self.fidelity, "inline_max_tokens", n))
-        self.report.skip_requested.connect(self._skip_measuring)
-        self.fidelity.measured.connect(self._on_measured)
         self.decisions = DecisionPanel(self._apply_policy)
         self.latency = LatencyPanel()
         self.tabs = QTabWidget()
@@ -128,23 +117,23 @@ class MainWindow(QMainWindow):
         self.setCentralWidget(vsplit)
         self.status = StatusBar(self.bridge)
         self.setStatusBar(self.status)
+        self.progress = PrefillProgress(self.status, self._name_of)
+        self.reports = EditReports(
+            self.report, self.decisions, self.fidelity, self.views.get, lambda: self.tabs.setCurrentWidget(self.report)
+        )
 
     def _menus(self) -> None:
         file = self.menuBar().addMenu("&File")
-        self.open_action = _act(self, file, "Open model…", self.files.ask_open_model, QKeySequence.StandardKey.Open)
-        _act(self, file, "Export trace…", self.files.ask_export_trace)
-        _act(self, file, "Export session…", self.files.ask_export_session)
-        _act(self, file, "Import segment…", self.files.ask_import_segment)
-        _act(self, file, "Import session…", self.files.ask_import_session)
-        _act(self, file, "Attach to engine…", lambda: attach_engine(self))  # vLLM KV events, read-only view
+        self.open_action = self.files.add_to(file)
+        menu_action(self, file, "Attach to engine…", lambda: attach_engine(self))  # vLLM KV events, read-only view
         file.addSeparator()
-        _act(self, file, "Quit", self.close, QKeySequence.StandardKey.Quit)
+        menu_action(self, file, "Quit", self.close, QKeySequence.StandardKey.Quit)
         sess = self.menuBar().addMenu("&Session")
-        _act(self, sess, "New", lambda: self.new_session(system=self.sessions.system_prompt()), "Ctrl+N")
-        _act(self, sess, "Duplicate", lambda: self.active and self.duplicate_session(self.active))
-        _act(self, sess, "Close", lambda: self.active and self.close_session(self.active))
+        menu_action(self, sess, "New", self._new_from_panel, "Ctrl+N")
+        menu_action(self, sess, "Duplicate", lambda: self.active and self.duplicate_session(self.active))
+        menu_action(self, sess, "Close", lambda: self.active and self.close_session(self.active))
         sess.addSeparator()
-        self.compare_action = _act(self, sess, "Compare two side by side", self.toggle_compare, "Ctrl+\\")
+        self.compare_action = menu_action(self, sess, "Compare two side by side", self.toggle_compare, "Ctrl+\\")
         self.compare_action.setCheckable(True)
         edit = self.menuBar().addMenu("&Edit")
         self.edit = EditMenu(self, edit, self.active_view, lambda text: self.status.showMessage(text, MESSAGE_MS))
@@ -162,6 +151,19 @@ class MainWindow(QMainWindow):
 
     def import_session(self, path: str | Path) -> int:
         return self.files.import_session(path)
+
+    @property
+    def model_name(self) -> str | None:
+        """The loaded model's name (None before the first load)."""
+        return self.files.model_name
+
+    def _on_model_loaded(self, info: dict[str, Any]) -> None:
+        self.setWindowTitle(f"kvscope — {self.model_name}")
+        if info.get("sessions", 0) == 0:  # saved sessions of this model reopen by themselves
+            self.new_session()
+        errors = info.get("load_errors") or []
+        if errors:
+            self.show_error(f"{len(errors)} saved session(s) could not be reopened: {errors[0]}")
 
     def show_error(self, text: str) -> None:
         self.last_error = text
@@ -181,6 +183,10 @@ class MainWindow(QMainWindow):
             lambda _exc: self._pending_names.discard(name),
         )
 
+    def _new_from_panel(self) -> int:
+        """A new session with the system prompt typed in the sessions panel."""
+        return self.new_session(system=self.sessions.system_prompt())
+
     def duplicate_session(self, sid: str) -> int:
         return self.bridge.call(lambda eng: eng.duplicate_session(SessionId(sid)))
 
@@ -198,18 +204,14 @@ class MainWindow(QMainWindow):
         unique = self._unique_name(sid, name)
         view = SessionView(self.bridge, SessionId(sid), unique)
         view.activated.connect(self.set_active)
-        view.selection_changed.connect(lambda s, lo, hi: s == self.active and self.edit.refresh())
+        view.selection_changed.connect(lambda s, _lo, _hi: self.edit.refresh() if s == self.active else None)
         view.turn_ended.connect(self._on_turn_ended)
         view.notice.connect(lambda text: self.status.showMessage(text, MESSAGE_MS))
-        view.actions_.report_ready.connect(lambda op, rep, v=view: self._on_report(v, op, rep))
-        view.actions_.failed.connect(lambda op, msg, v=view: self.show_error(f"{op} on {v.name} failed: {msg}"))
-        view.actions_.submitted.connect(lambda op, v=view: self._say_if_queued(v, op))
-        # A newer operation changes what a queued measurement would measure: drop it.
-        view.actions_.submitted.connect(lambda _op, v=view: self.fidelity.skip(v.sid))
-        view.actions_.inline_fidelity = lambda v: self.fidelity.inline(v.snapshot.n_tokens if v.snapshot else 0)
-        view.actions_.measure_later.connect(lambda op, rep, v=view: self.fidelity.queue(v.sid, op, rep))
+        view.actions_.failed.connect(lambda op, msg: self.show_error(f"{op} on {view.name} failed: {msg}"))
+        view.actions_.submitted.connect(lambda op: self._say_if_queued(view, op))
+        self.reports.attach(view)
         self.views[sid] = view
-        self.area.add(view)
+        self.area.add(view, sid, unique)
         self.sessions.add(sid, unique)
         if unique != name:  # imports and copies can repeat a name: keep names unique
             self.rename_session(sid, unique)
@@ -229,8 +231,7 @@ class MainWindow(QMainWindow):
         if self.active == sid:
             self.active = None
             self.set_active(next(iter(self.views), None))
-        if self._progress_sid == sid:
-            self._close_progress()
+        self.progress.end(sid)
         self.fidelity.skip(sid)
         self.compare_action.setChecked(self.area.comparing)
 
@@ -286,25 +287,6 @@ class MainWindow(QMainWindow):
         if view is not None:
             view.actions_.compress(policy, ratio, budget)
 
-    def _on_report(self, view: SessionView, op: str, report: dict) -> None:
-        measuring = view.sid if view.sid in self.fidelity.pending else None
-        self.report.show_report(op, view.name, report, measuring)
-        self.decisions.on_report(view.sid, op, report)
-        self.tabs.setCurrentWidget(self.report)
-
-    def _on_measured(self, sid: str, op: str, report: dict) -> None:
-        view = self.views.get(sid)
-        if view is not None:
-            view.actions_.last_report = report
-            self.report.show_report(op, view.name, report, note=" · fidelity measured after the edit")
-
-    def _skip_measuring(self, sid: str) -> None:
-        self.fidelity.skip(sid)
-        view = self.views.get(sid)
-        if view is not None and self.report.last is not None:
-            op, name, report = self.report.last
-            self.report.show_report(op, name, report, note=" · fidelity not measured (skipped)")
-
     def _say_if_queued(self, view: SessionView, op: str) -> None:
         busy = [v.name for v in self.views.values() if v.generating and v is not view]
         if busy:
@@ -322,16 +304,14 @@ class MainWindow(QMainWindow):
         else:
             self.status.set_busy("engine busy" if self.bridge.in_flight() else "")
 
-    # ------------------------------------------------------------ progress
     def _on_turn_ended(self, sid: str) -> None:
-        if sid == self._progress_sid:
-            self._close_progress()
+        self.progress.end(sid)
         self._update_busy()
         self.edit.refresh()
 
-    def _close_progress(self) -> None:
-        self._progress_sid = None
-        self.status.finish_progress()
+    def _name_of(self, sid: str) -> str:
+        view = self.views.get(sid)
+        return view.name if view is not None else sid
 
     # ------------------------------------------------------------ engine -> window
     def _on_events(self, batch: list[Event]) -> None:
@@ -340,6 +320,7 @@ class MainWindow(QMainWindow):
 
     def _dispatch(self, ev: Event) -> None:
         sid = getattr(ev, "session", None)
+        self.progress.on_event(ev)
         if isinstance(ev, SessionCreated):
             if not self.requests.hides(ev.session, ev.name):  # a served request opens when selected
                 self._add_view(ev.session, ev.name)
@@ -350,19 +331,9 @@ class MainWindow(QMainWindow):
             self.fidelity.skip(ev.session)  # the turn changes the cache a queued measurement was for
             self._update_busy()
             self.edit.refresh()
-            if ev.prefilled_tokens > PROGRESS_MIN_TOKENS:
-                self._progress_sid = ev.session
-                name = self.views[ev.session].name if ev.session in self.views else ev.session
-                self.status.start_progress(f"{name}: prefill {ev.prefilled_tokens} tokens", ev.prefilled_tokens)
-        elif isinstance(ev, PrefillChunk) and sid == self._progress_sid:
-            self.status.set_progress(ev.start + ev.n_tokens, ev.total)
-        elif isinstance(ev, (TokenSampled, GenerationFinished)) and sid == self._progress_sid:
-            self._close_progress()  # the prefill is over (the last prompt token is fed with the first decode)
         elif isinstance(ev, EngineError):
-            if sid is not None and sid == self._progress_sid:
-                self._close_progress()
-            name = self.views[sid].name if sid in self.views else None
-            self.show_error(f"{ev.kind}{' in ' + name if name else ''}: {ev.message}")
+            where = f" in {self.views[ev.session].name}" if ev.session in self.views else ""
+            self.show_error(f"{ev.kind}{where}: {ev.message}")
         if sid in self.views:
             self.views[sid].on_event(ev)
         self.latency.on_event(ev)
@@ -394,7 +365,7 @@ class MainWindow(QMainWindow):
 
     def showEvent(self, ev: QShowEvent) -> None:  # noqa: N802
         if not self._focus_hooked:  # follow focus while shown (a closed window may be shown again)
-            QApplication.instance().focusChanged.connect(self._on_focus_changed)
+            _app().focusChanged.connect(self._on_focus_changed)
             self._focus_hooked = True
         super().showEvent(ev)
 
@@ -402,7 +373,7 @@ class MainWindow(QMainWindow):
         self.redraw_timer.stop()
         self.requests.stop()
         if self._focus_hooked:  # a window can be closed more than once
-            QApplication.instance().focusChanged.disconnect(self._on_focus_changed)
+            _app().focusChanged.disconnect(self._on_focus_changed)
             self._focus_hooked = False
         for v in self.views.values():
             if v.generating:
@@ -410,10 +381,7 @@ class MainWindow(QMainWindow):
         super().closeEvent(ev)
 
 
-def _act(win: QMainWindow, menu: object, text: str, slot: object, key: object = None) -> QAction:
-    act = QAction(text, win)
-    if key is not None:
-        act.setShortcut(QKeySequence(key))
-    act.triggered.connect(lambda _=False: slot())  # type: ignore[operator]
-    menu.addAction(act)  # type: ignore[attr-defined]
-    return act
+def _app() -> QApplication:
+    app = QApplication.instance()
+    assert isinstance(app, QApplication), "the window runs in a QApplication"
+    return app

@@ -18,6 +18,7 @@ Knows nothing about the engine: it reads `SessionSnapshot`s.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from PySide6.QtCore import Qt
@@ -136,7 +137,7 @@ class PrefixTreePanel(QWidget):
         )
 
 
-def _walk(node: PrefixNode):  # noqa: ANN202
+def _walk(node: PrefixNode) -> Iterator[PrefixNode]:
     yield node
     for c in node.children:
         yield from _walk(c)

@@ -105,7 +105,8 @@ class ReportPanel(QWidget):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.pending_sid: str | None = None
-        self.skip_btn = QToolButton(text="skip measuring")
+        self.skip_btn = QToolButton()
+        self.skip_btn.setText("skip measuring")
         self.skip_btn.setToolTip("Drop this edit's fidelity measurement (a full recompute of the session)")
         self.skip_btn.clicked.connect(lambda: self.pending_sid and self.skip_requested.emit(self.pending_sid))
         self.skip_btn.hide()
@@ -118,7 +119,10 @@ class ReportPanel(QWidget):
         self.title.setWordWrap(True)
         self.verdict_label = QLabel("")
         self.verdict_label.setWordWrap(True)
-        self.details_btn = QToolButton(text="numbers", checkable=True, checked=True)
+        self.details_btn = QToolButton()
+        self.details_btn.setText("numbers")
+        self.details_btn.setCheckable(True)
+        self.details_btn.setChecked(True)
         self.details_btn.setToolTip(THRESHOLDS)
         self.table = QTableWidget(0, 2)
         self.table.setHorizontalHeaderLabels(["measure", "value"])
@@ -170,12 +174,12 @@ class ReportPanel(QWidget):
         rows = flat_fields(report)
         self.table.setRowCount(len(rows))
         for r, (k, val) in enumerate(rows):
-            name = QTableWidgetItem(human_name(k))
-            name.setToolTip(k)
+            key_item = QTableWidgetItem(human_name(k))
+            key_item.setToolTip(k)
             shown = f"{val:.1%}" if k == "top1_agree" and isinstance(val, float) else format_value(val)
             value = QTableWidgetItem(shown)
             if v is not None and k in ("cosine", "kl", "top1_agree"):
                 value.setForeground(QColor(v[1]))
-            self.table.setItem(r, 0, name)
+            self.table.setItem(r, 0, key_item)
             self.table.setItem(r, 1, value)
         self.table.resizeColumnToContents(0)

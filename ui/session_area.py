@@ -10,8 +10,8 @@ Promises:
 - `tab_chosen(sid)` is emitted only when the person clicks a tab; showing a
   view programmatically (`show_view`) emits nothing.
 
-Knows nothing about the engine; views are `SessionView`s (anything with
-`sid` and `name`).
+Knows nothing about the engine; a view is any widget, added with its
+session id and name.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class SessionArea(QSplitter):
         super().__init__(Qt.Orientation.Horizontal, parent)
         self.setChildrenCollapsible(False)
         self.panes = [self._new_pane(), self._new_pane()]
+        self._sids: dict[QWidget, str] = {}  # view -> its session id
         self.panes[1].hide()
 
     def _new_pane(self) -> QTabWidget:
@@ -41,12 +42,16 @@ class SessionArea(QSplitter):
         return tabs
 
     # ------------------------------------------------------------ views
-    def add(self, view: QWidget) -> None:
-        pane = self.panes[0]
-        pane.addTab(view, view.name)  # type: ignore[attr-defined]
-        pane.setTabToolTip(pane.indexOf(view), view.sid)  # type: ignore[attr-defined]
+    def add(self, view: QWidget, sid: str, name: str) -> None:
+        self._sids[view] = sid
+        self._put(self.panes[0], view, name)
+
+    def _put(self, pane: QTabWidget, view: QWidget, name: str) -> None:
+        pane.addTab(view, name)
+        pane.setTabToolTip(pane.indexOf(view), self._sids[view])
 
     def remove(self, view: QWidget) -> None:
+        self._sids.pop(view, None)
         pane = self.pane_of(view)
         if pane is not None:
             pane.removeTab(pane.indexOf(view))
@@ -66,10 +71,10 @@ class SessionArea(QSplitter):
             pane.setTabText(pane.indexOf(view), name)
 
     def views(self) -> list[QWidget]:
-        return [p.widget(i) for p in self.panes for i in range(p.count())]
+        return [w for p in self.panes for w in _tabs(p)]
 
     def visible_views(self) -> list[QWidget]:
-        return [p.currentWidget() for p in self.panes if p.isVisible() and p.currentWidget() is not None]
+        return [w for p in self.panes if p.isVisible() and (w := p.currentWidget()) is not None]
 
     # ------------------------------------------------------------ compare
     @property
@@ -86,7 +91,7 @@ class SessionArea(QSplitter):
         self.show_view(right)
 
     def end_compare(self) -> None:
-        for view in [self.panes[1].widget(i) for i in range(self.panes[1].count())]:
+        for view in _tabs(self.panes[1]):
             self._move(view, 0)
         self._fold_if_empty()
 
@@ -95,9 +100,9 @@ class SessionArea(QSplitter):
         dst = self.panes[to]
         if src is dst or src is None:
             return
+        name = src.tabText(src.indexOf(view))
         src.removeTab(src.indexOf(view))
-        dst.addTab(view, view.name)  # type: ignore[attr-defined]
-        dst.setTabToolTip(dst.indexOf(view), view.sid)  # type: ignore[attr-defined]
+        self._put(dst, view, name)
 
     def _fold_if_empty(self) -> None:
         if self.panes[1].count() == 0:
@@ -105,5 +110,11 @@ class SessionArea(QSplitter):
 
     def _on_tab_clicked(self, tabs: QTabWidget, index: int) -> None:
         view = tabs.widget(index)
-        if view is not None:
-            self.tab_chosen.emit(view.sid)  # type: ignore[attr-defined]
+        sid = self._sids.get(view) if view is not None else None
+        if sid is not None:
+            self.tab_chosen.emit(sid)
+
+
+def _tabs(pane: QTabWidget) -> list[QWidget]:
+    """The widgets of a pane's tabs, in tab order."""
+    return [w for i in range(pane.count()) if (w := pane.widget(i)) is not None]

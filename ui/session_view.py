@@ -88,7 +88,7 @@ class SessionView(QFrame):
         self._strip_at_end = True
         self.setFrameShape(QFrame.Shape.StyledPanel)
         self._build(name)
-        self.actions_ = SpanActions(self)
+        self.actions_ = SpanActions(bridge, sid, self, self)
         self._connect()
 
     @property
@@ -97,6 +97,21 @@ class SessionView(QFrame):
 
     # ------------------------------------------------------------ layout
     def _build(self, name: str) -> None:
+        self.strip = TokenStrip(session=self.sid)
+        self.strip_scroll = QScrollArea(widgetResizable=True)
+        self.strip_scroll.setWidget(self.strip)
+        self.strip_scroll.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        self.splitter = QSplitter(Qt.Orientation.Vertical)
+        for w in (self._chat_box(), self._map_box(), self.strip_scroll):
+            self.splitter.addWidget(w)
+        self.splitter.setSizes([240, 220, 240])
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(4, 4, 4, 4)
+        lay.addLayout(self._head(name))
+        lay.addWidget(self.splitter, 1)
+
+    def _head(self, name: str) -> QHBoxLayout:
+        """Name, system prompt and the cache's figures, on one line."""
         self.title = QLabel(f"<b>{name}</b>")
         self.info = ElidedLabel("")
         self.info.setStyleSheet("color: #888")
@@ -107,6 +122,10 @@ class SessionView(QFrame):
         head.addWidget(self.title)
         head.addWidget(self.system_label, 1)
         head.addWidget(self.info, 2)
+        return head
+
+    def _chat_box(self) -> QWidget:
+        """The transcript, the message box with Send and Stop, the sampling settings."""
         self.chat = QPlainTextEdit(readOnly=True)
         self.chat.setPlaceholderText("The conversation appears here.")
         self.prompt = MessageEdit()
@@ -117,9 +136,21 @@ class SessionView(QFrame):
         row.addWidget(self.prompt, 1)
         row.addWidget(self.send_btn, 0, Qt.AlignmentFlag.AlignBottom)
         row.addWidget(self.stop_btn, 0, Qt.AlignmentFlag.AlignBottom)
-        self.block_map = BlockMap()
-        self.block_map.session = self.sid
-        self.follow_btn = QToolButton(text="follow the end", checkable=True, checked=True)
+        box = QWidget()
+        lay = QVBoxLayout(box)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.chat, 1)
+        lay.addLayout(row)
+        lay.addLayout(self._sampling_row())
+        return box
+
+    def _map_box(self) -> QWidget:
+        """The block map, its fixed inspector line, the legend and the follow button."""
+        self.block_map = BlockMap(session=self.sid)
+        self.follow_btn = QToolButton()
+        self.follow_btn.setText("follow the end")
+        self.follow_btn.setCheckable(True)
+        self.follow_btn.setChecked(True)
         self.follow_btn.setToolTip("Keep the newest blocks in view (turns off when you zoom or pan the map)")
         self.follow_btn.toggled.connect(self.block_map.set_follow)
         self.block_map.follow_changed.connect(self.follow_btn.setChecked)
@@ -128,41 +159,24 @@ class SessionView(QFrame):
         self.hover_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
         self.hover_label.setFixedHeight(2 * self.hover_label.fontMetrics().lineSpacing() + 4)
         self.hover_label.setTextFormat(Qt.TextFormat.PlainText)
-        self.strip = TokenStrip()
-        self.strip.session = self.sid
-        self.strip_scroll = QScrollArea(widgetResizable=True)
-        self.strip_scroll.setWidget(self.strip)
-        self.strip_scroll.setFocusPolicy(Qt.FocusPolicy.NoFocus)
-        chat_box = QWidget()
-        cl = QVBoxLayout(chat_box)
-        cl.setContentsMargins(0, 0, 0, 0)
-        cl.addWidget(self.chat, 1)
-        cl.addLayout(row)
-        cl.addLayout(self._sampling_row())
-        map_box = QWidget()
-        ml = QVBoxLayout(map_box)
-        ml.setContentsMargins(0, 0, 0, 0)
-        ml.addWidget(self.block_map, 1)
-        ml.addWidget(self.hover_label)
         legend = QHBoxLayout()
         legend.addWidget(state_legend(), 1)
         legend.addWidget(self.follow_btn)
-        ml.addLayout(legend)
-        self.splitter = QSplitter(Qt.Orientation.Vertical)
-        for w in (chat_box, map_box, self.strip_scroll):
-            self.splitter.addWidget(w)
-        self.splitter.setSizes([240, 220, 240])
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(4, 4, 4, 4)
-        lay.addLayout(head)
-        lay.addWidget(self.splitter, 1)
+        box = QWidget()
+        lay = QVBoxLayout(box)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.block_map, 1)
+        lay.addWidget(self.hover_label)
+        lay.addLayout(legend)
+        return box
 
     def _sampling_row(self) -> QHBoxLayout:
         """A one-button summary of the sampling settings; the settings open under it."""
         self.temperature = QDoubleSpinBox(minimum=0.0, maximum=2.0, singleStep=0.1, value=0.0, decimals=2)
         self.top_p = QDoubleSpinBox(minimum=0.01, maximum=1.0, singleStep=0.05, value=1.0, decimals=2)
         self.max_tokens = QSpinBox(minimum=1, maximum=8192, value=128)
-        self.seed = QSpinBox(minimum=-1, maximum=2**31 - 1, value=-1, specialValueText="random")
+        self.seed = QSpinBox(minimum=-1, maximum=2**31 - 1, value=-1)
+        self.seed.setSpecialValueText("random")
         form_box = QWidget()
         form = QFormLayout(form_box)
         for label, w, tip in (
@@ -194,6 +208,7 @@ class SessionView(QFrame):
         self.sampling_btn.setText(f"sampling: {how}{seed} · max {p.max_tokens} tokens")
 
     def _connect(self) -> None:
+        self.actions_.started.connect(lambda _op: self.activated.emit(self.sid))
         self.send_btn.clicked.connect(self._on_send)
         self.prompt.submitted.connect(lambda _text: self._on_send())
         self.stop_btn.clicked.connect(self._on_stop)
@@ -307,7 +322,7 @@ class SessionView(QFrame):
         self._dirty = False
         snap = self.snapshot
         token_state, texts, positions = self.live.arrays(snap)
-        self.block_map.set_states(block_states(token_state, snap.block_size))
+        self.block_map.set_states(block_states(token_state, snap.block_size), snap.head_block_state)
         self.block_map.set_layer_labels(snap.layer_labels)
         self.strip.set_tokens(texts, reduce_states(token_state), positions, snap.block_size)
         self._show_selection(*self.strip.selection)
@@ -318,6 +333,14 @@ class SessionView(QFrame):
     # ------------------------------------------------------------ selection and hover
     def selection(self) -> tuple[int, int]:
         return self.strip.selection
+
+    def token_count(self) -> int:
+        """Tokens shown (the cache's, plus those streamed since its last snapshot)."""
+        return len(self.strip.texts)
+
+    def run_action(self, key: str) -> None:
+        """Run the edit action `key` (see `actions.EDIT_ACTIONS`) on this session's selection."""
+        self.actions_.trigger(key)
 
     def select(self, lo: int, hi: int) -> None:
         """Select a span programmatically (does not make this view active)."""

@@ -10,6 +10,8 @@ new session (sessions that share it share its cached blocks).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QGridLayout,
@@ -106,10 +108,10 @@ class SessionsPanel(QWidget):
         if item is not None and item is not self.list.currentItem():
             self.list.setCurrentItem(item)
 
-    def _with_current(self, fn: object) -> None:
+    def _with_current(self, fn: Callable[[str], object]) -> None:
         sid = self.current()
         if sid is not None:
-            fn(sid)  # type: ignore[operator]
+            fn(sid)
 
     def _start_rename(self) -> None:
         item = self.list.currentItem()

@@ -2,8 +2,10 @@
 
 Promises:
 - the model / device / memory figures come from `engine.info()`, run on the
-  engine thread through the bridge and only when no other call is in
-  flight, so the status bar never queues work behind a chat;
+  engine thread through the bridge when an engine event says they changed
+  (a session opened or closed, a turn finished, an edit, the prefix store
+  cleared, an error) — never on a timer, so an idle window asks nothing;
+  while one `info()` is in flight, later events ask for one more, not many;
 - `start_progress` shows the bar; `finish_progress` always fills it to
   100 %, records that (`last_finished_percent`) and hides it — the window
   calls it when a load or turn ends in any way (finished, cancelled,
@@ -19,13 +21,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QResizeEvent
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QSizePolicy, QStatusBar, QToolButton, QWidget
 
+from kvscope.engine.events import (
+    AllBlocksCleared,
+    CacheChanged,
+    EngineError,
+    Event,
+    GenerationFinished,
+    SessionClosed,
+    SessionCreated,
+)
 from kvscope.ui.bridge import EngineBridge
 
-INFO_INTERVAL_MS = 2000
+# Events after which the model, memory or store figures may read differently.
+FIGURES_CHANGED = (SessionCreated, SessionClosed, GenerationFinished, CacheChanged, AllBlocksCleared, EngineError)
 
 
 class ElidedLabel(QLabel):
@@ -62,7 +74,8 @@ class StatusBar(QStatusBar):
         self.error_box = QWidget()
         self.error_label = ElidedLabel()
         self.error_label.setStyleSheet("color: #ff6b6b; font-weight: bold")
-        self.dismiss_btn = QToolButton(text="✕")
+        self.dismiss_btn = QToolButton()
+        self.dismiss_btn.setText("✕")
         self.dismiss_btn.setToolTip("Dismiss this error")
         self.dismiss_btn.clicked.connect(self.clear_error)
         row = QHBoxLayout(self.error_box)
@@ -83,10 +96,11 @@ class StatusBar(QStatusBar):
         for w, stretch in ((self.busy_label, 0), (self.progress, 0), (self.model_label, 1), (self.device_label, 1)):
             self.addPermanentWidget(w, stretch)
         self.last_finished_percent: int | None = None
-        self._timer = QTimer(self)
-        self._timer.setInterval(INFO_INTERVAL_MS)
-        self._timer.timeout.connect(self._poll)
-        self._timer.start()
+        self.info_requests = 0  # engine.info() calls made (tests count them)
+        self._info_in_flight = False
+        self._info_stale = False
+        bridge.events.connect(self._on_events)
+        self.request_info()
 
     # ------------------------------------------------------------ figures
     def set_info(self, info: dict[str, Any]) -> None:
@@ -147,6 +161,25 @@ class StatusBar(QStatusBar):
         self.progress.hide()
         self.progress_finished.emit(self.last_finished_percent)
 
-    def _poll(self) -> None:
-        if self.bridge.in_flight() == 0:
-            self.bridge.call(lambda eng: eng.info(), self.set_info)
+    # ------------------------------------------------------------ engine -> bar
+    def request_info(self) -> None:
+        """Ask the engine for fresh figures (one call at a time; a request meanwhile asks once more)."""
+        if self._info_in_flight:
+            self._info_stale = True
+            return
+        self._info_in_flight, self._info_stale = True, False
+        self.info_requests += 1
+        self.bridge.call(lambda eng: eng.info(), self._on_info, self._on_info_failed)
+
+    def _on_info(self, info: dict[str, Any]) -> None:
+        self._info_in_flight = False
+        self.set_info(info)
+        if self._info_stale:
+            self.request_info()
+
+    def _on_info_failed(self, _exc: BaseException) -> None:
+        self._info_in_flight = False  # the bridge reports the error; the next event asks again
+
+    def _on_events(self, batch: list[Event]) -> None:
+        if any(isinstance(ev, FIGURES_CHANGED) for ev in batch):
+            self.request_info()

@@ -18,7 +18,7 @@ Promises:
 - drops (segments, `.safetensors` files) emit `dropped(mime, at_token)`,
   `at` snapped to the block boundary nearest the cursor; a span dropped
   onto its own session is refused (`drop_refused(reason)`) unless Ctrl is
-  held (see `drops.py`);
+  held (the format and the checks: `drag_format.py`);
 - paints only the visible rows, so a 100k-token cache scrolls smoothly.
 
 Knows nothing about the engine.
@@ -26,14 +26,27 @@ Knows nothing about the engine.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
-from PySide6.QtCore import QMimeData, QPoint, QRect, QSize, Qt, Signal
-from PySide6.QtGui import QColor, QDrag, QFont, QFontMetrics, QKeyEvent, QMouseEvent, QPainter, QPaintEvent
+from PySide6.QtCore import QEvent, QMimeData, QPoint, QRect, QSize, Qt, Signal
+from PySide6.QtGui import (
+    QColor,
+    QContextMenuEvent,
+    QDrag,
+    QDragEnterEvent,
+    QDragLeaveEvent,
+    QDragMoveEvent,
+    QDropEvent,
+    QFont,
+    QFontMetrics,
+    QHelpEvent,
+    QKeyEvent,
+    QMouseEvent,
+    QPainter,
+    QPaintEvent,
+)
 from PySide6.QtWidgets import QApplication, QToolTip, QWidget
 
-from kvscope.ui.drops import MIME_SEGMENT, has_payload, refusal
+from kvscope.ui.drag_format import DraggedSegment, accept_drop, accept_enter, accept_move, encode_segment
 from kvscope.ui.palette import state_colour, state_name
 
 LABEL_W = 52
@@ -54,7 +67,7 @@ class TokenStrip(QWidget):
     cursor_moved = Signal(int)  # token index the keyboard cursor is on
     drop_refused = Signal(str)  # why a drop was refused
 
-    def __init__(self, parent: QWidget | None = None) -> None:
+    def __init__(self, parent: QWidget | None = None, session: str = "") -> None:
         super().__init__(parent)
         font = QFont("DejaVu Sans Mono")
         font.setStyleHint(QFont.StyleHint.Monospace)
@@ -62,14 +75,14 @@ class TokenStrip(QWidget):
         self.setFont(font)
         self._fm = QFontMetrics(font)
         self.row_h = self._fm.height() + 2 * PAD
-        self.session = ""
+        self.session = session  # what a drag of the selection names as its source
         self.block_size = 16
         self.texts: tuple[str, ...] = ()
         self.states = np.zeros(0, np.uint8)
         self.positions = np.zeros(0, np.int64)
         self.selection = (0, 0)
         self._anchor: int | None = None
-        self.cursor = 0  # keyboard cursor (token index)
+        self.cursor_token = 0  # keyboard cursor (token index)
         self.drags_started = 0
         self._press_pos: QPoint | None = None
         self._press_in_selection = False
@@ -113,16 +126,13 @@ class TokenStrip(QWidget):
         return n if len(texts) != len(self.texts) else None
 
     def _first_changed(self, texts: tuple[str, ...], states: np.ndarray, block_size: int) -> int | None:
-        """First token index that differs from what is drawn (None: nothing)."""
-        if block_size != self.block_size:
-            return 0
+        """First token index whose text or state differs from what is drawn (None: nothing)."""
+        first = self._first_text_changed(texts, block_size)
         n = min(len(texts), len(self.texts))
-        if texts[:n] != self.texts[:n]:
-            return next(i for i in range(n) if texts[i] != self.texts[i])
+        if block_size != self.block_size or (first is not None and first < n):
+            return first
         diff = np.nonzero(states[:n] != self.states[:n])[0]
-        if len(diff):
-            return int(diff[0])
-        return n if len(texts) != len(self.texts) else None
+        return int(diff[0]) if len(diff) else first
 
     @property
     def n_rows(self) -> int:
@@ -231,7 +241,7 @@ class TokenStrip(QWidget):
         elif not self._press_in_selection:
             self._anchor = i
             self.set_selection(i, i + 1, notify=False)
-        self.cursor = i
+        self.cursor_token = i
 
     def mouseMoveEvent(self, ev: QMouseEvent) -> None:  # noqa: N802
         pos = ev.position().toPoint()
@@ -245,7 +255,7 @@ class TokenStrip(QWidget):
             return
         if self._anchor is not None:
             i = self.token_at(pos)
-            self.cursor = i
+            self.cursor_token = i
             self.set_selection(min(self._anchor, i), max(self._anchor, i) + 1, notify=False)
 
     def mouseReleaseEvent(self, ev: QMouseEvent) -> None:  # noqa: N802
@@ -262,7 +272,7 @@ class TokenStrip(QWidget):
         target = self._key_target(ev)
         if target is None:
             if ev.key() == Qt.Key.Key_Escape and self.selection[1] > self.selection[0]:
-                self.set_selection(self.cursor, self.cursor)
+                self.set_selection(self.cursor_token, self.cursor_token)
                 return
             if ev.key() == Qt.Key.Key_A and ev.modifiers() & Qt.KeyboardModifier.ControlModifier and self.texts:
                 self.set_selection(0, len(self.texts))
@@ -270,41 +280,41 @@ class TokenStrip(QWidget):
             return super().keyPressEvent(ev)
         lo, hi = self.selection
         if ev.modifiers() & Qt.KeyboardModifier.ShiftModifier:
-            anchor = lo if self.cursor >= hi - 1 and hi > lo else (hi - 1 if hi > lo else self.cursor)
-            self.cursor = target
+            anchor = lo if self.cursor_token >= hi - 1 and hi > lo else (hi - 1 if hi > lo else self.cursor_token)
+            self.cursor_token = target
             self.set_selection(min(anchor, target), max(anchor, target) + 1)
         else:
-            self.cursor = target
+            self.cursor_token = target
             self.set_selection(target, target + 1)
-        self.cursor_moved.emit(self.cursor)
+        self.cursor_moved.emit(self.cursor_token)
 
     def _key_target(self, ev: QKeyEvent) -> int | None:
         """The token a navigation key moves the cursor to (None: not a navigation key)."""
         n = len(self.texts)
         if not n:
             return None
-        c, bs = min(self.cursor, n - 1), self.block_size
+        c, bs = min(self.cursor_token, n - 1), self.block_size
         ctrl = bool(ev.modifiers() & Qt.KeyboardModifier.ControlModifier)
-        key = ev.key()
+        key = ev.key()  # an int: Qt.Key is an IntEnum, so .value keys match it
         moves = {
-            Qt.Key.Key_Left: c - 1,
-            Qt.Key.Key_Right: c + 1,
-            Qt.Key.Key_Up: c - bs,
-            Qt.Key.Key_Down: c + bs,
-            Qt.Key.Key_PageUp: c - 8 * bs,
-            Qt.Key.Key_PageDown: c + 8 * bs,
-            Qt.Key.Key_Home: 0 if ctrl else c - c % bs,
-            Qt.Key.Key_End: n - 1 if ctrl else min(c - c % bs + bs - 1, n - 1),
+            Qt.Key.Key_Left.value: c - 1,
+            Qt.Key.Key_Right.value: c + 1,
+            Qt.Key.Key_Up.value: c - bs,
+            Qt.Key.Key_Down.value: c + bs,
+            Qt.Key.Key_PageUp.value: c - 8 * bs,
+            Qt.Key.Key_PageDown.value: c + 8 * bs,
+            Qt.Key.Key_Home.value: 0 if ctrl else c - c % bs,
+            Qt.Key.Key_End.value: n - 1 if ctrl else min(c - c % bs + bs - 1, n - 1),
         }
         if key not in moves:
             return None
         return max(0, min(n - 1, moves[key]))
 
-    def contextMenuEvent(self, ev: object) -> None:  # noqa: N802
+    def contextMenuEvent(self, ev: QContextMenuEvent) -> None:  # noqa: N802
         self.menu_requested.emit(ev.globalPos())
 
-    def event(self, ev: object) -> bool:
-        if ev.type() == ev.Type.ToolTip:
+    def event(self, ev: QEvent) -> bool:
+        if ev.type() == QEvent.Type.ToolTip and isinstance(ev, QHelpEvent):
             i = self.token_at(ev.pos(), clamp=False)
             if i >= 0:
                 QToolTip.showText(ev.globalPos(), self.describe(i), self)
@@ -322,11 +332,9 @@ class TokenStrip(QWidget):
 
     # ------------------------------------------------------------ drag and drop
     def segment_mime(self) -> QMimeData:
+        """What dragging the selection carries (see `drag_format`)."""
         lo, hi = self.selection
-        mime = QMimeData()
-        mime.setData(MIME_SEGMENT, json.dumps({"session": self.session, "lo": lo, "hi": hi}).encode())
-        mime.setText("".join(self.texts[lo:hi]))
-        return mime
+        return encode_segment(DraggedSegment(self.session, lo, hi), "".join(self.texts[lo:hi]))
 
     def start_drag(self) -> Qt.DropAction:
         if self.selection[1] <= self.selection[0]:
@@ -336,29 +344,23 @@ class TokenStrip(QWidget):
         drag.setMimeData(self.segment_mime())
         return drag.exec(Qt.DropAction.CopyAction)
 
-    def dragEnterEvent(self, ev: object) -> None:  # noqa: N802
-        # Accept a segment of this session on enter: Ctrl may still be pressed on the way.
-        ev.acceptProposedAction() if has_payload(ev.mimeData()) else ev.ignore()
+    def dragEnterEvent(self, ev: QDragEnterEvent) -> None:  # noqa: N802
+        accept_enter(ev)  # even a segment of this session: Ctrl may still be pressed on the way
 
-    def dragMoveEvent(self, ev: object) -> None:  # noqa: N802
-        if refusal(ev.mimeData(), self.session, ev.modifiers()) is not None:
-            self._drop_row = None
-            self.update()
-            return ev.ignore()
-        self._drop_row = self.boundary_at(ev.position().toPoint()) // self.block_size
+    def dragMoveEvent(self, ev: QDragMoveEvent) -> None:  # noqa: N802
+        taken = accept_move(ev, self.session)
+        self._drop_row = self.boundary_at(ev.position().toPoint()) // self.block_size if taken else None
         self.update()
-        ev.acceptProposedAction()
 
-    def dragLeaveEvent(self, ev: object) -> None:  # noqa: N802
+    def dragLeaveEvent(self, ev: QDragLeaveEvent) -> None:  # noqa: N802
         self._drop_row = None
         self.update()
 
-    def dropEvent(self, ev: object) -> None:  # noqa: N802
+    def dropEvent(self, ev: QDropEvent) -> None:  # noqa: N802
         self._drop_row = None
         self.update()
-        why = refusal(ev.mimeData(), self.session, ev.modifiers())
+        why = accept_drop(ev, self.session)
         if why is not None:
             self.drop_refused.emit(why)
-            return ev.ignore()
+            return
         self.dropped.emit(ev.mimeData(), self.boundary_at(ev.position().toPoint()))
-        ev.acceptProposedAction()

@@ -118,18 +118,19 @@ def window_attention(
 def _layer_mass(
     queries: mx.array, cache: ScopeKVCache, q_tokens: np.ndarray, scale: float, n_tokens: int
 ) -> np.ndarray:
-    """`[kv_heads, n_tokens]` attention mass from `queries` onto the cache's visible keys."""
-    assert cache.keys is not None
-    keys = cache.keys[0, :, : cache.n_visible, :]  # [Hkv, N, D]: the attended rows
-    k_tokens = np.asarray(cache.visible_tokens)
+    """`[kv_heads, n_tokens]` attention mass from `queries` onto the cache's visible keys
+    (head-wise caches: each head onto the rows it holds)."""
+    keys, _, k_tokens, presence = cache.visible_rows()
+    keys = keys[0]  # [Hkv, N, D]: the attended rows, one per token
     q = queries[0]  # [Hq, L, D]
     n_kv, head_dim = keys.shape[0], keys.shape[-1]
     group = q.shape[0] // n_kv
     scale = scale or head_dim**-0.5
     q = q.reshape(n_kv, group * q.shape[1], head_dim).astype(mx.float32)
     logits = (q @ keys.astype(mx.float32).transpose(0, 2, 1)) * scale  # [Hkv, G*L, N]
-    causal = mx.array(np.tile(k_tokens[None, :] <= q_tokens[:, None], (group, 1)))
-    logits = mx.where(causal[None], logits, mx.array(-np.inf, mx.float32))
+    causal = np.tile(k_tokens[None, :] <= q_tokens[:, None], (group, 1))
+    allowed = mx.array(causal[None] & presence[:, None, :])  # [Hkv, G*L, N]
+    logits = mx.where(allowed, logits, mx.array(-np.inf, mx.float32))
     probs = mx.softmax(logits, axis=-1).sum(axis=1)  # [Hkv, N]
     out = np.zeros((n_kv, n_tokens), np.float32)
     out[:, k_tokens] = np.array(probs)

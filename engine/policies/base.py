@@ -75,6 +75,8 @@ class Policy:
     needs_attention: ClassVar[bool] = False
     evicts: ClassVar[bool] = True  # False: keeps every row (quantization only)
     head_wise: ClassVar[bool] = False  # True: each KV head keeps its own rows (decide_layer)
+    reads_head_rows: ClassVar[bool] = False  # True: scores caches whose heads hold different rows
+    # (reads keys through `ScopeKVCache.visible_rows`, attention through `window_attention`)
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.defaults))

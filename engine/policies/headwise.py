@@ -1,6 +1,7 @@
 """Head-wise budgets: each KV head keeps its own rows, scored by any policy.
 
-Both wrap a scorer from the registry (`scorer="snapkv"`, `"keydiff"`, ...;
+Both wrap a scorer from the registry (`scorer="keydiff"` by default: query-
+agnostic and without a window, so it fits any budget; `"snapkv"`, ... and
 the scorer's own parameters pass through) and keep its protected rows
 (sinks, recent window) in every head:
 
@@ -11,6 +12,9 @@ the scorer's own parameters pass through) and keep its protected rows
   its top `floor * b` rows (the safeguard, kvpress's `alpha_safeguard`), then
   the rest is a top-k over the flattened heads' scores. Heads whose
   attention is concentrated give rows to heads whose attention is spread.
+  `cap` (None = AdaKV as published) bounds a head at `cap * b` rows: the
+  cache stores max-over-heads columns per layer, so one greedy head would
+  otherwise hold on to the memory the others freed.
 
 Across layers, the wrapped scorer's own rule applies: `adakv` over
 `pyramidkv` or `dynamickv` moves budget between layers too.
@@ -38,7 +42,7 @@ class HeadwisePolicy(Policy):
     """A scorer from the registry, with rows chosen per KV head (subclasses choose how)."""
 
     head_wise = True
-    own: ClassVar[dict[str, Any]] = {"scorer": "snapkv"}
+    own: ClassVar[dict[str, Any]] = {"scorer": "keydiff"}
 
     def __init__(self, **params: Any) -> None:
         from kvscope.engine.policies import POLICIES, make_policy
@@ -52,6 +56,7 @@ class HeadwisePolicy(Policy):
         self.inner = make_policy(name, **{k: v for k, v in params.items() if k not in self.own})
         self.params = {**mine, **self.inner.params}
         self.needs_attention = self.inner.needs_attention  # type: ignore[misc]
+        self.reads_head_rows = self.inner.reads_head_rows  # type: ignore[misc]
         self._check_own()
 
     def _check_own(self) -> None:
@@ -69,18 +74,24 @@ class HeadwisePolicy(Policy):
     def allocate(self, budgets: list[int], scores: list[np.ndarray], floors: list[int], caps: list[int]) -> list[int]:
         return self.inner.allocate(budgets, scores, floors, caps)
 
-    def keep_heads(self, scores: np.ndarray, cand: Candidates, protected: np.ndarray, budget: int) -> np.ndarray:
-        """`[heads, n]` keep mask for one layer (`scores` is `[heads, n]`)."""
+    def keep_heads(
+        self, scores: np.ndarray, cand: Candidates, protected: np.ndarray, budget: int, held: np.ndarray
+    ) -> np.ndarray:
+        """`[heads, n]` keep mask for one layer (`scores` is `[heads, n]`; a head keeps only rows it `held`)."""
         raise NotImplementedError
 
-    def decide_layer(self, cand: Candidates, scores: np.ndarray, budget: int, n_heads: int) -> LayerDecision:
-        """The layer's decision: per-head kept tokens and budgets, the union as `kept`."""
+    def decide_layer(self, cand: Candidates, scores: np.ndarray, budget: int, held: np.ndarray) -> LayerDecision:
+        """The layer's decision: per-head kept tokens and budgets, the union as `kept`.
+
+        `held` (`[kv_heads, n]`): which head holds which candidate (all True on a uniform layer).
+        """
+        n_heads = held.shape[0]
         s = np.asarray(scores, np.float32)
         if s.shape[0] not in (1, n_heads):
             raise InvalidRequestError(f"{self.name}: {s.shape[0]} rows of scores for {n_heads} KV heads")
-        s = np.broadcast_to(s, (n_heads, len(cand))).copy()
+        s = np.where(held, np.broadcast_to(s, (n_heads, len(cand))), np.float32(np.nan))
         prot = self.protected(cand, budget)
-        keep = self.keep_heads(s, cand, prot, budget)
+        keep = self.keep_heads(s, cand, prot, budget, held) & held
         anyone = keep.any(axis=0)
         layer_score = np.nanmean(s, axis=0) if not np.isnan(s).all() else s[0]
         return LayerDecision(
@@ -100,38 +111,91 @@ class PerHead(HeadwisePolicy):
     name = "per_head"
     summary = "every KV head keeps the budget, chosen by its own scores"
 
-    def keep_heads(self, scores: np.ndarray, cand: Candidates, protected: np.ndarray, budget: int) -> np.ndarray:
-        return np.stack([select(row, cand, protected, budget) for row in scores])
+    def keep_heads(
+        self, scores: np.ndarray, cand: Candidates, protected: np.ndarray, budget: int, held: np.ndarray
+    ) -> np.ndarray:
+        return np.stack([_select_held(row, cand, protected, budget, h) for row, h in zip(scores, held)])
 
 
 class AdaKV(HeadwisePolicy):
     name = "adakv"
     summary = "AdaKV: the layer's rows shared out across KV heads by score, with a per-head floor"
-    own: ClassVar[dict[str, Any]] = {"scorer": "snapkv", "floor": 0.2}
+    own: ClassVar[dict[str, Any]] = {"scorer": "keydiff", "floor": 0.2, "cap": None}
 
     def _check_own(self) -> None:
-        f = self.params["floor"]
+        f, cap = self.params["floor"], self.params["cap"]
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= float(f) <= 1.0:
             raise InvalidRequestError(
                 f"adakv: floor must be in [0, 1] (the share of the budget each head keeps), got {f!r}"
             )
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or float(cap) < 1.0):
+            raise InvalidRequestError(
+                f"adakv: cap must be None or >= 1 (a head's rows / the layer budget), got {cap!r}"
+            )
 
-    def keep_heads(self, scores: np.ndarray, cand: Candidates, protected: np.ndarray, budget: int) -> np.ndarray:
+    def keep_heads(
+        self, scores: np.ndarray, cand: Candidates, protected: np.ndarray, budget: int, held: np.ndarray
+    ) -> np.ndarray:
         n_heads, n = scores.shape
         floor = max(int(budget * float(self.params["floor"])), int(protected.sum()))
-        keep = np.stack([select(row, cand, protected, min(floor, n)) for row in scores])
-        left = budget * n_heads - int(keep.sum())
+        keep = np.stack([_select_held(row, cand, protected, floor, h) for row, h in zip(scores, held)])
+        left = min(budget * n_heads, int(held.sum())) - int(keep.sum())
         if left > 0:
             clean = np.where(np.isfinite(scores), scores, -np.inf)
             heads = np.repeat(np.arange(n_heads), n)
             toks = np.tile(cand.tokens, n_heads)
             flat = clean.reshape(-1)
             order = np.lexsort((heads, -toks, -flat))  # score desc, later token, lower head
-            free = order[~keep.reshape(-1)[order]]
+            free = order[~keep.reshape(-1)[order] & held.reshape(-1)[order]]
+            if self.params["cap"] is not None:  # a head past its cap takes no more rows
+                room = int(np.ceil(float(self.params["cap"]) * budget)) - keep.sum(axis=1)
+                fh = heads[free]
+                rank = np.zeros(len(free), np.int64)
+                for h in range(n_heads):
+                    rank[fh == h] = np.arange(int((fh == h).sum()))
+                free = free[rank < room[fh]]
             chosen = np.zeros(n_heads * n, bool)
             chosen[free[:left]] = True
             keep |= chosen.reshape(n_heads, n)
         return keep
+
+
+def _select_held(
+    scores: np.ndarray, cand: Candidates, protected: np.ndarray, budget: int, held: np.ndarray
+) -> np.ndarray:
+    """`select` among the rows a head holds: protected rows it holds, then its best, up to `budget`."""
+    prot = protected & held
+    return (
+        select(np.where(held, scores, -np.inf), cand, prot, max(min(budget, int(held.sum())), int(prot.sum()))) & held
+    )
+
+
+def head_rows_input(caches: list[Any], policy: Policy) -> list[np.ndarray]:
+    """Per layer, `[kv_heads, n_visible]` which head attends which visible token; refuses a policy that
+    cannot score layers whose heads hold different rows (before any change)."""
+    for i, c in enumerate(caches):
+        if getattr(c, "is_headwise", False) and not policy.reads_head_rows:
+            raise InvalidRequestError(
+                f"compressing with {policy.name} is refused: layer {i} is already compressed head-wise (its KV "
+                "heads hold different rows) and this policy reads one row per token; undo that compression first"
+            )
+    return [c.visible_presence() if hasattr(c, "visible_presence") else np.ones((1, c.n_visible), bool) for c in caches]
+
+
+def budget_rows(presence: list[np.ndarray]) -> list[int]:
+    """Rows a budget applies to per layer: the visible rows, or the mean rows per head on a head-wise layer."""
+    return [int(round(p.sum() / max(p.shape[0], 1))) if not p.all() else p.shape[1] for p in presence]
+
+
+def mask_absent(scores: list[np.ndarray], presence: list[np.ndarray]) -> list[np.ndarray]:
+    """Scores with NaN where a head holds no row of the token (head-wise layers only)."""
+    out = []
+    for s, p in zip(scores, presence):
+        if p.all():
+            out.append(s)
+        else:
+            out.append(np.where(p, np.broadcast_to(s, p.shape), np.float32(np.nan)).astype(np.float32))
+    return out
 
 
 def check_head_decision(caches: list[Any], layers: list[LayerDecision]) -> None:
@@ -152,13 +216,3 @@ def check_head_decision(caches: list[Any], layers: list[LayerDecision]) -> None:
         union = np.unique(np.concatenate([np.asarray(t, np.int64) for t in layer.head_kept] or [np.zeros(0, np.int64)]))
         if not np.array_equal(union, np.sort(layer.kept)):
             raise InvalidRequestError(f"layer {i}: the heads' kept tokens do not add up to the layer's kept tokens")
-
-
-def require_uniform_rows(caches: list[Any], what: str) -> None:
-    """Scoring reads one row per token in every head: refuse layers already compressed head-wise."""
-    for i, c in enumerate(caches):
-        if getattr(c, "is_headwise", False):
-            raise InvalidRequestError(
-                f"{what} is refused: layer {i} is already compressed head-wise (its KV heads hold different rows); "
-                "undo that compression first, or replay a recorded decision"
-            )

@@ -63,7 +63,7 @@ def quantized_nbytes(cache: ScopeKVCache, bits: int) -> int:
     total = 0
     for x in (cache.keys, cache.values):
         b, h, _, d = x.shape
-        n_values = b * h * cache.n_rows * d
+        n_values = b * h * cache.n_columns * d  # head-wise: the padded columns are stored too
         n_groups = n_values // group_size_for(d)
         total += n_values * bits // 8 + 2 * n_groups * x.dtype.size
     return total
@@ -76,6 +76,7 @@ class Quantize(Policy):
     summary = "keep every row, quantize K/V to 8 or 4 bits"
     defaults: ClassVar[dict[str, Any]] = {"bits": 8}
     evicts = False
+    reads_head_rows = True
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)

@@ -34,6 +34,7 @@ from kvscope.engine.tensor_ops import take_rows
 
 class StreamingLLM(Policy):
     name = "streaming_llm"
+    reads_head_rows = True
     summary = "attention sinks + most recent rows"
     defaults: ClassVar[dict[str, Any]] = {"sinks": 4}
 
@@ -46,6 +47,7 @@ class StreamingLLM(Policy):
 
 class RandomPolicy(Policy):
     name = "random"
+    reads_head_rows = True
     summary = "uniform random rows (baseline), seeded"
     defaults: ClassVar[dict[str, Any]] = {"seed": 0, "sinks": 0, "recent": 0}
 
@@ -56,6 +58,7 @@ class RandomPolicy(Policy):
 
 class KeyNorm(Policy):
     name = "key_norm"
+    reads_head_rows = True
     summary = "lowest key L2 norm per KV head"
     defaults: ClassVar[dict[str, Any]] = {"sinks": 0, "recent": 0}
 
@@ -67,8 +70,8 @@ def _candidate_keys(inp: ScoreInput) -> list[mx.array]:
     """Per layer, the candidates' keys as float32 `[kv_heads, n, head_dim]`."""
     out = []
     for cache, cand in zip(inp.caches, inp.candidates):
-        assert cache.keys is not None
-        out.append(take_rows(cache.keys, mx.array(cand.rows.astype(np.int32)))[0].astype(mx.float32))
+        keys = cache.visible_rows()[0]  # one row per visible token (head-wise: zeros where a head has none)
+        out.append(take_rows(keys, mx.array(cand.rows.astype(np.int32)))[0].astype(mx.float32))
     return out
 
 
@@ -80,6 +83,7 @@ def _need_model(inp: ScoreInput, name: str) -> Any:
 
 class H2O(Policy):
     name = "h2o"
+    reads_head_rows = True
     summary = "observed attention (heavy hitters) + recent window"
     needs_attention = True
     defaults: ClassVar[dict[str, Any]] = {"window": None, "recent_fraction": 0.5, "sinks": 0}
@@ -104,6 +108,7 @@ class H2O(Policy):
 
 class SnapKV(Policy):
     name = "snapkv"
+    reads_head_rows = True
     summary = "attention of the last queries (observation window), pooled"
     needs_attention = True
     defaults: ClassVar[dict[str, Any]] = {"window": 32, "kernel": 5, "sinks": 0}
@@ -136,6 +141,7 @@ class SnapKV(Policy):
 
 class KeyDiff(Policy):
     name = "keydiff"
+    reads_head_rows = True
     summary = "keys least like the average key direction, per KV head"
     defaults: ClassVar[dict[str, Any]] = {"sinks": 0, "recent": 0}
 
@@ -151,6 +157,7 @@ class KeyDiff(Policy):
 
 class TOVA(Policy):
     name = "tova"
+    reads_head_rows = True
     summary = "attention of the last query, averaged over heads"
     needs_attention = True
     defaults: ClassVar[dict[str, Any]] = {"sinks": 0, "recent": 1}

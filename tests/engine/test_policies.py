@@ -29,8 +29,6 @@ SMALL = {
     "pyramidkv": {"window": 6},
     "dynamickv": {"window": 6},
     "h2o": {},
-    "adakv": {"window": 6},
-    "per_head": {"window": 6},
 }
 SYSTEM = "the code of locker red is 4 2 7 . the colour of the water is blue . " * 3
 

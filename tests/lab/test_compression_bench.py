@@ -44,3 +44,18 @@ def test_full_cache_keeps_the_fact_and_random_loses_part_of_it(demo, tmp_path: P
     assert "layer-wise vs uniform at equal bytes: **dynamickv**" in text
     assert "McNemar" in text and "[95% CI]" in text
     assert png.exists() == drawn
+
+
+def test_the_plot_draws_a_policy_at_100_percent(tmp_path: Path) -> None:
+    """Wilson's upper bound at 60/60 is 1 - 2e-16: the error bar must not go negative."""
+    pytest.importorskip("matplotlib")
+    import dataclasses
+
+    from kvscope.lab.compression_bench import Row
+    from kvscope.lab.compression_report import plot
+    from kvscope.lab.stats import wilson
+
+    assert wilson(60, 60).hi < 1.0
+    row = Row("keydiff", 0.5, {2048: 1.0}, 1.0, 1.0, -0.1, 1.0, 0.0, 1.0, 30.0, 0.8, wilson(60, 60), (True,) * 60)
+    full = dataclasses.replace(row, label="full cache", keep_ratio=None)
+    assert plot({"context": [full, row]}, tmp_path / "p.png") and (tmp_path / "p.png").exists()

@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from PySide6.QtCore import QPoint
-from PySide6.QtWidgets import QApplication
+from PySide6.QtCore import QPoint, QTimer
+from PySide6.QtWidgets import QApplication, QMenu
 
 from kvscope.engine.blocks import TokenState
 
@@ -80,6 +80,20 @@ def main() -> int:
         win.close()
         bridge.shutdown()
     return 0
+
+
+def context_menu_pick(app: QApplication, out: dict[str, object], label: str, tries: int = 100) -> None:
+    """Once a context menu is up (it runs its own event loop), record its entries and click `label` in it."""
+    menu = QApplication.activePopupWidget()
+    if not isinstance(menu, QMenu):
+        if tries:
+            QTimer.singleShot(100, lambda: context_menu_pick(app, out, label, tries - 1))
+        return
+    entries = [a for a in menu.actions() if not a.isSeparator()]
+    out["context_menu"] = [a.text() for a in entries]
+    target = next(a for a in entries if a.text().split("\t")[0] == label)
+    g = menu.mapToGlobal(menu.actionGeometry(target).center())
+    subprocess.Popen(["xdotool", "mousemove", str(g.x()), str(g.y()), "click", "1"])
 
 
 def engine(win, fn):
@@ -196,6 +210,13 @@ def run(app: QApplication, win, model: str, out: dict[str, object]) -> None:
     out["prompt_after_m"] = b.prompt.text()
     state = engine(win, lambda e: e.snapshot(b.sid)).token_state
     out["masked_after_typing"] = [int(i) for i in (state == int(TokenState.MASKED)).all(axis=0).nonzero()[0]]
+    stage("typed m")
+    # 5. A right click on the span opens its context menu; choosing "Unmask" there unmasks it.
+    context_menu_pick(app, out, "Unmask")
+    xdotool(app, "mousemove", *at(b.strip, token(b.strip, 3)), "click", "3")
+    settle(app, win)
+    state = engine(win, lambda e: e.snapshot(b.sid)).token_state
+    out["masked_after_menu"] = [int(i) for i in (state == int(TokenState.MASKED)).all(axis=0).nonzero()[0]]
     out["errors"] = win.last_error
     stage("done")
 

@@ -4,7 +4,8 @@ Starts Xvfb, runs the window in a subprocess on it (`real_input_driver.py`,
 Qt's xcb platform) and drives it with xdotool: a multi-line message typed
 with Shift+Enter, a span selected with the mouse and dragged into another
 session (a real QDrag), a span selected with the keyboard and masked with
-M, and M typed into the message box staying a letter.
+M, M typed into the message box staying a letter, and the span unmasked
+from its right-click context menu.
 
 Skipped, with the reason, only where Xvfb or xdotool is missing (`run.sh`
 installs both on Debian/Ubuntu) or no X server can start.
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from kvscope.engine.blocks import TokenState
+from kvscope.ui.actions import EDIT_ACTIONS, context_text
 
 DRIVER = Path(__file__).with_name("real_input_driver.py")
 
@@ -78,3 +80,5 @@ def test_real_drag_typing_and_keyboard_mask(x_display: str, llama_dir: Path, tmp
     assert r["keyboard_selection"] == [2, 6] and r["active_after_keys"]
     assert r["masked_tokens"] == [2, 3, 4, 5]
     assert r["prompt_after_m"] == "m" and r["masked_after_typing"] == [2, 3, 4, 5]
+    assert r["context_menu"] == [context_text(a) for a in EDIT_ACTIONS]  # the one action table
+    assert r["masked_after_menu"] == [], r  # "Unmask" chosen from it with the mouse

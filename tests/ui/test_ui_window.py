@@ -270,3 +270,32 @@ def test_after_a_restart_the_decision_panel_still_shows_the_evictions(qtbot, lla
         assert f"({evicted} in all)" in win.decisions.summary.text()
     finally:
         close_window(win)
+
+
+def test_headwise_decision_shows_per_head_keep_masks_budgets_and_block_occupancy(qtbot, window):
+    view = window.active_view()
+    chat(qtbot, window, view, "the red code is blue and the locker is green and the water is hot", max_tokens=40)
+    panel = window.decisions
+    panel.policy.setCurrentIndex(panel.policy.findText("adakv"))
+    panel.ratio.setValue(0.4)
+    qtbot.mouseClick(panel.apply_btn, Qt.MouseButton.LeftButton)
+    settle(qtbot, window)
+    assert window.last_error is None, window.last_error
+    snap = engine_call(window, lambda e: e.snapshot(view.sid))
+    budgets = snap.head_budgets
+    assert budgets is not None and len(budgets) == snap.n_layers
+    assert any(not (h == h[0]).all() for h in snap.head_state if h is not None)  # the heads really differ
+    heads = panel.heads
+    for layer in range(snap.n_layers):
+        heads.layer.setValue(layer)
+        per_head = snap.head_state[layer]
+        assert per_head is not None
+        assert np.array_equal(heads.head_img.image, per_head.T)  # head x token, as the cache holds it now
+        held = [int(x) for x in (per_head != TokenState.EVICTED).sum(axis=1)]
+        assert f"rows held per head {held}" in heads.head_plot.plotItem.titleLabel.text
+    assert np.array_equal(heads.budget_img.image, np.asarray(budgets, np.float32).T)
+    assert sorted(int(t.toPlainText()) for t in heads._labels) == sorted(b for row in budgets for b in row)
+    n_heads = len(budgets[0])
+    assert view.block_map.image.image.shape == (snap.n_blocks, snap.n_layers * n_heads)  # one sub-row per head
+    text = view.describe_block(0, 0)
+    assert "KV heads hold" in text
