@@ -239,10 +239,13 @@ class KVzip(HeadwisePolicy):
             self._counts = np.bincount(layer_of[order[:keep_total]], minlength=len(scores)).tolist()
         return [max(1, round(c / h)) for c, h in zip(self._counts, heads)]
 
-    def keep_heads(self, scores: np.ndarray, cand: Candidates, protected: np.ndarray, budget: int) -> np.ndarray:
+    def keep_heads(
+        self, scores: np.ndarray, cand: Candidates, protected: np.ndarray, budget: int, held: np.ndarray
+    ) -> np.ndarray:
         count = self._counts.pop(0) if self._counts else budget * scores.shape[0]
         n_heads, n = scores.shape
-        flat = np.where(np.isfinite(scores), scores, -np.inf).reshape(-1)
+        count = min(count, int(held.sum()))
+        flat = np.where(np.isfinite(scores) & held, scores, -np.inf).reshape(-1)
         heads = np.repeat(np.arange(n_heads), n)
         toks = np.tile(cand.tokens, n_heads)
         order = np.lexsort((heads, -toks, -flat))  # score desc, later token, lower head
