@@ -208,15 +208,16 @@ def best(runs: Runs, side: str, mode: str, keep: float, min_n: int) -> tuple[str
     return press, correct
 
 
-def headline(runs: Runs, min_n: int = 100) -> str:
-    """The issue's targets: best kvscope press vs full and vs kvpress's best, query-agnostic."""
+def headline(runs: Runs, min_n: int = 100, min_n_kvpress: int = 50) -> str:
+    """The issue's targets: best kvscope press (cells of >= `min_n` episodes) vs full, and vs
+    kvpress's best (cells of >= `min_n_kvpress`), query-agnostic."""
     mode = "context"
     full = runs.correct["kvscope"].get((mode, "full", 1.0), {})
     full_kp = runs.correct["kvpress"].get((mode, "full", 1.0), {})
     out = []
     for keep, target in ((0.5, 0.95), (0.25, 0.90)):
         ours = best(runs, "kvscope", mode, keep, min_n)
-        theirs = best(runs, "kvpress", mode, keep, min_n)
+        theirs = best(runs, "kvpress", mode, keep, min_n_kvpress)
         if ours is None:
             out.append(f"- keep {100 * keep:g}%: no kvscope press has {min_n} episodes yet.")
             continue
@@ -236,8 +237,12 @@ def headline(runs: Runs, min_n: int = 100) -> str:
             m = mcnemar([correct[e] for e in ids], [tc[e] for e in ids])
             text += (
                 f"; kvpress's best, **{tp}**, {_fmt(_acc(tc))} ({100 * _vs_full(tc, full_kp).value:.0f}% of its full "
-                f"cache); paired on {len(ids)} episodes, McNemar {m.only_a} vs {m.only_b}, p = {m.p_value:.2g}"
+                f"cache); paired on {len(ids)} episodes, kvscope's {press} vs kvpress's {tp}: McNemar "
+                f"{m.only_a} vs {m.only_b}, p = {m.p_value:.2g}"
             )
+            twin = runs.correct["kvscope"].get((mode, tp, keep), {})
+            if twin and tp != press:
+                text += f"; kvscope's own {tp} (the twin of kvpress's) {_fmt(_acc(twin))}"
         out.append(text + ".")
     return "\n".join(out)
 
