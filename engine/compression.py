@@ -281,7 +281,9 @@ def _compress(
     pol = make_policy(policy, **policy_params)
     if not session.caches or session.caches[0].n_rows == 0:
         raise InvalidRequestError(f"session {session.name} has no cached tokens to compress")
-    decision = decide(pol, session.caches, session.tokens, lm.model, keep_ratio, budget_tokens, bits, None, lm.tokenizer)
+    decision = decide(
+        pol, session.caches, session.tokens, lm.model, keep_ratio, budget_tokens, bits, None, lm.tokenizer
+    )
     apply_decision(session.caches, decision)
     _record(session, bus, decision, replay=False)
     return decision
