@@ -42,7 +42,7 @@ run_tests() {
   local bin="$VENV/bin"
   echo "== ruff"; "$bin/ruff" check . && "$bin/ruff" format --check .
   echo "== mypy (engine/)"; "$bin/mypy"
-  echo "== mypy (ui/, app/, against the real types of what they import)"; "$bin/python" tools/typecheck.py ui app
+  echo "== mypy (every package, against the real types of what it imports)"; "$bin/python" tools/typecheck.py engine ui app server attach lab
   echo "== import contracts"; "$bin/python" tools/lint_imports.py
   echo "== pytest"; "$bin/python" -m pytest -q "$@"
 }

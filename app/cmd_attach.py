@@ -6,7 +6,8 @@
 Prints one summary line per engine whenever it changes, and at the end
 (--duration, --until-blocks or Ctrl-C) the blocks as JSON (--json) and the
 cached prefix each engine holds for --prompt. --window shows the engines in
-a window instead (kvscope.ui.attach_view). Wiring only: the work is in
+a window instead (kvscope.ui.attach_window; each stream is then decoded in
+a process of its own, kvscope.attach.process_client). Wiring only: the work is in
 kvscope.attach.
 """
 
@@ -54,6 +55,7 @@ def _run(args: argparse.Namespace) -> int:
     from kvscope.attach import AttachClient
     from kvscope.attach.fleet import common_content, prefix_hits, prompt_tokens
     from kvscope.attach.metrics import MetricsPoller
+    from kvscope.attach.process_client import AttachProcess
     from kvscope.attach.recording import Recorder
 
     if len(args.replay) > len(args.endpoints) or len(args.metrics) > len(args.endpoints):
@@ -64,15 +66,18 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     tok = _load_tokenizer(args.tokenizer) if args.tokenizer else None
     try:
-        recorder = Recorder(args.record) if args.record else None
+        recorder = Recorder(args.record) if args.record else None  # the attach processes append to it
     except OSError as exc:
         print(f"kvscope attach: cannot write {args.record}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    clients: list[AttachClient] = []
+    clients: list[Any] = []
     try:
         for i, ep in enumerate(args.endpoints):
             replay = args.replay[i] if i < len(args.replay) else None
-            client = AttachClient(ep, replay, args.topic, bind=args.bind, record=recorder)
+            if args.window:  # each stream decoded in a process of its own: the window never waits for one
+                client: Any = AttachProcess(ep, replay, args.topic, bind=args.bind, record_path=args.record)
+            else:
+                client = AttachClient(ep, replay, args.topic, bind=args.bind, record=recorder)
             clients.append(client)
             if i < len(args.metrics):
                 client.metrics = MetricsPoller(args.metrics[i])
@@ -82,24 +87,30 @@ def _run(args: argparse.Namespace) -> int:
             _follow(clients, args)
     except ValueError as exc:
         print(f"kvscope attach: {exc}", file=sys.stderr)
+        _close(clients, recorder)
         return 2
     except KeyboardInterrupt:
         pass
+    try:  # the engines are read before they close (an attach process keeps nothing after)
+        out = sys.stderr if args.json == "-" else sys.stdout
+        if len(clients) > 1:
+            print(f"blocks held by all {len(clients)} engines: {len(common_content(clients))}", file=out)
+        for text in args.prompt:
+            ids = prompt_tokens(tok, text) if tok is not None else []
+            hits = ", ".join(f"{name}: {n} tokens" for name, n in prefix_hits(clients, ids))
+            print(f"cached prefix of {len(ids)}-token prompt {text[:40]!r}: {hits}", file=out)
+        if args.json:
+            _write_json(clients, args.json, (lambda ids: tok.decode(ids)) if tok is not None else None)
     finally:
-        for c in clients:
-            c.close()
-        if recorder is not None:
-            recorder.close()
-    out = sys.stderr if args.json == "-" else sys.stdout
-    if len(clients) > 1:
-        print(f"blocks held by all {len(clients)} engines: {len(common_content(clients))}", file=out)
-    for text in args.prompt:
-        ids = prompt_tokens(tok, text) if tok is not None else []
-        hits = ", ".join(f"{name}: {n} tokens" for name, n in prefix_hits(clients, ids))
-        print(f"cached prefix of {len(ids)}-token prompt {text[:40]!r}: {hits}", file=out)
-    if args.json:
-        _write_json(clients, args.json, (lambda ids: tok.decode(ids)) if tok is not None else None)
+        _close(clients, recorder)
     return 1 if any(c.error for c in clients) else 0
+
+
+def _close(clients: list[Any], recorder: Any) -> None:
+    for c in clients:
+        c.close()
+    if recorder is not None:
+        recorder.close()
 
 
 def _follow(clients: list[Any], args: argparse.Namespace) -> None:
@@ -133,11 +144,15 @@ def _window(clients: list[Any], args: argparse.Namespace) -> None:
     from PySide6.QtCore import QTimer
     from PySide6.QtWidgets import QApplication
 
-    from kvscope.ui.attach_view import AttachWindow, load_tokenizer_async
+    from kvscope.ui.attach_view import load_tokenizer_async
+    from kvscope.ui.attach_window import AttachWindow
 
     app = QApplication.instance() or QApplication(sys.argv[:1])
-    win = AttachWindow(clients, load_tokenizer_async(args.tokenizer))
+    from kvscope.attach.gc_pauses import freeze_startup_heap
+
+    win = AttachWindow(clients, load_tokenizer_async(args.tokenizer), close_clients=False)  # read after it closes
     win.show()
+    freeze_startup_heap()  # full collections walk only what is made from now on (attach/gc_pauses.py)
     if args.duration > 0:
         QTimer.singleShot(int(args.duration * 1000), win.close)
     app.exec()
@@ -152,7 +167,7 @@ def _write_json(clients: list[Any], path: str, decode: Callable[[list[int]], str
                 "replay_endpoint": c.replay_endpoint,
                 "error": c.error,
                 "metrics": _metrics_json(c.metrics),
-                **c.read(lambda cache, stats: {"stream": stats.as_dict(), **cache.to_json(decode)}),
+                **_with_text(c.read(engine_json), decode),
             }
             for c in clients
         ]
@@ -163,6 +178,26 @@ def _write_json(clients: list[Any], path: str, decode: Callable[[list[int]], str
     else:
         with open(path, "w", encoding="utf-8") as f:
             f.write(text + "\n")
+
+
+def engine_json(cache: Any, stats: Any) -> dict[str, Any]:
+    """One engine's stream counters and blocks (module level: it is sent to attach processes)."""
+    return {"stream": stats.as_dict(), **cache.to_json()}
+
+
+def _with_text(doc: dict[str, Any], decode: Callable[[list[int]], str] | None) -> dict[str, Any]:
+    """The blocks' and hot blocks' token ids as text, decoded here (the tokenizer stays in this process)."""
+    if decode is None:
+        return doc
+    tokens = {}
+    for b in doc["blocks"]:
+        if b["token_ids"]:
+            b["text"] = decode(b["token_ids"])
+            tokens[b["hash"]] = b["text"]
+    for h in doc["hot"]:
+        if h["hash"] in tokens:
+            h["text"] = tokens[h["hash"]]
+    return doc
 
 
 def _metrics_json(poller: Any) -> dict[str, Any] | None:

@@ -2,7 +2,9 @@
 
 `Subscriber` reads one ZMQ stream in order (gaps filled from the replay
 socket), `RemoteCache` rebuilds the engine's blocks from the events,
-`AttachClient` runs the two on a thread, `fleet` compares several engines.
+`AttachClient` runs the two on a thread, `AttachProcess` in a process of its
+own (what the window uses), `chain_grid` lays a cache out for drawing,
+`fleet` compares several engines.
 Imports no Qt: the window's view (`kvscope.ui.attach_view`) reads from here.
 """
 

@@ -1,7 +1,8 @@
 """Several attached engines side by side: what they hold in common, who would hit.
 
 `prompt_tokens` turns a prompt into the token ids a chat server sees, for the
-"who would hit" question.
+"who would hit" question. The clients are `AttachClient`s or
+`AttachProcess`es: their reads are module-level functions, which pickle.
 
 Engines are compared by block content (`RemoteBlock.content_key`: the token
 ids from the root to the block's end), not by hash, since two vLLM processes
@@ -11,22 +12,43 @@ ids from the root to the block's end), not by hash, since two vLLM processes
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, Protocol, TypeVar
 
-from kvscope.attach.client import AttachClient
+from kvscope.attach.remote_cache import RemoteCache
+from kvscope.attach.subscriber import StreamStats
+
+T = TypeVar("T")
 
 
-def common_content(clients: Sequence[AttachClient]) -> set[str]:
+class Engine(Protocol):
+    """What fleet and the window need of a followed engine (AttachClient, AttachProcess)."""
+
+    name: str
+
+    def read(self, fn: Callable[[RemoteCache, StreamStats], T]) -> T: ...
+
+
+def content_keys(cache: RemoteCache, _stats: StreamStats) -> set[str]:
+    return cache.content_keys()
+
+
+def cached_prefix(cache: RemoteCache, _stats: StreamStats, token_ids: tuple[int, ...] = ()) -> int:
+    """Tokens of `token_ids` the engine holds (`partial(cached_prefix, token_ids=...)` for `read`)."""
+    return cache.match(token_ids)
+
+
+def common_content(clients: Sequence[Engine]) -> set[str]:
     """Content keys of the blocks every engine holds."""
-    sets = [c.read(lambda cache, _s: cache.content_keys()) for c in clients]
+    sets = [c.read(content_keys) for c in clients]
     return set.intersection(*sets) if sets else set()
 
 
-def prefix_hits(clients: Sequence[AttachClient], token_ids: Sequence[int]) -> list[tuple[str, int]]:
+def prefix_hits(clients: Sequence[Engine], token_ids: Sequence[int]) -> list[tuple[str, int]]:
     """(engine, cached prefix in tokens) for a prompt, best engine first: a KV-aware router's question."""
-    toks = tuple(token_ids)
-    hits = [(c.name, c.read(lambda cache, _s: cache.match(toks))) for c in clients]
+    ask = partial(cached_prefix, token_ids=tuple(token_ids))
+    hits = [(c.name, c.read(ask)) for c in clients]
     return sorted(hits, key=lambda x: -x[1])
 
 

@@ -20,9 +20,9 @@ MAX_RECORDING_BYTES = 256 << 20
 class Recorder:
     """Appends each message to a file; safe to call from the receive thread."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, append: bool = False) -> None:
         self.path = Path(path)
-        self._f = self.path.open("w", encoding="utf-8")
+        self._f = self.path.open("a" if append else "w", encoding="utf-8")
         self._lock = threading.Lock()
 
     def __call__(self, frames: list[bytes]) -> None:

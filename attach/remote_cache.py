@@ -18,7 +18,11 @@ Promises:
   so engines with different hash schemes (two vLLM processes with different
   seeds, vLLM and kvscope) are compared by what they hold;
 - `match(token_ids)` is the cached prefix, in tokens, a request with those
-  tokens would hit (walking by token content, as the engine walks by hash).
+  tokens would hit (walking by token content, as the engine walks by hash);
+- what the window asks for at every frame costs no walk over all blocks:
+  the leaves, the token count and the branching/reused blocks are kept up
+  to date as events apply, and the last `REMOVED_KEPT` removed blocks are
+  kept with the (monotonic) time they left, so a view can flash evictions.
 
 Not thread-safe: its owner (`AttachClient`) serialises access.
 """
@@ -27,12 +31,15 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
+import time
 from array import array
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvscope.attach.child_index import BlockKey, ChildIndex
 from kvscope.engine.kv_events import (
     WireAllBlocksCleared,
     WireBlockRemoved,
@@ -41,8 +48,9 @@ from kvscope.engine.kv_events import (
     WireUnknown,
 )
 
-BlockKey = tuple[int, str]  # (KV cache group, block hash)
 DEFAULT_MEDIUM = "GPU"  # vLLM's name for its main KV cache, also on its CPU backend
+REMOVED_KEPT = 1024  # removed blocks remembered for the view's eviction flash (their times: REMOVED_TIMES_KEPT)
+REMOVED_TIMES_KEPT = 1 << 16  # floats, which the garbage collector does not walk: counts past REMOVED_KEPT
 
 
 @dataclass(slots=True)
@@ -52,16 +60,17 @@ class RemoteBlock:
     token_ids: tuple[int, ...]  # empty when the engine did not send them
     block_size: int
     group: int
-    media: set[str]
+    media: tuple[str, ...]  # sorted; a tuple of strings, which the garbage collector stops tracking
     lora_name: str | None
     stored_ts: float
     content_key: str | None  # None: tokens unknown or a parent missing when stored
-    depth: int = 0  # blocks above it when it was stored (orders the chains; not updated on evictions)
+    order: int = 0  # when it was stored, counted in blocks: later blocks are newer
     reuses: int = 0
 
 
 @dataclass(slots=True)
 class Counters:
+    batches: int = 0  # event batches applied (`apply_batch`)
     events: int = 0
     stored_events: int = 0
     removed_events: int = 0
@@ -82,10 +91,19 @@ class Counters:
 class RemoteCache:
     """The prefix tree of one remote engine (one data-parallel rank)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._blocks: dict[BlockKey, RemoteBlock] = {}
-        self._children: dict[BlockKey, set[str]] = {}
+        self._children = ChildIndex()  # (group, parent hash or "") -> child hashes
         self._by_content: dict[tuple[int, str | None, tuple[int, ...]], str] = {}  # (group, parent, tokens) -> hash
+        self._leaves: set[BlockKey] = set()  # cached blocks without children
+        self._branchy: set[BlockKey] = set()  # reused or branching blocks: the candidates for `hot`
+        self._n_tokens = 0
+        self._order = 0
+        # two deques, not one of (time, block) pairs: a pair per block would be one more object for the
+        # garbage collector to walk (its full passes stop every thread, the window's included)
+        self._removed: deque[RemoteBlock] = deque(maxlen=REMOVED_KEPT)
+        self._removed_at: deque[float] = deque(maxlen=REMOVED_TIMES_KEPT)
+        self._clock = clock
         self.block_size: int | None = None
         self.counters = Counters()
 
@@ -109,10 +127,21 @@ class RemoteCache:
         for e in events:
             self.apply(e, ts)
 
+    def apply_batch(self, events: Iterable[WireEvent], ts: float = 0.0) -> None:
+        """One batch off the wire, counted as one."""
+        self.apply_all(events, ts)
+        self.counters.batches += 1
+
     def clear(self) -> None:
+        """Forget every block (AllBlocksCleared, a new publisher epoch): nothing flashes."""
         self._blocks.clear()
         self._children.clear()
         self._by_content.clear()
+        self._leaves.clear()
+        self._branchy.clear()
+        self._removed.clear()
+        self._removed_at.clear()
+        self._n_tokens = 0
 
     def _store(self, e: WireBlockStored, ts: float) -> None:
         group = e.group_idx or 0
@@ -126,27 +155,43 @@ class RemoteCache:
             b = self._blocks.get(key)
             if b is not None:
                 b.reuses += 1
-                b.media.add(medium)
+                if medium not in b.media:
+                    b.media = tuple(sorted((*b.media, medium)))
+                self._branchy.add(key)
                 self.counters.reuses += 1
             else:
-                above = self._blocks.get((group, parent)) if parent is not None else None
+                self._order += 1
                 self._blocks[key] = RemoteBlock(
                     h,
                     parent,
                     toks,
                     bs,
                     group,
-                    {medium},
+                    (medium,),
                     e.lora_name,
                     ts,
                     self._content_key(group, parent, toks),
-                    above.depth + 1 if above is not None else 0,
+                    self._order,
                 )
-                self._children.setdefault((group, parent or ""), set()).add(h)
+                self._link(key, parent)
                 if toks:
                     self._by_content[(group, parent, toks)] = h
+                self._n_tokens += bs
                 self.counters.blocks_stored += 1
             parent = h
+
+    def _link(self, key: BlockKey, parent: str | None) -> None:
+        group, h = key
+        n_siblings = self._children.add((group, parent or ""), h)
+        if parent is not None and (group, parent) in self._blocks:
+            self._leaves.discard((group, parent))
+            if n_siblings > 1:
+                self._branchy.add((group, parent))
+        n_kids = self._children.count(key)  # children stored while it was away keep it inner
+        if not n_kids:
+            self._leaves.add(key)
+        elif n_kids > 1:
+            self._branchy.add(key)
 
     def _content_key(self, group: int, parent: str | None, toks: tuple[int, ...]) -> str | None:
         if not toks:
@@ -171,18 +216,31 @@ class RemoteCache:
                 self.counters.removed_unknown += 1
                 continue
             if e.medium is not None:
-                b.media.discard(e.medium)
-                if b.media:
-                    continue
+                left = tuple(m for m in b.media if m != e.medium)
+                if left:
+                    b.media = left
+                    continue  # still held on another medium
+            # a removed block keeps the media it was removed from (the view says where it was)
             del self._blocks[key]
-            kids = self._children.get((group, b.parent or ""))
-            if kids is not None:
-                kids.discard(h)
-                if not kids:
-                    del self._children[(group, b.parent or "")]
+            self._unlink(key, b)
             if b.token_ids and self._by_content.get((group, b.parent, b.token_ids)) == h:
                 del self._by_content[(group, b.parent, b.token_ids)]
+            self._n_tokens -= b.block_size
+            self._removed.append(b)
+            self._removed_at.append(self._clock())
             self.counters.blocks_removed += 1
+
+    def _unlink(self, key: BlockKey, b: RemoteBlock) -> None:
+        self._leaves.discard(key)
+        self._branchy.discard(key)
+        pkey = (b.group, b.parent or "")
+        n = self._children.discard(pkey, b.block_hash)
+        p = self._blocks.get(pkey) if b.parent is not None else None
+        if p is not None:
+            if n == 0:
+                self._leaves.add(pkey)
+            if n <= 1 and not p.reuses:
+                self._branchy.discard(pkey)
 
     # ------------------------------------------------------------ queries
     def __len__(self) -> int:
@@ -195,17 +253,49 @@ class RemoteCache:
         return list(self._blocks.values())
 
     def children(self, h: str | None, group: int = 0) -> list[str]:
-        return sorted(self._children.get((group, h or ""), ()))
+        return sorted(self._children.of((group, h or "")))
 
     def n_tokens(self) -> int:
-        return sum(b.block_size for b in self._blocks.values())
+        return self._n_tokens
 
     def roots(self) -> list[RemoteBlock]:
         """Blocks whose parent is not cached: the first block of a prompt, or an orphan."""
         return [b for b in self._blocks.values() if b.parent is None or (b.group, b.parent) not in self._blocks]
 
     def leaves(self) -> list[RemoteBlock]:
-        return [b for b in self._blocks.values() if not self._children.get((b.group, b.block_hash))]
+        """Cached blocks without cached children, oldest first."""
+        return sorted((self._blocks[k] for k in self._leaves), key=lambda b: b.order)
+
+    def is_leaf(self, group: int, h: str) -> bool:
+        return (group, h) in self._leaves
+
+    def n_leaves(self) -> int:
+        return len(self._leaves)
+
+    def newest_leaves(self, n: int) -> list[RemoteBlock]:
+        """The `n` most recently stored leaves: the chains a view draws first."""
+        return heapq.nlargest(n, (self._blocks[k] for k in self._leaves), key=lambda b: b.order)
+
+    def n_removed_since(self, t: float) -> int:
+        """Blocks removed at or after `t` (the cache's clock, `time.monotonic` by default; counted up to 65,536)."""
+        n = 0
+        for when in reversed(self._removed_at):
+            if when < t:
+                break
+            n += 1
+        return n
+
+    def removed_since(self, t: float) -> list[RemoteBlock]:
+        """The blocks removed at or after `t`, oldest first (the last REMOVED_KEPT at most)."""
+        n = min(self.n_removed_since(t), len(self._removed))
+        return list(itertools.islice(self._removed, len(self._removed) - n, None))
+
+    def find_removed(self, h: str, group: int = 0) -> RemoteBlock | None:
+        """The block most recently removed under hash `h`, while it is remembered."""
+        return next((b for b in reversed(self._removed) if b.block_hash == h and b.group == group), None)
+
+    def now(self) -> float:
+        return self._clock()
 
     def chain(self, leaf: RemoteBlock) -> list[RemoteBlock]:
         """Root-first blocks from the first cached ancestor down to `leaf`."""
@@ -223,14 +313,12 @@ class RemoteCache:
         return out
 
     def chains(self, limit: int | None = None) -> list[list[RemoteBlock]]:
-        """One root-to-leaf chain per leaf, longest first (the `limit` deepest only): the view's rows."""
-        leaves = self.leaves()
-        if limit is not None and len(leaves) > limit:
-            leaves = heapq.nlargest(limit, leaves, key=lambda b: (b.depth, -b.stored_ts))
-        return sorted((self.chain(leaf) for leaf in leaves), key=lambda c: (-len(c), c[0].stored_ts))
+        """One root-to-leaf chain per leaf, longest first (of the `limit` newest leaves only)."""
+        leaves = self.leaves() if limit is None else self.newest_leaves(limit)
+        return sorted((self.chain(leaf) for leaf in leaves), key=lambda c: (-len(c), c[0].stored_ts, c[-1].order))
 
     def n_children(self, b: RemoteBlock) -> int:
-        return len(self._children.get((b.group, b.block_hash), ()))
+        return self._children.count((b.group, b.block_hash))
 
     def match(self, token_ids: list[int] | tuple[int, ...], group: int = 0) -> int:
         """Tokens of `token_ids` a request would find cached (full blocks, by content)."""
@@ -253,7 +341,8 @@ class RemoteCache:
     def hot(self, n: int = 5) -> list[RemoteBlock]:
         """The most reused blocks (reported again by the engine), then the most shared."""
 
-        ranked = heapq.nsmallest(n, self._blocks.values(), key=lambda b: (-b.reuses, -self.n_children(b), b.stored_ts))
+        candidates = (self._blocks[k] for k in self._branchy)
+        ranked = heapq.nsmallest(n, candidates, key=lambda b: (-b.reuses, -self.n_children(b), b.stored_ts, b.order))
         return [b for b in ranked if b.reuses or self.n_children(b) > 1]
 
     # ------------------------------------------------------------ output
@@ -261,7 +350,7 @@ class RemoteCache:
         c = self.counters
         bad = sum(c.bad_events.values())
         return (
-            f"{len(self._blocks)} blocks ({self.n_tokens()} tokens) in {len(self.leaves())} chains; "
+            f"{len(self._blocks)} blocks ({self.n_tokens()} tokens) in {len(self._leaves)} chains; "
             f"stored {c.blocks_stored} removed {c.blocks_removed} reused {c.reuses} cleared {c.cleared_events}"
             + (f"; unknown removals {c.removed_unknown}" if c.removed_unknown else "")
             + (f"; bad events {bad}" if bad else "")
@@ -277,7 +366,7 @@ class RemoteCache:
                 "group": b.group,
                 "block_size": b.block_size,
                 "token_ids": list(b.token_ids),
-                "media": sorted(b.media),
+                "media": list(b.media),
                 "lora_name": b.lora_name,
                 "reuses": b.reuses,
                 "content_key": b.content_key,

@@ -6,7 +6,7 @@ check greedy chat parity against plain `mlx_lm.stream_generate` (fresh
 session, second turn, second session on the same message) and run every
 cache operation: exact (checked against a recompute), measured (fidelity
 shown) or refused before anything changed. `--bits 4 8` adds quantized
-builds (chat parity only). Prints a table (markdown with --markdown) and a
+builds (chat parity and every operation, as the float32 build). Prints a table (markdown with --markdown) and a
 one-line summary.
 
     nice -n 10 .venv/bin/python bench/model_zoo.py [--only llama qwen3_next] [--bits 4 8] [--markdown]
@@ -81,10 +81,13 @@ def main() -> None:
     p.add_argument("--no-ops", action="store_true", help="chat parity only")
     p.add_argument("--quantized-only", action="store_true", help="with --bits: skip the float32 build")
     p.add_argument("--one", help=argparse.SUPPRESS)  # the child process of `isolated`
-    p.add_argument("--one-bits", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--one-bits", type=int, nargs="*", default=[0], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        run_one(args.one, args.one_bits, not args.no_ops)
+        for bits in args.one_bits:
+            r = run_one(args.one, bits, not args.no_ops)
+            if r.bits is None and r.status != "ok":
+                break
         return
     k, n = (int(x) for x in args.shard.split("/"))
     mods = (args.only or installed_modules())[k - 1 :: n]
@@ -97,18 +100,28 @@ def main() -> None:
     for m in mods:
         if m in missing and m not in SKIP:
             r = ArchResult(m, status="skipped", reason="no zoo config: add one to tests/zoo_configs.py")
-        elif args.quantized_only:
-            r = ArchResult(m)
-        else:
-            r = isolated(m, None, not args.no_ops)
             results.append(r)
             print(row(r, args.markdown), flush=True)
-        for bits in args.bits:
-            if r.status == "ok":
-                q = isolated(m, bits, False)
-                results.append(q)
-                print(row(q, args.markdown), flush=True)
+            continue
+        builds = ([] if args.quantized_only else [None]) + list(args.bits)
+        for r in isolated_builds(m, builds, not args.no_ops):
+            results.append(r)
+            print(row(r, args.markdown), flush=True)
     summarize(results)
+
+
+def isolated_builds(arch: str, builds: list[int | None], ops: bool) -> list[ArchResult]:
+    """Every build of one module in one child process (one import of mlx and mlx-lm); a build
+    the child did not report (it died) is retried alone, so a crash inside mlx is one row."""
+    cmd = [sys.executable, __file__, "--one", arch, "--one-bits", *(str(b or 0) for b in builds)]
+    proc = subprocess.run(cmd + ([] if ops else ["--no-ops"]), capture_output=True, text=True)
+    done = [ArchResult(**json.loads(ln)) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    out = list(done)
+    for b in builds[len(done) :]:
+        if out and out[0].bits is None and out[0].status != "ok":
+            break  # the float32 build did not run: its quantized builds are not tried
+        out.append(isolated(arch, b, ops))
+    return out
 
 
 def isolated(arch: str, bits: int | None, ops: bool) -> ArchResult:
@@ -123,9 +136,19 @@ def isolated(arch: str, bits: int | None, ops: bool) -> ArchResult:
     return ArchResult(**json.loads(lines[-1]))
 
 
-def run_one(arch: str, bits: int, ops: bool) -> None:
+def run_one(arch: str, bits: int, ops: bool) -> ArchResult:
     r = check_arch(arch, bits or None, ops=ops)
     print(json.dumps(dataclasses.asdict(r)), flush=True)
+    return r
+
+
+def _op_counts(results: list[ArchResult]) -> str:
+    ops = [v for r in results for v in r.ops.values()]
+    exact = sum(v.startswith("exact") for v in ops)
+    measured = sum(v.startswith("measured") for v in ops)
+    refused = sum(v.startswith("refused") for v in ops)
+    bad = sum(v.startswith(("CRASH", "MISMATCH", "CHANGED")) for v in ops)
+    return f"{exact} exact, {measured} measured, {refused} refused, {bad} crashes or mismatches"
 
 
 def summarize(results: list[ArchResult]) -> None:
@@ -136,18 +159,15 @@ def summarize(results: list[ArchResult]) -> None:
     crashed = [r for r in results if r.crashes]
     parity = [r for r in built if r.status == "ok" and not r.mismatches]
     qparity = [r for r in quant if r.status == "ok" and not r.mismatches]
-    ops = [v for r in base for v in r.ops.values()]
-    exact = sum(v.startswith("exact") for v in ops)
-    measured = sum(v.startswith("measured") for v in ops)
-    refused = sum(v.startswith("refused") for v in ops)
-    bad = [v for v in ops if v.startswith(("CRASH", "MISMATCH", "CHANGED"))]
+    qbuilt = [r for r in quant if r.status != "skipped"]
     print(
         f"\nSUMMARY: {len(base)} modules, {len(built)} built ({len(skipped)} skipped), "
-        f"chat parity {len(parity)}/{len(built)}; quantized builds {len(qparity)}/{len(quant)}; "
-        f"operations: {exact} exact, {measured} measured, {refused} refused, {len(bad)} crashes or mismatches; "
+        f"chat parity {len(parity)}/{len(built)}; quantized builds: chat parity {len(qparity)}/{len(qbuilt)} "
+        f"({len(quant) - len(qbuilt)} not quantizable); "
+        f"operations (float32): {_op_counts(base)}; operations (quantized): {_op_counts(quant)}; "
         f"{len(crashed)} models with a crash"
     )
-    for r in skipped:
+    for r in skipped + [r for r in quant if r.status == "skipped"]:
         print(f"  skipped {r.name}: {r.reason}")
     for r in results:
         for c in r.crashes:

@@ -28,6 +28,7 @@ import numpy as np
 
 from kvscope.engine import head_attention
 from kvscope.engine.blocks import TokenState
+from kvscope.engine.caches import compress_scope as scope
 from kvscope.engine.errors import InvalidRequestError
 from kvscope.engine.events import DecisionApplied, EventBus
 from kvscope.engine.kv_cache import ScopeKVCache
@@ -276,15 +277,21 @@ def _compress(
     budget_tokens: int | None,
     **params: Any,
 ) -> Decision:
-    lm.require("compress")
+    verdict = lm.require("compress")
     policy_params, bits = _split_params(params)
     pol = make_policy(policy, **policy_params)
-    if not session.caches or session.caches[0].n_rows == 0:
+    caches, mla = session.caches, lm.support is not None and lm.support.mla
+    scope.check_policy(pol, lm.name, caches, mla)  # non-plain layouts: the attention caches only
+    if not any(c.n_rows for c in caches):
         raise InvalidRequestError(f"session {session.name} has no cached tokens to compress")
-    decision = decide(
-        pol, session.caches, session.tokens, lm.model, keep_ratio, budget_tokens, bits, None, lm.tokenizer
-    )
-    apply_decision(session.caches, decision)
+    if scope.is_scoped(caches, mla):
+        decision = scope.decide_scoped(decide, pol, caches, session.tokens, lm.model, keep_ratio, budget_tokens, bits)
+        scope.apply_scoped(apply_decision, caches, decision)
+        if verdict.status != "exact":  # the record and the event say what was left alone and why
+            decision.extra["approximate"] = verdict.reason
+    else:
+        decision = decide(pol, caches, session.tokens, lm.model, keep_ratio, budget_tokens, bits, None, lm.tokenizer)
+        apply_decision(caches, decision)
     _record(session, bus, decision, replay=False)
     return decision
 
@@ -292,7 +299,10 @@ def _compress(
 def replay_on(session: Session, bus: EventBus, decision: Decision) -> None:
     """Apply a recorded decision's kept rows to a session holding the same cache."""
     session.require_idle("replaying a decision")
-    apply_decision(session.caches, decision)
+    if len(scope.targets(session.caches)) != len(session.caches):
+        scope.apply_scoped(apply_decision, session.caches, decision)  # non-plain layouts: attention caches only
+    else:
+        apply_decision(session.caches, decision)
     _record(session, bus, decision, replay=True)
 
 

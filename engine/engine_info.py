@@ -9,7 +9,7 @@ import mlx.core as mx
 from kvscope.engine import blas
 from kvscope.engine.budget import MemoryBudget
 from kvscope.engine.config import EngineConfig
-from kvscope.engine.model_loading import LoadedModel
+from kvscope.engine.model_loading import LoadedModel, weights_format
 from kvscope.engine.prefix_store import PrefixStore
 from kvscope.engine.saved_sessions import SavedSessions
 
@@ -43,7 +43,8 @@ def engine_info(
             model=lm.name,
             model_path=str(lm.path),
             fingerprint=lm.fingerprint,
-            dtype=lm.dtype,
+            dtype=lm.dtype,  # the compute dtype (model_loading.compute_dtype)
+            weights=weights_format(lm.config),
             layers=lm.n_layers,
             kv_heads=lm.n_kv_heads,
             head_dim=lm.head_dim,

@@ -46,6 +46,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import create_attention_mask
 
+from kvscope.engine.caches import prompt_cache
 from kvscope.engine.errors import InvalidRequestError
 from kvscope.engine.head_rows import HeadRowStore
 from kvscope.engine.row_sets import RowMap, RowSets
@@ -138,20 +139,18 @@ class ScopeKVCache:
         return n
 
     @property
-    def state(self) -> tuple[mx.array, mx.array]:
-        """Every stored row (visible and masked) in token order (head-wise: see `head_presence`)."""
-        keys, values, _, _ = self._rows.rows(0, self._n_tokens)
-        return keys, values
+    def state(self) -> tuple[Any, ...]:
+        """Every stored row in token order: (keys, values), plus the rows' tokens, visibility and
+        positions when the cache is edited (caches.prompt_cache: mlx-lm's file protocol; a
+        head-wise layer gives (keys, values) with its holes: see `head_presence`)."""
+        if self.n_columns == 0:
+            return (None, None)
+        return prompt_cache.state_tuple(self, *self._rows.rows(0, self._n_tokens))
 
     @state.setter
-    def state(self, v: tuple[mx.array, mx.array]) -> None:
-        keys, values = v
-        n = keys.shape[2]
-        self._rows, self._mask_owed = RowSets(), False
-        self._rows.live.set(keys, values, np.arange(n, dtype=_I64))
-        self._pos = np.arange(n, dtype=_I64)
-        self._n_tokens = n
-        self._sync_offset()
+    def state(self, v: tuple[Any, ...]) -> None:
+        self._mask_owed = False
+        prompt_cache.set_state(self, v)
 
     @property
     def meta_state(self) -> tuple[str, ...]:
@@ -164,12 +163,21 @@ class ScopeKVCache:
             raise ValueError(f"meta state {v} does not match the {self._n_tokens} rows loaded")
 
     @classmethod
-    def from_state(cls, state: tuple[mx.array, mx.array], meta_state: tuple[str, ...] | None = None) -> ScopeKVCache:
+    def from_state(cls, state: tuple[Any, ...], meta_state: tuple[str, ...] | None = None) -> ScopeKVCache:
         obj = cls()
         obj.state = state
         if meta_state is not None:
             obj.meta_state = meta_state
         return obj
+
+    @classmethod
+    def merge(cls, caches: list[ScopeKVCache]) -> Any:
+        """mlx-lm's batch cache of plain caches (an edited one is refused: caches.prompt_cache)."""
+        return prompt_cache.merge(caches)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> Any:
+        """mlx-lm's `QuantizedKVCache` with this plain cache's rows (an edited one is refused)."""
+        return prompt_cache.to_quantized(self, group_size, bits)
 
     @property
     def nbytes(self) -> int:

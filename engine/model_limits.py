@@ -11,6 +11,7 @@ Knows nothing about file formats.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,11 @@ class ModelLimits:
     n_kv_heads: int
     head_dim: int
     max_position: int = MAX_POSITION
+    # Non-plain layouts (caches.session_kinds): the session's caches as the model lays them out, per-cache
+    # [kv heads, key dim, value dim], and the shape/dtype of each recurrent state (measured on first use).
+    new_caches: Callable[[], list[Any]] | None = None
+    cache_dims: tuple[tuple[int, int, int], ...] = ()
+    state_specs: Callable[[], dict[int, list[Any]]] | None = None
 
     def bad_token(self, ids: Any) -> int:
         """Index of the first entry of `ids` that is not a valid token id, else -1."""
@@ -64,4 +70,22 @@ def vocab_size(lm: LoadedModel) -> int:
 
 
 def limits_of(lm: LoadedModel) -> ModelLimits:
-    return ModelLimits(lm.fingerprint, lm.name, vocab_size(lm), lm.n_layers, lm.n_kv_heads, lm.head_dim)
+    from kvscope.engine.caches.layout import make_session_caches
+    from kvscope.engine.caches.session_kinds import state_shapes
+
+    def specs() -> dict[int, list[Any]]:
+        if "state_specs" not in lm.extra:
+            lm.extra["state_specs"] = state_shapes(lm.model, lambda: make_session_caches(lm.model))
+        return lm.extra["state_specs"]  # type: ignore[no-any-return]
+
+    return ModelLimits(
+        lm.fingerprint,
+        lm.name,
+        vocab_size(lm),
+        lm.n_layers,
+        lm.n_kv_heads,
+        lm.head_dim,
+        new_caches=lambda: make_session_caches(lm.model),
+        cache_dims=tuple(tuple(d) for d in lm.cache_dims),  # type: ignore[misc]
+        state_specs=specs,
+    )

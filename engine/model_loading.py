@@ -158,10 +158,10 @@ def _resolve(id_or_path: str) -> Path:
         return Path(_download(id_or_path))
     except Exception as exc:  # noqa: BLE001 - hub errors come in many classes
         raise ModelLoadError(
-            f"could not fetch {id_or_path!r} from the model hub ({type(exc).__name__}): "
-            "the hub is unreachable from this machine or the id does not exist. "
-            "Download the model elsewhere and pass its local folder, e.g. "
-            "`kvscope chat --model /path/to/model`, or run without --model for the bundled demo model."
+            f"cannot load {id_or_path!r}: it is not a local folder (there is nothing at {path.resolve()}), and as a "
+            f"hub id it could not be fetched ({type(exc).__name__}): the model hub is unreachable from this machine "
+            "or has no such model. Check the folder's path, or download the model elsewhere and pass its local "
+            "folder (`kvscope chat --model /path/to/model`), or run without --model for the bundled demo model."
         ) from exc
 
 
@@ -213,7 +213,7 @@ def load_model(id_or_path: str | os.PathLike[str] | None = None) -> LoadedModel:
         model, tokenizer = mlx_load(str(path))[:2]
     except Exception as exc:  # noqa: BLE001 - mlx-lm raises ValueError/KeyError/OSError...
         raise ModelLoadError(f"mlx-lm could not load {path}: {type(exc).__name__}: {exc}") from exc
-    dtype = "float32" if mx.default_device() == mx.cpu else _param_dtype(model)
+    dtype = compute_dtype(model, mx.default_device())
     if dtype == "float32":
         model.set_dtype(mx.float32)
     mx.eval(model.parameters())
@@ -246,6 +246,20 @@ def load_model(id_or_path: str | os.PathLike[str] | None = None) -> LoadedModel:
         value_dim_=value_dim,
         cache_dims=dims,
     )
+
+
+def compute_dtype(model: nn.Module, device: mx.Device) -> str:
+    """The dtype the model computes in: float32 on the CPU (its BLAS path), else the checkpoint's
+    float dtype — never the packed uint32 of a quantized model's weights."""
+    return "float32" if device == mx.cpu else _param_dtype(model)
+
+
+def weights_format(config: dict[str, Any]) -> str:
+    """How the weights are stored, e.g. '4-bit quantized (group 64)' or 'float16'."""
+    q = config.get("quantization") or config.get("quantization_config")
+    if isinstance(q, dict) and isinstance(q.get("bits"), int):
+        return f"{q['bits']}-bit quantized (group {q.get('group_size', '?')})"
+    return str(config.get("torch_dtype") or config.get("dtype") or "float (checkpoint)")
 
 
 def _param_dtype(model: nn.Module) -> str:

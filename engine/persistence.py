@@ -46,6 +46,7 @@ import numpy as np
 
 from kvscope.engine.atomic_io import atomic_write
 from kvscope.engine.bounded_io import MAX_JSON_BYTES, loads_json, read_regular
+from kvscope.engine.caches import session_kinds
 from kvscope.engine.errors import InvalidRequestError, KVScopeError
 from kvscope.engine.events import SessionId
 from kvscope.engine.model_limits import ModelLimits
@@ -82,8 +83,9 @@ def _cache_bytes(s: Session) -> tuple[bytes, str]:
     for i, c in enumerate(s.caches):
         if c.n_rows == 0:
             continue
-        k, v = c.state
+        k, v = c.state[:2]
         arrays[f"{i}.keys"], arrays[f"{i}.values"] = to_numpy(k), to_numpy(v)
+    arrays.update(session_kinds.state_tensors(s.caches))  # recurrent states (refuses caches it cannot save)
     data = save(arrays) if arrays else save({"empty": np.zeros(0, np.float32)})
     return data, hashlib.sha256(data).hexdigest()
 
@@ -106,6 +108,7 @@ def session_doc(s: Session, fingerprint: str, model_name: str, cache_name: str, 
         "turns": [t.__dict__ for t in s.turns],
         "cache_file": cache_name,
         "cache_sha256": sha,
+        "cache_kinds": session_kinds.cache_records(s.caches),
         "layers": [
             {
                 "offset": c.offset,

@@ -94,9 +94,8 @@ class SavedSessions:
                 continue
             if entry["fingerprint"] != lm.fingerprint or entry["id"] in open_ids:
                 continue
-            what = f"reopening session {entry['id']}"
             try:
-                opened.append(store.load(entry["id"], limits, lambda n, w=what: reserve(n, w)))
+                opened.append(store.load(entry["id"], limits, _reserving(reserve, f"reopening session {entry['id']}")))
             except KVScopeError as exc:
                 self.load_errors.append(f"{exc} (left on disk untouched)")
         return opened
@@ -104,10 +103,17 @@ class SavedSessions:
     @staticmethod
     def export(s: Session, lm: LoadedModel, path: str | os.PathLike[str]) -> Path:
         """Write a session (transcript, operations, cache) as one `.kvsession` zip file."""
+        lm.require("persistence")  # caches.support: refused before anything is written
         return write_archive(s, lm.fingerprint, lm.name, path)
 
     @staticmethod
     def read_export(path: str | os.PathLike[str], lm: LoadedModel, free: int, reserve: Reserve) -> Session:
         """A session read from a `.kvsession` file (the caller gives it an id and registers it)."""
         what = f"importing {Path(os.fsdecode(path)).name}"
+        lm.require("persistence")
         return read_archive(path, limits_of(lm), free, lambda n: reserve(n, what))
+
+
+def _reserving(reserve: Reserve, what: str) -> Callable[[int], None]:
+    """`reserve` with its `what` filled in (a closure per session, not per loop variable)."""
+    return lambda n: reserve(n, what)

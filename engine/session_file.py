@@ -32,6 +32,7 @@ import numpy as np
 
 from kvscope.engine.blocks import TokenState
 from kvscope.engine.bounded_io import MAX_JSON_BYTES, check_fields, loads_json, open_regular, read_regular
+from kvscope.engine.caches import session_kinds as kinds
 from kvscope.engine.errors import SegmentFileError
 from kvscope.engine.events import SessionId
 from kvscope.engine.head_states import head_rows
@@ -45,6 +46,8 @@ VERSION = 1
 SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 CACHE_FILE = re.compile(r"cache-[0-9a-f]{12}\.safetensors")
 _ORIGINS = {int(s) for s in TokenState}
+# one layer's rows: tokens, positions, visibility, and which head holds which row (None: every head)
+LayerRows = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]
 _DOC_FIELDS: dict[str, type] = {
     "format": str,
     "version": int,
@@ -125,7 +128,7 @@ def _turn(name: str, i: int, rec: Any) -> TurnStats:
     return TurnStats(**rec)
 
 
-def _rows(name: str, i: int, lay: Any, n_tokens: int) -> tuple[list[np.ndarray], int, int]:
+def _rows(name: str, i: int, lay: Any, n_tokens: int) -> tuple[LayerRows, int, int]:
     keys = {"offset", "next_token", "row_token", "row_position", "row_visible"}
     if not isinstance(lay, dict) or set(lay) - {"head_rows"} != keys:
         raise SegmentFileError(f"session {name}: layer {i} record must have exactly {sorted(keys)} (+ head_rows)")
@@ -143,7 +146,7 @@ def _rows(name: str, i: int, lay: Any, n_tokens: int) -> tuple[list[np.ndarray],
     offset, next_token = lay["offset"], lay["next_token"]
     if not (json_int(offset) and 0 <= offset <= MAX_POSITION and json_int(next_token) and next_token == n_tokens):
         raise SegmentFileError(f"session {name}: layer {i} offset/next_token out of range")
-    return [tok, pos, vis, head_rows(name, i, lay.get("head_rows"), n)], offset, next_token
+    return (tok, pos, vis, head_rows(name, i, lay.get("head_rows"), n)), offset, next_token
 
 
 def _cache(
@@ -153,10 +156,11 @@ def _cache(
     rows: list[int],
     lim: ModelLimits,
     reserve: Callable[[int], None] | None,
+    records: list[dict[str, Any]],
 ) -> dict[str, np.ndarray]:
     """The cache tensors, size-bounded by the rows declared, checksummed, parsed from one open file."""
-    per_row = 2 * lim.n_kv_heads * lim.head_dim * 4
-    limit = 8 + MAX_HEADER + sum(rows) * per_row
+    shapes = kinds.expected_tensors(rows, records, lim.cache_dims, (lim.n_kv_heads, lim.head_dim))
+    limit = 8 + MAX_HEADER + 4 * sum(math.prod(s) for s in shapes.values())
     path = folder / doc["cache_file"]
     with open_regular(path, follow_symlinks=False) as (fh, size):
         if size > limit:
@@ -168,22 +172,22 @@ def _cache(
             raise SegmentFileError(f"session {name}: cache file checksum mismatch (modified or corrupted)")
         fh.seek(0)
         f = SafetensorsFile(fh, size, path.name)
-        want = {f"{i}.{kv}" for i, n in enumerate(rows) if n for kv in ("keys", "values")}
+        want = set(shapes)
         if set(f.tensors) - {"empty"} != want:
             raise SegmentFileError(f"session {name}: the cache file's tensors do not match the layers' rows")
         if reserve is not None:
             reserve(f.data_bytes)
         out = {}
         for key in sorted(want):
-            t, n = f.tensors[key], rows[int(key.split(".")[0])]
-            if t.shape != (1, lim.n_kv_heads, n, lim.head_dim) or t.dtype not in ("F32", "F16", "BF16"):
-                raise SegmentFileError(f"session {name}: tensor {key} is {list(t.shape)} {t.dtype}, not {n} rows")
+            t = f.tensors[key]
+            if t.shape != shapes[key] or t.dtype not in ("F32", "F16", "BF16"):
+                raise SegmentFileError(f"session {name}: tensor {key} is {list(t.shape)} {t.dtype}, not {shapes[key]}")
             out[key] = f.read(key)
         return out
 
 
 def _layer(
-    name: str, i: int, rows: tuple[list[np.ndarray], int, int], arrays: dict[str, np.ndarray], positions: np.ndarray
+    name: str, i: int, rows: tuple[LayerRows, int, int], arrays: dict[str, np.ndarray], positions: np.ndarray
 ) -> ScopeKVCache:
     """One layer's cache from its checked rows; the cache itself owns positions (and re-checks them)."""
     (tok, pos, vis, heads), offset, _ = rows
@@ -219,9 +223,11 @@ def read_session(
         raise SegmentFileError(f"session {name}: {len(doc['layers'])} layer records, the model has {lim.n_layers}")
     layers = [_rows(name, i, lay, n) for i, lay in enumerate(doc["layers"])]
     turns = [_turn(name, i, t) for i, t in enumerate(doc["turns"])]
-    arrays = _cache(name, folder, doc, [len(r[0]) for r, _, _ in layers], lim, reserve)
+    records = kinds.records_of(name, doc, lim)  # the kind of every cache (sliding, recurrent...), checked
+    arrays = _cache(name, folder, doc, [len(r[0]) for r, _, _ in layers], lim, reserve, records)
     positions = np.asarray(doc["positions"], np.int64)
     caches = [_layer(name, i, rows, arrays, positions) for i, rows in enumerate(layers)]
+    caches = kinds.rebuild_for(name, caches, records, arrays, lim, n)
     s = Session(SessionId(doc["id"]), doc["name"], caches)
     s.messages, s.tokens, s.origin = doc["messages"], doc["tokens"], doc["origin"]
     s.transcript_text, s.edited, s.operations = doc["transcript_text"], doc["edited"], doc["operations"]

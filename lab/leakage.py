@@ -40,7 +40,7 @@ import numpy as np
 
 from kvscope.engine.model_loading import LoadedModel
 from kvscope.engine.tasks import answer_tokens, text
-from kvscope.engine.tasks.notes import chat_messages, layout_notes, overhead_tokens
+from kvscope.engine.tasks.notes import ChatTokenizer, chat_messages, layout_notes, overhead_tokens
 from kvscope.lab.chat_runs import feed, feed_hidden, fresh_caches, render_chat, teacher_force, token_rows
 from kvscope.lab.probe import heldout_predictions
 from kvscope.lab.stats import Estimate, accuracy, bootstrap_mean, mcnemar
@@ -68,7 +68,7 @@ class LeakEpisode:
     value: str  # the 4-digit number
 
 
-def make_leak_episode(i: int, config: LeakConfig, tok: object) -> LeakEpisode:
+def make_leak_episode(i: int, config: LeakConfig, tok: ChatTokenizer) -> LeakEpisode:
     """A held-out code fact among distractors; the summary lists distractors only (or the fact too)."""
     rng = random.Random(f"leakage:{config.seed}:{i}")
     target = text.make_fact(rng, heldout=True, kind="code")
@@ -79,8 +79,8 @@ def make_leak_episode(i: int, config: LeakConfig, tok: object) -> LeakEpisode:
     if config.summary == "contains":
         summary_body = f"{summary_body} {target.statement}"
     summary = f"[summary] {summary_body}"
-    budget = config.context - overhead_tokens(tok, target.question) - len(tok.encode(summary))  # type: ignore[attr-defined]
-    notes, _ = layout_notes(rng, tok, budget, [(target.statement, config.depth)], [d.statement for d in distractors])  # type: ignore[arg-type]
+    budget = config.context - overhead_tokens(tok, target.question) - len(tok.encode(summary))
+    notes, _ = layout_notes(rng, tok, budget, [(target.statement, config.depth)], [d.statement for d in distractors])
     messages = chat_messages(notes, [("user", summary), ("user", target.question)])
     return LeakEpisode(i, messages, target.statement, target.answer)
 

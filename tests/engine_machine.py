@@ -49,7 +49,7 @@ def fingerprint(eng: Engine, sid: str) -> str:
         h.update(c.row_token.tobytes() + c.masked_tokens.tobytes() + c.token_positions.tobytes())
         h.update(c.head_presence().tobytes())  # which KV head holds which row (head-wise compression)
         if c.n_rows:
-            k, v = c.state
+            k, v = c.state[:2]
             h.update(np.array(k).tobytes() + np.array(v).tobytes())
     return h.hexdigest()
 

@@ -158,6 +158,10 @@ def zoo_config(arch: str, vocab: int, n_layers: int | None = 2) -> dict[str, obj
     return config
 
 
+class QuantizeError(RuntimeError):
+    """mlx-lm's `quantize_model` refused this architecture."""
+
+
 def make_zoo_model(folder: Path, arch: str, seed: int = 0, bits: int | None = None) -> Path:
     """Build and save a tiny random model of any zoo architecture (`bits`: quantize it).
 
@@ -192,7 +196,10 @@ def make_zoo_model(folder: Path, arch: str, seed: int = 0, bits: int | None = No
     if bits is not None:
         from mlx_lm.utils import quantize_model
 
-        model, config = quantize_model(model, config, group_size=32, bits=bits)
+        try:
+            model, config = quantize_model(model, config, group_size=32, bits=bits)
+        except Exception as exc:  # noqa: BLE001 - mlx-lm's own quantizer refused: reported as its limit
+            raise QuantizeError(f"mlx-lm cannot quantize {arch} to {bits} bits: {type(exc).__name__}: {exc}") from exc
         weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(folder / "model.safetensors"), weights)
     (folder / "config.json").write_text(json.dumps(config))

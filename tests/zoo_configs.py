@@ -1929,6 +1929,7 @@ ZOO: dict[str, dict[str, Any]] = {
         "hidden_size": 128,
         "intermediate_size": 128,
         "model_type": "seed_oss",
+        "tie_word_embeddings": False,  # as the released checkpoint (mlx-lm's tied path cannot run quantized)
         "num_attention_heads": 2,
         "num_hidden_layers": 4,
         "num_key_value_heads": 2,

@@ -38,13 +38,13 @@ from kvscope.engine.fidelity import measure
 from kvscope.engine.generation import SamplingParams, forward, prefill
 from kvscope.engine.kv_cache import ScopeKVCache
 from kvscope.engine.splicing import SpliceOptions
-from tiny_models import make_zoo_model
+from tiny_models import QuantizeError, make_zoo_model
 
 PROMPT_1 = "the code for locker seven is red blue green"
 PROMPT_2 = "and what is the name of the other one"
 N_TOKENS = 10
 TOL = 1e-4
-OPERATIONS = ("mask", "delete", "splice", "replace", "erratum", "compress", "segment files")
+OPERATIONS = ("mask", "delete", "splice", "replace", "erratum", "compress", "segment files", "persistence")
 
 # Modules that are not text models or need what this machine lacks.
 SKIP = {
@@ -215,6 +215,41 @@ def logits_error(eng: Engine, sid: str) -> float:
     return float(mx.abs(got - want).max().item()) / scale
 
 
+def compressed_logits_error(eng: Engine, sid: str) -> float | None:
+    """After compress: None if a cache's rows differ from the decision, else the relative logit
+    error against a recompute of every token whose caches then drop the decision's evicted rows."""
+    lm, s = eng.model, eng.session(sid)  # type: ignore[arg-type]
+    d = s.last_decision
+    if d is None or len(d.layers) != len(s.caches):
+        return None
+    for c, layer in zip(s.caches, d.layers):
+        if isinstance(c, ScopeKVCache) and not np.array_equal(np.sort(c.visible_tokens), np.sort(layer.kept)):
+            return None
+        if not isinstance(c, ScopeKVCache) and len(layer.evicted):
+            return None
+    rc = make_session_caches(lm.model)
+    prefill(lm.model, rc, s.tokens, 512)
+    for c, layer in zip(rc, d.layers):
+        if len(layer.evicted):
+            c.evict_tokens(layer.evicted)
+    got = forward(lm.model, [5], [c.copy() for c in s.caches])[0, -1]
+    want = forward(lm.model, [5], rc)[0, -1]
+    scale = float(mx.abs(want).max().item()) or 1.0
+    return float(mx.abs(got - want).max().item()) / scale
+
+
+def continuation_error(eng: Engine, sid: str, other: str) -> float:
+    """Max relative difference of next-token logits between two sessions fed the same new token."""
+    lm = eng.model
+    a, b = eng.session(sid), eng.session(other)  # type: ignore[arg-type]
+    if a.tokens != b.tokens:
+        return float("inf")
+    got = forward(lm.model, [5], [c.copy() for c in b.caches])[0, -1]
+    want = forward(lm.model, [5], [c.copy() for c in a.caches])[0, -1]
+    scale = float(mx.abs(want).max().item()) or 1.0
+    return float(mx.abs(got - want).max().item()) / scale
+
+
 def _verdict(eng: Engine, op: str) -> str:
     return eng.model.support.verdict(op).status if eng.model.support else "exact"
 
@@ -244,8 +279,22 @@ def _run_op(eng: Engine, sid: str, op: str, tmp: Path) -> str:
         return "exact" if err < TOL else f"MISMATCH logits off by {err:.1e}"
     if op == "compress":
         eng.compress(sid, "key_norm", keep_ratio=0.5)  # type: ignore[arg-type]
+        err = compressed_logits_error(eng, sid)
+        if err is None:
+            return "MISMATCH the caches do not keep the rows the decision says"
+        if err >= TOL:
+            return f"MISMATCH logits off by {err:.1e} from a recompute with the evicted rows dropped"
         rep = measure(eng.model, s, "compress", 0.0)
         return f"measured (cos {rep.cosine:.3f})"
+    if op == "persistence":  # export -> import: the reopened session continues like the never-saved one
+        path = tmp / "session.kvsession"
+        eng.export_session(sid, path)  # type: ignore[arg-type]
+        other = eng.import_session(path)
+        try:
+            err = continuation_error(eng, sid, other)
+        finally:
+            eng.close_session(other)
+        return "exact" if err < TOL else f"MISMATCH reopened logits off by {err:.1e}"
     if op == "segment files":
         path = tmp / "seg.kvseg"
         eng.save_segment(sid, lo, hi, path)  # type: ignore[arg-type]
@@ -285,9 +334,20 @@ def check_arch(arch: str, bits: int | None = None, ops: bool = True, root: Path 
     tmp = Path(tempfile.mkdtemp(dir=root))
     try:
         folder = make_zoo_model(tmp / arch, arch, bits=bits)
+    except QuantizeError as exc:
+        res.status, res.reason = "skipped", str(exc)
+        return res
     except Exception as exc:  # noqa: BLE001 - a config that does not build is reported, not fatal
         res.status, res.reason = "skipped", f"the tiny config does not build: {type(exc).__name__}: {exc}"
         return res
+    if bits is not None:  # a quantized build mlx-lm itself cannot run is mlx-lm's limit, reported as such
+        try:
+            oracle = Oracle(folder)
+            oracle.greedy([5, 6, 7], 2)
+        except Exception as exc:  # noqa: BLE001
+            res.status = "skipped"
+            res.reason = f"mlx-lm itself cannot run the {bits}-bit build: {type(exc).__name__}: {exc}"
+            return res
     try:
         eng = Engine()
         lm = eng.load(folder)

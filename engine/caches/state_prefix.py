@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 
@@ -63,7 +63,9 @@ class StatePrefixStore:
             return 0
         rows = [c for c in session.caches if isinstance(c, ScopeKVCache)]
         plain = min([session.n_tokens] + [c.plain_prefix_len() for c in rows])
-        states = {i: c for i, c in enumerate(session.caches) if isinstance(c, AdoptedCache)}
+        states: dict[int, AdoptedCache] = {
+            i: cast(AdoptedCache, c) for i, c in enumerate(session.caches) if isinstance(c, AdoptedCache)
+        }
         common = set.intersection(*(set(c.pinned) for c in states.values()))
         added = 0
         for k in sorted(t for t in common if 0 < t <= plain):

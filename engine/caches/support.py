@@ -11,12 +11,14 @@ the layer kind and why. `kvscope info` prints the table.
     erratum       exact           exact       exact           exact                exact                exact
     delete/replace/splice/segment files
                   exact*          exact*      exact*          refused              refused              refused
-    compress      policy          refused     refused         refused              refused              refused
-    persistence   exact           exact       refused         refused              refused              refused
+    compress      policy          policy***   policy***       refused              policy***            refused
+    persistence   exact           exact       exact           refused              exact (state saved)  exact (state saved)
 
     *  when every layer's rows rotate by one fixed rotation per position
        (probed from the model: `rope_probe`), or do not rotate at all.
     ** all sliding layers together (they share one window mask).
+    *** measured, on the full-attention caches only, row-scoring policies
+        (caches.compress_scope); sliding and recurrent caches are left alone.
 
 Knows nothing about sessions.
 """
@@ -65,6 +67,7 @@ class Verdict:
 class SupportTable:
     model: str
     verdicts: tuple[Verdict, ...]
+    mla: bool = False  # caches hold an MLA latent / k_pe (row-scoring compression only)
 
     def verdict(self, op: str) -> Verdict:
         name = ALIASES.get(op, op)
@@ -130,14 +133,12 @@ def build_table(model: str, layout: CacheLayout, rotations: list[LayerRotation])
                 f"approximate: {recurrent} of {layout.n_caches} caches keep a recurrent state that has "
                 "already absorbed the masked tokens (only attention rows are hidden; fidelity is measured)",
             )
-    plain_only = v("", EXACT) if not non_row else v("", REFUSED, f"{_kinds_phrase(layout, non_row)}")
-    sliding = layout.kinds["sliding"]
-    full_only = plain_only
-    if sliding and not non_row:
-        full_only = v("", REFUSED, f"{_kinds_phrase(layout, ('sliding',))}, which kvscope does not save or score yet")
-    compress = full_only
-    if not non_row and mla:
-        compress = v("", REFUSED, "MLA caches store a shared latent and k_pe, not per-head keys to score")
+    compress = _compress_verdict(layout, windowed, mla)
+    persistence = (
+        v("", REFUSED, f"{_kinds_phrase(layout, windowed)}: kvscope saves only its own row caches and recurrent states")
+        if windowed
+        else v("", EXACT, "recurrent states are saved with the rows" if recurrent else "")
+    )
     if not non_row:
         reuse = v("", EXACT)
     elif windowed:
@@ -156,9 +157,39 @@ def build_table(model: str, layout: CacheLayout, rotations: list[LayerRotation])
         ("splice", move),
         ("segment files", move),
         ("compress", compress),
-        ("persistence", full_only),
+        ("persistence", persistence),
     ]
-    return SupportTable(model, tuple(Verdict(op, x.status, x.reason) for op, x in rows))
+    return SupportTable(model, tuple(Verdict(op, x.status, x.reason) for op, x in rows), mla)
+
+
+def _compress_verdict(layout: CacheLayout, windowed: tuple[str, ...], mla: bool) -> Verdict:
+    """Policies evict from full-attention caches only (see caches.compress_scope)."""
+    full, sliding, recurrent = layout.kinds["attention"], layout.kinds["sliding"], layout.kinds["recurrent"]
+    if windowed:
+        return Verdict("", REFUSED, f"{_kinds_phrase(layout, windowed)}: rows not kvscope's to evict")
+    if not full:
+        return Verdict(
+            "", REFUSED, f"{_kinds_phrase(layout, tuple(layout.kinds))}: no full-attention cache to evict from"
+        )
+    notes = []
+    if sliding:
+        notes.append(
+            f"the {sliding} sliding-window caches keep every row (one window mask for all; they read at most "
+            "the window)"
+        )
+    if recurrent:
+        notes.append(f"the {recurrent} recurrent states keep what they absorbed (no rows)")
+    if mla:
+        notes.append(
+            "MLA caches hold a shared latent: row-scoring policies only (key_norm, keydiff, streaming_llm, "
+            "random, quantize)"
+        )
+    if not notes:
+        return Verdict("", EXACT)
+    if sliding or recurrent:
+        notes.insert(0, f"a policy evicts from the {full} full-attention caches only")
+        notes.append("attention-recomputing policies are refused; fidelity is measured")
+    return Verdict("", MEASURED, "; ".join(notes))
 
 
 def table_as_dict(table: SupportTable) -> dict[str, Any]:

@@ -195,6 +195,8 @@ class Decision:
             "quantized_bytes": self.quantized_bytes,
             "decide_ms": round(self.decide_ms, 3),
             **({"head_budgets": self.head_budgets} if self.is_headwise else {}),
+            # non-plain layouts (caches.compress_scope): which caches were compressed, and the label
+            **{k: v for k, v in self.extra.items() if k in ("layers_compressed", "approximate")},
         }
 
     # ------------------------------------------------------------ files

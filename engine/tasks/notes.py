@@ -22,6 +22,8 @@ NOTES_HEADER = "Notes:"
 class ChatTokenizer(Protocol):
     """What the tasks need from a tokenizer (HF tokenizers and mlx-lm's wrapper fit)."""
 
+    eos_token_id: Any
+
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
 
     def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...

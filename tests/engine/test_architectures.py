@@ -48,9 +48,23 @@ def test_each_cache_kind_chats_like_mlx_lm_and_every_operation_is_exact_measured
     assert res.ops["erratum"] == "exact"  # appending is a prefill on every kind
 
 
-def test_quantized_build_chats_like_mlx_lm(tmp_path: Path) -> None:
-    res = check_arch("qwen3", bits=4, ops=False, root=tmp_path)
+def test_quantized_hybrid_build_chats_like_mlx_lm_and_every_operation_is_exact_measured_or_refused(
+    tmp_path: Path,
+) -> None:
+    res = check_arch("qwen3_next", bits=4, root=tmp_path)  # 4-bit weights; mlx-lm on the same 4-bit folder
     assert res.status == "ok" and all(res.parity.values()), (res.reason, res.parity)
+    assert not res.crashes, res.crashes
+    got = {op: v.split(" ")[0].rstrip(":") for op, v in res.ops.items()}
+    assert got == {
+        "mask": "measured",  # the states absorbed the masked tokens
+        "delete": "refused",
+        "splice": "refused",
+        "replace": "refused",
+        "erratum": "exact",
+        "compress": "measured",  # the attention cache only; equals a recompute without the evicted rows
+        "segment files": "refused",
+        "persistence": "exact",  # export -> import continues like the never-saved session
+    }, res.ops
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +103,14 @@ def test_a_refused_operation_leaves_the_session_byte_for_byte_unchanged(hybrid: 
     for call in (
         lambda: hybrid.splice(sid, sid, 1, 4),
         lambda: hybrid.delete_span(sid, 1, 4),
-        lambda: hybrid.compress(sid, "key_norm", keep_ratio=0.5),
+        lambda: hybrid.save_segment(sid, 1, 4, "never-written.kvseg"),
     ):
         with pytest.raises(UnsupportedModelError, match=r"refused on qwen3_next: 3 of 4 caches are recurrent state"):
             call()
         assert _fingerprint(hybrid, sid) == before
+    with pytest.raises(UnsupportedModelError, match=r"snapkv on qwen3_next is refused"):
+        hybrid.compress(sid, "snapkv", keep_ratio=0.5)  # recomputes attention over every cache
+    assert _fingerprint(hybrid, sid) == before
 
 
 def test_recurrent_state_cannot_be_trimmed_past_its_checkpoints(hybrid: Engine) -> None:
@@ -187,16 +204,27 @@ def test_plain_models_still_use_scope_caches(tmp_path: Path) -> None:
     assert eng.model.support is not None and all(v.status == "exact" for v in eng.model.support.verdicts)
 
 
-def test_a_quantized_model_reports_its_compute_dtype_not_the_packed_weights(tmp_path: Path) -> None:
+def test_a_quantized_model_reports_its_compute_dtype_not_the_packed_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
     from mlx.utils import tree_flatten
     from mlx_lm.utils import load
 
-    from kvscope.engine.model_loading import _param_dtype
+    from kvscope.app.cli import main
+    from kvscope.engine.model_loading import compute_dtype
 
-    model = load(str(make_zoo_model(tmp_path / "q", "llama", bits=4)))[0]
-    model.set_dtype(mx.float16)
+    folder = make_zoo_model(tmp_path / "q", "llama", bits=4)
+    capsys.readouterr()  # mlx-lm's quantizer prints a line
+    assert main(["info", "--model", str(folder), "--json"]) == 0  # what a user runs
+    info = json.loads(capsys.readouterr().out)
+    assert (info["dtype"], info["weights"]) == ("float32", "4-bit quantized (group 32)")  # the CPU computes in f32
+    model = load(str(folder))[0]
+    model.set_dtype(mx.bfloat16)  # as a bf16 checkpoint loads on a Mac
     assert any(v.dtype == mx.uint32 for _, v in tree_flatten(model.parameters()))  # packed weights
-    assert _param_dtype(model) == "float16"
+    assert compute_dtype(model, mx.Device(mx.gpu)) == "bfloat16"  # Metal keeps the checkpoint's dtype
+    assert compute_dtype(model, mx.Device(mx.cpu)) == "float32"
 
 
 def test_kvscope_info_prints_every_operation_with_its_verdict(

@@ -48,9 +48,34 @@ def test_malformed_model_folders(tmp_path: Path, llama_dir: Path) -> None:
 def test_unknown_hub_id_offline_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fail fast; same error path as no network
     eng = Engine()
-    with pytest.raises(ModelLoadError, match="unreachable.*local folder"):
+    with pytest.raises(ModelLoadError, match="not a local folder.*unreachable"):
         eng.load("nobody-here/no-such-model")
     assert any(isinstance(e, EngineError) for e in eng.events)
+
+
+def test_model_that_is_neither_a_folder_nor_reachable_on_the_hub_names_both(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The hub really unreachable (a closed local port, not offline mode): the CLI names both possibilities."""
+    import socket
+
+    import huggingface_hub.constants as hc
+
+    from kvscope.app.cli import main
+
+    with socket.socket() as s:  # a port nothing listens on: connection refused, at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hc, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.chdir(tmp_path)
+    code = main(["info", "--model", "foo/bar"])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert f"nothing at {tmp_path / 'foo' / 'bar'}" in err and "hub is unreachable" in err
 
 
 def test_missing_path_is_not_mistaken_for_a_hub_id(tmp_path: Path) -> None:

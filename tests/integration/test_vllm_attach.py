@@ -108,7 +108,7 @@ def test_shared_system_prompt_is_shared_blocks_and_a_branch(server: vs.VllmServe
     chain1 = client.read(lambda c, _s: prompt_chain(c, t1))
     assert len(chain1) == len(t1) // BS  # every full prompt block, tokens equal to the prompt's
     assert chain1[0].parent is None and all(b.parent == a.block_hash for a, b in zip(chain1, chain1[1:]))
-    assert all(b.media == {"GPU"} and b.block_size == BS for b in chain1)
+    assert all(b.media == ("GPU",) and b.block_size == BS for b in chain1)
     before = client.read(lambda c, _s: {b.block_hash for b in c.blocks()})
 
     server.chat(chat(SYSTEM, ASK_ROOM))
@@ -236,3 +236,70 @@ def test_full_report_mode_marks_the_reused_prefix_hot(server: vs.VllmServer, sta
     print(f"\nfull report mode: {client.summary()}", file=sys.stderr)
     assert set(hot) == set(hashes)  # the hottest blocks are exactly the prefix this request hit
     assert client.read(lambda c, _s: c.counters.blocks_stored) == stored_before  # re-reports are not new blocks
+
+
+def test_the_window_follows_the_server_through_an_attach_process(
+    server: vs.VllmServer, state: dict[str, Any], qtbot: Any
+) -> None:
+    """What a person sees: the view (stream decoded in an AttachProcess) shows the shared prefix and the
+    branch with their text, an eviction flashing red, and /reset_prefix_cache emptying it."""
+    from concurrent.futures import Future
+
+    from mlx_lm.utils import load_tokenizer
+
+    from kvscope.attach.process_client import AttachProcess
+    from kvscope.engine.blocks import TokenState
+    from kvscope.ui.attach_view import AttachView
+
+    state["client"].close()  # the events port is the window's now
+    tok = load_tokenizer(vs.DEMO_MODEL)
+    fut: Future[Any] = Future()
+    fut.set_result(tok)
+    client = AttachProcess(server.events, server.replay, topic="kv@", bind=True)
+    view = AttachView(client, fut, flash_s=60.0)  # long enough to be seen on a loaded machine
+    qtbot.addWidget(view)
+    try:
+        qtbot.waitUntil(lambda: client.progress.batches > 0, timeout=120_000)  # caught up through replay
+        t1, t2 = server.chat_tokens(chat(SYSTEM, ASK_CODE)), server.chat_tokens(chat(SYSTEM, ASK_ROOM))
+        server.chat(chat(SYSTEM, ASK_CODE))
+        server.chat(chat(SYSTEM, ASK_ROOM))
+        common = next(i for i, (a, b) in enumerate(zip(t1, t2)) if a != b) // BS  # shared full blocks
+
+        def branch_rows() -> list[int]:  # rows through the shared prompt's last block, then on
+            g = view.grid
+            if g is None:
+                return []
+            return [r for r in range(len(g.rows)) if len(g.rows[r]) > common and g.states[r, common - 1] == SHARED]
+
+        SHARED = TokenState.SHARED
+        qtbot.waitUntil(lambda: len(branch_rows()) >= 2, timeout=120_000)
+        # the first block after the shared prompt, on each branch: the words of that question (the server's tokens)
+        want = {tok.decode(t[common * BS : (common + 1) * BS]) for t in (t1, t2)}
+        seen: set[str] = set()
+        for r in branch_rows()[:2]:
+            view.map.hovered.emit(r, common)
+            qtbot.waitUntil(lambda r=r: f"block {common} of chain {r}:" in view.detail.toPlainText(), timeout=60_000)
+            text = view.detail.toPlainText()
+            assert "in one chain" in text
+            seen |= {w for w in want if f"⟦{w}⟧" in text}
+        assert seen == want and len(want) == 2
+
+        for system in OTHER_SYSTEMS[1:]:  # 7 blocks: unrelated chats evict
+            server.chat(chat(system, ASK_CODE))
+            if view.grid is not None and view.grid.n_flashing:
+                break
+        qtbot.waitUntil(lambda: view.grid.n_flashing > 0, timeout=120_000)
+        assert "evicted:" in view.header.text()
+        assert (view.grid.states == TokenState.EVICTED).sum() == view.grid.n_flashing
+
+        assert server.post("/reset_prefix_cache", None) == {"success": True}
+        t = server.chat_tokens(chat(SYSTEM, ASK_CODE))
+        server.chat(chat(SYSTEM, ASK_CODE))  # AllBlocksCleared comes with the next engine step
+        qtbot.waitUntil(
+            lambda: len(t) // BS <= view.grid.n_blocks <= len(t) // BS + 1,  # the server held 7 before
+            timeout=120_000,
+        )
+        assert view.grid.n_flashing == 0  # a reset empties the view at once: nothing flashes
+        print(f"\nthe window after the reset: {view.grid.summary}", file=sys.stderr)
+    finally:
+        view.close_client()

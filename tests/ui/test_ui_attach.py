@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future
 from typing import Any
 
@@ -13,9 +14,10 @@ from kvscope.attach import AttachClient
 from kvscope.attach.fleet import prompt_tokens
 from kvscope.engine import demo_model_path
 from kvscope.engine.blocks import TokenState
-from kvscope.engine.kv_events import WireAllBlocksCleared, WireBlockStored
+from kvscope.engine.kv_events import WireAllBlocksCleared, WireBlockRemoved, WireBlockStored
 from kvscope.engine.kv_publisher import ZmqPublisher
-from kvscope.ui.attach_view import AttachDialog, AttachView, AttachWindow, attach_engine
+from kvscope.ui.attach_view import AttachView
+from kvscope.ui.attach_window import AttachDialog, AttachWindow, attach_engine
 
 LOOP = "tcp://127.0.0.1:*"
 
@@ -81,10 +83,12 @@ def test_view_draws_chains_shared_prefix_and_block_text(qtbot: Any, pub: ZmqPubl
         assert view.map.image.image is not None and view.map.image.image.shape == (3, 2)  # col-major: blocks x rows
         assert "4 blocks (16 tokens) in 2 chains" in view.header.text()
         assert "hot: 00000000 (reused 0×, 2 branches)" in view.header.text()  # block 2: where they branch
-        view._show_cell(0, 0)
-        assert tok.decode(ids[:4]) in view.detail.toPlainText() and h(1) in view.detail.toPlainText()
-        view.prompt.setText(text)
-        assert view.prompt_hit.text() == f"cached prefix here: 12 of {len(ids)} tokens"
+        view.map.hovered.emit(0, 0)  # the pointer on the first block: its text, asked of the cache off the Qt thread
+        qtbot.waitUntil(lambda: tok.decode(ids[:4]) in view.detail.toPlainText(), timeout=20_000)
+        assert h(1) in view.detail.toPlainText()
+        view.prompt.setText(text)  # matched on the view's worker: the answer arrives as a signal
+        want = f"cached prefix here: 12 of {len(ids)} tokens"
+        qtbot.waitUntil(lambda: view.prompt_hit.text() == want, timeout=20_000)
         pub.publish([WireAllBlocksCleared()])
         assert pub.flush()
         wait_applied(qtbot, view, 3)
@@ -132,10 +136,8 @@ def test_attach_window_counts_blocks_held_in_common(qtbot: Any, pub: ZmqPublishe
         win.refresh_common()
         assert "blocks held by all 2 engines (same tokens from the root): 1" in win.common.text()
         win.prompt.setText("0 1 2 3 4 5 6 7 8 9 10 11 12")  # one prompt, every engine answers
-        assert [v.prompt_hit.text() for v in win.views] == [
-            "cached prefix here: 12 of 13 tokens",
-            "cached prefix here: 4 of 13 tokens",
-        ]
+        want = ["cached prefix here: 12 of 13 tokens", "cached prefix here: 4 of 13 tokens"]
+        qtbot.waitUntil(lambda: [v.prompt_hit.text() for v in win.views] == want, timeout=20_000)
         win.close()
         assert not any(c.alive for c in clients)
     finally:
@@ -165,3 +167,71 @@ def test_main_window_file_menu_attaches_a_docked_engine(
     wait_applied(qtbot, view, 1)
     assert "4 blocks (16 tokens) in 2 chains" in view.header.text()
     view.close_client()
+
+
+def test_evicted_blocks_flash_red_in_the_view_then_go(qtbot: Any, pub: ZmqPublisher) -> None:
+    pub.publish(tree_events(list(range(12))))  # rows: 1-2-3 and 1-2-4
+    assert pub.flush()
+    view = AttachView(AttachClient(pub.endpoint, pub.replay_endpoint), flash_s=1.0)
+    qtbot.addWidget(view)
+    try:
+        wait_applied(qtbot, view, 1)
+        assert view.grid is not None and view.grid.rows == ((h(1), h(2), h(3)), (h(1), h(2), h(4)))
+        pub.publish([WireBlockRemoved((h(4),), "GPU")])  # the server evicts the second request's block
+        assert pub.flush()
+        wait_applied(qtbot, view, 2)
+        grid = view.grid
+        # still drawn where it was, red; blocks 1-2 are in one chain now
+        assert grid.states.tolist() == [[TokenState.COMPUTED] * 3, [TokenState.COMPUTED] * 2 + [TokenState.EVICTED]]
+        assert "evicted: 1 blocks removed in the last 1 s, shown in red" in view.header.text()
+        assert np.array_equal(view.map.image.image, grid.states.T)  # what the map shows
+        view.map.hovered.emit(1, 2)
+        qtbot.waitUntil(lambda: "EVICTED just now" in view.detail.toPlainText(), timeout=20_000)
+        # nothing else arrives; the view redraws on its own until the flash is over
+        qtbot.waitUntil(lambda: view.grid.n_flashing == 0, timeout=20_000)
+        assert view.grid.states.tolist() == [[TokenState.COMPUTED] * 3]
+        assert "evicted:" not in view.header.text()
+    finally:
+        view.close_client()
+
+
+class _ThreadCheckingClient(AttachClient):
+    """An AttachClient that notes which threads read its cache."""
+
+    readers: set[str]
+
+    def read(self, fn: Any) -> Any:
+        self.readers.add(threading.current_thread().name)
+        return super().read(fn)
+
+
+def test_the_qt_thread_never_reads_the_cache_and_one_grid_is_built_at_a_time(qtbot: Any, pub: ZmqPublisher) -> None:
+    client = _ThreadCheckingClient(pub.endpoint, pub.replay_endpoint)
+    client.readers = set()
+    fut: Future[Any] = Future()
+    fut.set_result(_IdsTokenizer())
+    view = AttachView(client, fut)
+    qtbot.addWidget(view)
+    submitted: list[str] = []
+    real_submit = view._worker.submit
+    view._worker.submit = lambda fn, *a: (submitted.append(fn.__name__), real_submit(fn, *a))[1]  # type: ignore[method-assign]
+    try:
+        pub.publish(tree_events(list(range(12))))
+        assert pub.flush()
+        qtbot.waitUntil(lambda: client.progress.batches >= 1, timeout=20_000)
+        hold = threading.Event()
+        real_submit(hold.wait, 20)  # the worker is busy: no grid can come back during the burst
+        view._building, view._next_build_at = False, 0.0
+        for _ in range(20):  # a burst of timer ticks with something new each time: one build asked for
+            view.refresh()
+        hold.set()
+        assert submitted.count("_build_grid") == 1
+        wait_applied(qtbot, view, 1)
+        view.map.hovered.emit(0, 1)
+        view.prompt.setText("0 1 2 3 4 5 6 7 8")
+        qtbot.waitUntil(lambda: view.prompt_hit.text() == "cached prefix here: 8 of 9 tokens", timeout=20_000)
+        qtbot.waitUntil(lambda: h(2) in view.detail.toPlainText(), timeout=20_000)
+        assert client.readers and threading.main_thread().name not in client.readers
+        assert client.readers == {t for t in client.readers if t.startswith("kvscope-attach-view")}
+    finally:
+        view.close_client()

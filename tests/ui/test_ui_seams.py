@@ -104,7 +104,7 @@ def _figures(window) -> tuple[int, int]:
 
 
 def _engine_figures(window) -> tuple[int, int]:
-    return engine_call(window, lambda e: (len(e.sessions()), e.cache_bytes()))  # type: ignore[return-value]
+    return engine_call(window, lambda e: (len(e.sessions()), e.cache_bytes()))
 
 
 def test_the_status_bar_follows_turns_and_closes_without_a_timer(qtbot, window):
