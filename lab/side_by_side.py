@@ -162,7 +162,7 @@ def greedy(model: Any, caches: list[Any], rest: list[int], n_steps: int, eos: se
     generated: list[int] = []
     steps, secs = 0, 0.0
     while True:
-        token = int(mx.argmax(logits[0, -1]).item())
+        token = int(np.asarray(mx.argmax(logits[0, -1])))
         generated.append(token)
         if token in eos or len(generated) == n_steps:
             return generated, steps, secs
