@@ -68,11 +68,13 @@ def decide(
     budget_tokens: int | None,
     quant_bits: int | None = None,
     scores: list[np.ndarray] | None = None,
+    tokenizer: Any = None,
 ) -> Decision:
     """Score the caches' visible rows and choose what each layer keeps (no changes made).
 
     `scores` (from `policy.score` on the same caches) skips the scoring, so
-    one scoring pass can serve several budgets.
+    one scoring pass can serve several budgets. `tokenizer`: for policies
+    that write their own prompt (kvzip's "repeat the context").
     """
     t0 = time.perf_counter()
     presence = head_rows_input(caches, policy)  # which head attends which visible token
@@ -97,7 +99,7 @@ def decide(
         if int(p.sum()) > b:
             select(np.zeros(len(p), np.float32), cands[i], p, b)  # raises with the message
     if scores is None:
-        scores = policy.score(ScoreInput(caches, cands, token_ids, model))
+        scores = policy.score(ScoreInput(caches, cands, token_ids, model, tokenizer))
     scores = mask_absent(scores, presence)  # head-wise layers: no score where a head holds no row
     floors = [int(p.sum()) for p in protected]
     budgets = policy.allocate(budgets, scores, floors, [len(c) for c in cands])
@@ -179,6 +181,7 @@ def compress_caches(
     keep_ratio: float | None = None,
     budget_tokens: int | None = None,
     scores: list[np.ndarray] | None = None,
+    tokenizer: Any = None,
     **params: Any,
 ) -> Decision:
     """Decide and apply in one go on bare caches (benchmarks, scripts).
@@ -188,17 +191,22 @@ def compress_caches(
     """
     policy_params, bits = _split_params(params)
     pol = make_policy(policy, **policy_params)
-    decision = decide(pol, caches, token_ids, model, keep_ratio, budget_tokens, bits, scores)
+    decision = decide(pol, caches, token_ids, model, keep_ratio, budget_tokens, bits, scores, tokenizer)
     apply_decision(caches, decision)
     return decision
 
 
 def score_caches(
-    policy: str, caches: list[ScopeKVCache], token_ids: list[int], model: nn.Module | None, **params: Any
+    policy: str,
+    caches: list[ScopeKVCache],
+    token_ids: list[int],
+    model: nn.Module | None,
+    tokenizer: Any = None,
+    **params: Any,
 ) -> list[np.ndarray]:
     """The policy's per-layer `[kv_heads, n_visible]` scores, for `decide(..., scores=...)`."""
     pol = make_policy(policy, **_split_params(params)[0])
-    return pol.score(ScoreInput(caches, [Candidates.of(c) for c in caches], token_ids, model))
+    return pol.score(ScoreInput(caches, [Candidates.of(c) for c in caches], token_ids, model, tokenizer))
 
 
 # ---------------------------------------------------------------- sessions
@@ -282,7 +290,7 @@ def _compress(
         if verdict.status != "exact":  # the record and the event say what was left alone and why
             decision.extra["approximate"] = verdict.reason
     else:
-        decision = decide(pol, caches, session.tokens, lm.model, keep_ratio, budget_tokens, bits)
+        decision = decide(pol, caches, session.tokens, lm.model, keep_ratio, budget_tokens, bits, None, lm.tokenizer)
         apply_decision(caches, decision)
     _record(session, bus, decision, replay=False)
     return decision

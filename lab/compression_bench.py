@@ -188,9 +188,17 @@ def run_benchmark(
                     if v.policy is not None:
                         if POLICIES[v.policy].evicts and v.policy not in scored:
                             policy_params = {k: x for k, x in params.items() if k != "quant_bits"}
-                            scored[v.policy] = score_caches(v.policy, base, prompt[:n_ctx], model, **policy_params)
+                            scored[v.policy] = score_caches(v.policy, base, prompt[:n_ctx], model, tok, **policy_params)
                         d = compress_caches(
-                            caches, prompt[:n_ctx], model, v.policy, v.keep_ratio, None, scored.get(v.policy), **params
+                            caches,
+                            prompt[:n_ctx],
+                            model,
+                            v.policy,
+                            v.keep_ratio,
+                            None,
+                            scored.get(v.policy),
+                            tok,
+                            **params,
                         )
                         n_bytes = d.quantized_bytes if d.quantized_bytes is not None else d.bytes_after
                         fact = np.arange(*ep.fact_tokens)

@@ -211,6 +211,8 @@ POLICY_NOTES = """## Policies (defaults)
 | `random` | uniform random rows (seeded) — the baseline | `seed` |
 | `keydiff` | keys least like the layer's mean key direction, per KV head (query-agnostic) | `sinks=0`, `recent=0` |
 | `tova` | attention of the last query, averaged over heads | `sinks=0`, `recent=1` |
+| `expected_attention` | attention future queries are expected to pay (mean and covariance of the context's queries, RoPE averaged over the next `future` positions), times the value norm; sinks kept (kvpress `ExpectedAttentionPress`) | `sinks=4`, `future=512` |
+| `kvzip` | max attention from a context-reconstruction pass ("Repeat the previous context exactly." + the context again); one budget over all layers and KV heads, so each head keeps its own rows (kvpress `KVzipPress`) | `sinks=4`, `chunk=2048`, `layerwise=False` |
 | `pyramidkv` | SnapKV scores; a fixed pyramid of per-layer budgets (layer 0 keeps most) with the same total | `beta=20` |
 | `dynamickv` | SnapKV scores; per-layer budgets proportional to the rows each layer needs to cover `mass` of its attention on this input | `mass=0.9` |
 | `quantize` | every row, K/V quantized to 8 or 4 bits (mlx affine, group 64), dequantized in place | `bits` |

@@ -14,14 +14,27 @@ from kvscope.engine.policies.base import Candidates, Policy, ScoreInput, fit_bud
 from kvscope.engine.policies.decision import Decision, LayerDecision
 from kvscope.engine.policies.headwise import AdaKV, HeadwisePolicy, PerHead
 from kvscope.engine.policies.layerwise import DynamicKV, PyramidKV
+from kvscope.engine.policies.presses import ExpectedAttention, KVzip
 from kvscope.engine.policies.quantization import Quantize
 from kvscope.engine.policies.scorers import H2O, TOVA, KeyDiff, KeyNorm, RandomPolicy, SnapKV, StreamingLLM
 
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
-    for cls in (StreamingLLM, H2O, SnapKV, TOVA, KeyNorm, KeyDiff, RandomPolicy, PyramidKV, DynamicKV, Quantize)
+    for cls in (
+        StreamingLLM,
+        H2O,
+        SnapKV,
+        TOVA,
+        KeyNorm,
+        KeyDiff,
+        ExpectedAttention,
+        RandomPolicy,
+        PyramidKV,
+        DynamicKV,
+        Quantize,
+    )
 }
-POLICIES.update({cls.name: cls for cls in (AdaKV, PerHead)})  # head-wise wrappers over the scorers above
+POLICIES.update({cls.name: cls for cls in (AdaKV, PerHead, KVzip)})  # head-wise wrappers over the scorers above
 
 
 def make_policy(name: str, **params: Any) -> Policy:

@@ -55,12 +55,15 @@ class ScoreInput:
         candidates: visible rows per layer.
         token_ids: logical token ids, at least up to `caches[0].n_tokens`.
         model: the model, for policies that recompute attention (else None).
+        tokenizer: the model's tokenizer, for policies that write a prompt of
+            their own (kvzip's "repeat the context"); else None.
     """
 
     caches: list[ScopeKVCache]
     candidates: list[Candidates]
     token_ids: list[int]
     model: nn.Module | None = None
+    tokenizer: Any = None
 
 
 class Policy:

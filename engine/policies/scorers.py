@@ -10,7 +10,9 @@
   With `window=None` the whole context is re-fed on a copy; on an edited
   cache (masked or evicted rows) those queries see the rows the copy holds.
 - `snapkv`: attention of the last `window` queries, mean-pooled over
-  `kernel` neighbouring rows; the window itself is always kept (Li et al. 2024).
+  `kernel` neighbouring rows before the window (zero-padded at the ends, as
+  SnapKV's and kvpress's `avg_pool1d`); the window itself is always kept
+  (Li et al. 2024).
 - `keydiff`: keep the keys least like the layer's average key direction,
   per KV head (Park et al. 2025, kvpress `KeyDiffPress`); query-agnostic.
 - `tova`: the attention the last query pays to each row, averaged over the
@@ -128,9 +130,11 @@ class SnapKV(Policy):
         out = []
         for mass, cand in zip(att.mass, inp.candidates):
             s = mass[:, cand.tokens] / max(float(att.seen_by.max()), 1.0)
-            if kernel > 1 and s.shape[1] > 0:
-                pad = np.pad(s, ((0, 0), (kernel // 2, kernel // 2)), mode="edge")
-                s = np.stack([np.convolve(row, np.ones(kernel) / kernel, mode="valid") for row in pad])
+            before = np.nonzero(cand.tokens < att.window_start)[0]
+            before = before[np.argsort(cand.tokens[before], kind="stable")]
+            if kernel > 1 and len(before):  # pool the rows before the window, zero-padded (SnapKV's, kvpress's)
+                box = np.ones(kernel) / kernel
+                s[:, before] = np.stack([np.convolve(row, box, mode="same") for row in s[:, before]])
             out.append(s.astype(np.float32))
         return out
 

@@ -111,7 +111,8 @@ def test_policies_are_deterministic_for_a_seed(lm, policy: str) -> None:  # type
     runs = []
     for _ in range(2):
         caches, ids = _caches(lm)
-        runs.append(compress_caches(caches, ids, lm.model, policy, keep_ratio=0.25, **SMALL.get(policy, {})))
+        kw = {"tokenizer": lm.tokenizer, **SMALL.get(policy, {})}  # kvzip writes its own prompt
+        runs.append(compress_caches(caches, ids, lm.model, policy, keep_ratio=0.25, **kw))
     for a, b in zip(runs[0].layers, runs[1].layers):
         assert np.array_equal(a.kept, b.kept)
         assert np.array_equal(a.scores, b.scores, equal_nan=True)
@@ -129,7 +130,8 @@ def test_random_seed_changes_the_choice(lm) -> None:  # type: ignore[no-untyped-
 def test_decision_replays_to_the_same_cache_and_survives_json(lm, policy: str) -> None:  # type: ignore[no-untyped-def]
     caches, ids = _caches(lm)
     fresh = [c.copy() for c in caches]
-    d = compress_caches(caches, ids, lm.model, policy, keep_ratio=0.5, **SMALL.get(policy, {}))
+    kw = {"tokenizer": lm.tokenizer, **SMALL.get(policy, {})}  # kvzip writes its own prompt
+    d = compress_caches(caches, ids, lm.model, policy, keep_ratio=0.5, **kw)
     back = Decision.from_json(d.to_json())
     for a, b in zip(d.layers, back.layers):
         for name in ("kept", "evicted", "protected", "scored_tokens", "scores", "head_scores"):
