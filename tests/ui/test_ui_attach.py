@@ -133,8 +133,9 @@ def test_attach_window_counts_blocks_held_in_common(qtbot: Any, pub: ZmqPublishe
         qtbot.addWidget(win)
         for v in win.views:
             wait_applied(qtbot, v, 1)
-        win.refresh_common()
-        assert "blocks held by all 2 engines (same tokens from the root): 1" in win.common.text()
+        want_common = "blocks held by all 2 engines (same tokens from the root): 1"
+        win.refresh_common()  # counted on the window's worker thread; the label follows by signal
+        qtbot.waitUntil(lambda: want_common in win.common.text(), timeout=20_000)
         win.prompt.setText("0 1 2 3 4 5 6 7 8 9 10 11 12")  # one prompt, every engine answers
         want = ["cached prefix here: 12 of 13 tokens", "cached prefix here: 4 of 13 tokens"]
         qtbot.waitUntil(lambda: [v.prompt_hit.text() for v in win.views] == want, timeout=20_000)
