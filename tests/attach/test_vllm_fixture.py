@@ -10,6 +10,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from vllm_old_encoding import OldBatch, OldRemoved, OldStored
 
 from kvscope.attach import RemoteCache
 from kvscope.attach.recording import read_recording
@@ -87,43 +88,19 @@ def test_reset_prefix_cache_arrives_as_all_blocks_cleared() -> None:
     assert cache.counters.cleared_events == 1
 
 
-class _OldEvent(msgspec.Struct, array_like=True, tag=True):
-    pass
-
-
-class _OldStored(_OldEvent, tag="BlockStored"):
-    block_hashes: list[int]
-    parent_block_hash: int | None
-    token_ids: list[int]
-    block_size: int
-    lora_id: int | None
-    medium: str | None
-
-
-class _OldRemoved(_OldEvent, tag="BlockRemoved"):
-    block_hashes: list[int]
-    medium: str | None
-
-
-class _OldBatch(msgspec.Struct, array_like=True):
-    ts: float
-    events: list[_OldStored | _OldRemoved]
-    data_parallel_rank: int | None
-
-
-def _old(e: WireBlockStored | WireBlockRemoved) -> _OldStored | _OldRemoved:
+def _old(e: WireBlockStored | WireBlockRemoved) -> OldStored | OldRemoved:
     if isinstance(e, WireBlockStored):
         parent = None if e.parent_block_hash is None else hash_to_wire(e.parent_block_hash)
         hashes = [hash_to_wire(h) for h in e.block_hashes]
-        return _OldStored(hashes, parent, list(e.token_ids), e.block_size, None, e.medium)  # type: ignore[arg-type]
-    return _OldRemoved([hash_to_wire(h) for h in e.block_hashes], e.medium)  # type: ignore[misc]
+        return OldStored(hashes, parent, list(e.token_ids), e.block_size, None, e.medium)  # type: ignore[arg-type]
+    return OldRemoved([hash_to_wire(h) for h in e.block_hashes], e.medium)  # type: ignore[misc]
 
 
 def test_the_recorded_events_in_the_older_array_encoding_decode_to_the_same_cache() -> None:
     new, old = RemoteCache(), RemoteCache()
     for b in batches(SHARED_EVICT):
         new.apply_all(b.events, b.ts)
-        payload = msgspec.msgpack.encode(_OldBatch(b.ts, [_old(e) for e in b.events], 0))  # type: ignore[arg-type]
+        payload = msgspec.msgpack.encode(OldBatch(b.ts, [_old(e) for e in b.events], 0))  # type: ignore[arg-type]
         _ts, _rank, events = decode_payload(payload)
         old.apply_all(events, b.ts)
     assert old.to_json()["chains"] == new.to_json()["chains"]

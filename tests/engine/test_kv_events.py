@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 import pytest
+from vllm_old_encoding import OldBatch, OldRemoved, OldStored
 
 from kvscope.engine.kv_events import (
     MAX_PAYLOAD_BYTES,
@@ -57,34 +58,10 @@ def test_payload_is_laid_out_as_vllm_writes_it() -> None:
     assert "group_idx" not in ev  # defaults omitted, as omit_defaults does
 
 
-class _OldEvent(msgspec.Struct, array_like=True, tag=True):
-    pass
-
-
-class _OldStored(_OldEvent, tag="BlockStored"):
-    block_hashes: list[int]
-    parent_block_hash: int | None
-    token_ids: list[int]
-    block_size: int
-    lora_id: int | None
-    medium: str | None
-
-
-class _OldRemoved(_OldEvent, tag="BlockRemoved"):
-    block_hashes: list[int]
-    medium: str | None
-
-
-class _OldBatch(msgspec.Struct, array_like=True):
-    ts: float
-    events: list[_OldStored | _OldRemoved]
-    data_parallel_rank: int | None
-
-
 def test_reads_the_older_array_encoded_events() -> None:
     # vLLM releases before the tagged-map events declared them array_like:
     # ["BlockStored", hashes, parent, tokens, block_size, lora_id, medium].
-    old = _OldBatch(2.0, [_OldStored([-1, 5], None, [1, 2, 3, 4], 2, None, "GPU"), _OldRemoved([5], "GPU")], 1)
+    old = OldBatch(2.0, [OldStored([-1, 5], None, [1, 2, 3, 4], 2, None, "GPU"), OldRemoved([5], "GPU")], 1)
     ts, rank, events = decode_payload(msgspec.msgpack.encode(old))
     assert (ts, rank) == (2.0, 1)
     assert events == (
