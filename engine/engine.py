@@ -72,9 +72,7 @@ class Engine:
 
         self._save = save
         self._tx = Transactions(self.bus, registry, save)
-        self._parts = EngineParts(
-            self.bus, registry, self._budget, self._tx, loaded.model, loaded.prefix_store, save, cfg.prefill_chunk
-        )
+        self._parts = EngineParts(self.bus, registry, self._budget, self._tx, loaded.model, cfg.prefill_chunk)
         self._editor = Editor(self._parts)
         self._splicer = Splicer(self._parts, self._editor)
         self.kv_publisher = publisher_from_config(cfg.kv_events, cfg.kv_events_replay, cfg.kv_events_topic, self.bus)

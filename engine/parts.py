@@ -22,7 +22,6 @@ from kvscope.engine.events import EventBus
 from kvscope.engine.model_loading import LoadedModel
 from kvscope.engine.prefix_store import PrefixStore
 from kvscope.engine.registry import SessionRegistry
-from kvscope.engine.session import Session
 from kvscope.engine.transaction import Transactions
 
 
@@ -33,8 +32,6 @@ class EngineParts:
     budget: MemoryBudget
     tx: Transactions
     model: Callable[[], LoadedModel]  # the loaded model, or InvalidRequestError
-    store: Callable[[], PrefixStore]  # the loaded model's prefix store
-    save: Callable[[Session], None]  # SavedSessions.save for the loaded model (no-op without persistence)
     prefill_chunk: int
 
     def reserve_tokens(self, n_tokens: int, what: str) -> None:
