@@ -219,8 +219,8 @@ def test_fidelity_of_a_long_session_is_measured_after_the_edit_and_waits_for_oth
     measured.pop()
     # Skip: a queued measurement is dropped.
     view.select(12, 14)
-    window.bridge.call(lambda e: __import__("time").sleep(0.5))  # keep the engine busy so it stays queued
     view.actions_.mask()
+    window.bridge.call(lambda e: __import__("time").sleep(0.5))  # busy when the edit returns: it stays queued
     qtbot.waitUntil(lambda: view.sid in window.fidelity.pending, timeout=WAIT_MS)
     window.report.skip_btn.click()
     settle(qtbot, window)
@@ -228,8 +228,8 @@ def test_fidelity_of_a_long_session_is_measured_after_the_edit_and_waits_for_oth
     assert len(measured) == 1 and "skipped" in window.report.title.text()
     # A newer operation (here: undo) drops the queued measurement of the state it changes.
     view.select(14, 16)
-    window.bridge.call(lambda e: __import__("time").sleep(0.5))
     view.actions_.mask()
+    window.bridge.call(lambda e: __import__("time").sleep(0.5))
     qtbot.waitUntil(lambda: view.sid in window.fidelity.pending, timeout=WAIT_MS)
     view.actions_.undo()
     assert view.sid not in window.fidelity.pending
