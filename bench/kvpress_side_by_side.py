@@ -49,6 +49,11 @@ def _run_kvpress(episodes: Path, out: Path, args: list[str]) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
+def _other_runs(work: Path, side: str, out: Path) -> list[Path]:
+    """The side's other result files in `work`: their runs count as done, so any shard or tag resumes."""
+    return [p for p in sorted(work.glob(f"{side}-*.jsonl")) if p != out]
+
+
 def cmd_export(a: argparse.Namespace) -> None:
     from kvscope.engine.model_loading import load_model
     from kvscope.lab.side_by_side import export_episodes
@@ -65,7 +70,9 @@ def cmd_kvpress(a: argparse.Namespace) -> None:
     if a.max_episodes is not None:
         extra += ["--max-episodes", str(a.max_episodes)]
     tag = "-".join(a.modes) + ("" if a.shard == "0/1" else "-" + a.shard.replace("/", "of"))
-    _run_kvpress(a.work / a.episodes, a.work / f"kvpress-{tag}.jsonl", extra)
+    out = a.work / f"kvpress-{tag}.jsonl"
+    extra += ["--also-done", *map(str, _other_runs(a.work, "kvpress", out))]
+    _run_kvpress(a.work / a.episodes, out, extra)
 
 
 def cmd_kvscope(a: argparse.Namespace) -> None:
@@ -77,7 +84,8 @@ def cmd_kvscope(a: argparse.Namespace) -> None:
     tag = "-".join(a.modes) + ("" if a.shard == "0/1" else "-" + a.shard.replace("/", "of"))
     data = json.loads((a.work / a.episodes).read_text())
     out = a.work / f"kvscope-{tag}.jsonl"
-    run_kvscope(lm, data, out, a.presses, a.ratios, a.modes, a.max_episodes, 10, (i, n), print)
+    others = _other_runs(a.work, "kvscope", out)
+    run_kvscope(lm, data, out, a.presses, a.ratios, a.modes, a.max_episodes, 10, (i, n), print, others)
 
 
 def cmd_report(a: argparse.Namespace) -> None:
