@@ -159,10 +159,11 @@ def _reconstruction_max(q: mx.array, keys: mx.array, n_before: int, n_chunk: int
         qb = q[:, lo:hi].reshape(n_kv, group * (hi - lo), d)
         rows = mx.tile(mx.arange(lo, hi), (group,))[:, None]
         ctx = (qb @ k_ctx) * scale  # [Hkv, G*b, n_before]
-        rep = mx.where(cols <= rows, (qb @ k_rep) * scale, mx.array(-np.inf, mx.float32))
+        # Reconstruction rows at or after `hi` are masked for the whole block: never formed.
+        rep = mx.where(cols[:, :hi] <= rows, (qb @ k_rep[:, :, :hi]) * scale, mx.array(-np.inf, mx.float32))
         lse = mx.logaddexp(mx.logsumexp(ctx, axis=-1), mx.logsumexp(rep, axis=-1))
-        probs = mx.exp(ctx[:, :, n_before - n_chunk :] - lse[..., None])
-        best = mx.maximum(best, probs.max(axis=1))
+        # max over queries of exp(.) = exp(max over queries of .): exp runs on [Hkv, n_chunk] only.
+        best = mx.maximum(best, mx.exp((ctx[:, :, n_before - n_chunk :] - lse[..., None]).max(axis=1)))
         mx.eval(best)
     return np.array(best, np.float32)
 
