@@ -2,8 +2,9 @@
 
 One ~2k-token context (the demo model's notes format) is prefilled once;
 copies are compressed with each configuration: per-layer `snapkv`,
-`per_head` and `adakv` (as published, and with `cap=1.5`) over SnapKV, at
-50% and 25% of the rows. Then decode steps (one token on the cache, greedy
+`per_head` and `adakv` (as published, and with `cap=1.5`) over SnapKV, and
+the side-by-side's headline presses (`per_head(keydiff)`, `kvzip`), at 50%
+and 25% of the rows. Then decode steps (one token on the cache, greedy
 token fed back, `mx.eval` each step) run interleaved: every round times a
 burst of steps on every configuration in a shuffled order, so a load spike
 on the shared machine hits all of them alike. Reported: median ms per step,
@@ -38,12 +39,18 @@ CONFIGS: tuple[tuple[str, float | None, dict], ...] = (
     ("per_head", 0.25, {"scorer": "snapkv"}),
     ("adakv", 0.25, {"scorer": "snapkv"}),
     ("adakv", 0.25, {"scorer": "snapkv", "cap": 1.5}),
+    # the side-by-side's headline presses (docs/compression.md): kvpress's KeyDiff and KVzip twins
+    ("per_head", 0.5, {"scorer": "keydiff"}),
+    ("kvzip", 0.5, {}),
+    ("per_head", 0.25, {"scorer": "keydiff"}),
+    ("kvzip", 0.25, {}),
 )
 
 
 def label(policy: str, ratio: float | None, kw: dict) -> str:
     cap = f" cap {kw['cap']}" if "cap" in kw else ""
-    return "full cache" if ratio is None else f"{policy}{cap} {ratio:.0%}"
+    scorer = f"({kw['scorer']})" if kw.get("scorer", "snapkv") != "snapkv" else ""
+    return "full cache" if ratio is None else f"{policy}{scorer}{cap} {ratio:.0%}"
 
 
 def notes(n_lines: int) -> str:
@@ -79,7 +86,7 @@ def main() -> None:
         copies = [c.copy() for c in base]
         rows = len(ids) * lm.n_kv_heads * lm.n_layers
         if ratio is not None:
-            d = compress_caches(copies, ids, lm.model, policy, keep_ratio=ratio, **kw)
+            d = compress_caches(copies, ids, lm.model, policy, keep_ratio=ratio, tokenizer=lm.tokenizer, **kw)
             budgets = d.head_budgets
             rows = sum(sum(b) for b in budgets) if budgets else sum(d.kept_counts) * lm.n_kv_heads
         caches[name], kept[name], held[name] = copies, rows, sum(c.nbytes for c in copies)
@@ -103,12 +110,12 @@ def main() -> None:
         f"model: {lm.name} ({lm.n_layers} layers, {lm.n_kv_heads} KV heads, {lm.dtype}); context {len(ids)} tokens; "
         f"{args.steps} decode steps x {args.rounds} rounds per configuration, interleaved"
     )
-    print(f"{'configuration':<20} {'ms/step':>8} {'full ÷ this':>11} {'bytes held':>12} {'freed':>7} {'rows kept':>10}")
+    print(f"{'configuration':<24} {'ms/step':>8} {'full ÷ this':>11} {'bytes held':>12} {'freed':>7} {'rows kept':>10}")
     for name in caches:
         ratio = statistics.median(f / m for f, m in zip(full, ms[name]))
         rows = kept[name] / (len(ids) * lm.n_kv_heads * lm.n_layers)
         print(
-            f"{name:<20} {statistics.median(ms[name]):8.2f} {ratio:11.2f} {held[name]:12,d} "
+            f"{name:<24} {statistics.median(ms[name]):8.2f} {ratio:11.2f} {held[name]:12,d} "
             f"{1 - held[name] / before:7.1%} {rows:10.1%}"
         )
     print("full ÷ this: median of per-round ratios of ms/step (>= 1.0: at least as fast as the full cache);")
