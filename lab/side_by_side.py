@@ -207,6 +207,8 @@ def run_episode(
 
     prompt = list(ep["prompt_ids"])
     n_ctx = int(ep["n_ctx"][mode])
+    if ("full", 1.0) in skip and all((p.press, float(k)) in skip for p in pairs for k in ratios):
+        return []  # all done: no prefill
     t0 = time.perf_counter()
     base = [ScopeKVCache() for _ in range(lm.n_layers)]
     prefill(lm.model, base, prompt[:n_ctx], PREFILL_CHUNK)

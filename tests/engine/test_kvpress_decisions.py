@@ -153,3 +153,27 @@ def test_bad_press_requests_are_refused(lm: Any, episode: dict[str, Any]) -> Non
     with pytest.raises(InvalidRequestError, match="needs the model"):
         compress_caches(caches, ids, None, "expected_attention", keep_ratio=0.5)
     assert all(not c.is_headwise and c.n_visible == len(ids) for c in caches)  # nothing changed
+
+
+def test_the_bench_resumes_from_any_result_file(
+    lm: Any, fixture: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run counts what another shard's file holds as done: nothing is recomputed, not even the prefill."""
+    from kvscope.lab import side_by_side
+
+    episodes = fixture["episodes"]
+    first, second = tmp_path / "kvscope-a.jsonl", tmp_path / "kvscope-b.jsonl"
+    side_by_side.run_kvscope(lm, episodes, first, ["streaming_llm"], [KEEP], ["context"])
+    assert [(r["press"], r["keep"]) for r in map(json.loads, first.read_text().splitlines())] == [
+        ("full", 1.0),
+        ("streaming_llm", KEEP),
+    ]
+    prefills: list[int] = []
+    import kvscope.engine.generation as generation
+
+    real = generation.prefill
+    monkeypatch.setattr(generation, "prefill", lambda *a, **k: (prefills.append(1), real(*a, **k))[1])
+    side_by_side.run_kvscope(lm, episodes, second, ["streaming_llm"], [KEEP], ["context"], also_done=[first])
+    assert second.read_text() == "" and prefills == []
+    side_by_side.run_kvscope(lm, episodes, second, ["streaming_llm"], [0.25], ["context"], also_done=[first])
+    assert [json.loads(x)["keep"] for x in second.read_text().splitlines()] == [0.25] and prefills == [1]
