@@ -17,7 +17,11 @@ Promises:
 - a publisher restart (a live seq at or below the last live one, or below
   the next expected one without being a batch the replay delivered: a new
   vLLM process counts from 0 again) is reported as `restarted` on the batch
-  that starts the new epoch: the consumer clears what it holds;
+  that starts the new epoch: the consumer clears what it holds. A restarted
+  publisher whose seq has already passed the last one seen looks like a
+  gap, so every replay after the first asks from the last batch handed out
+  (the anchor): the same seq with another timestamp is a new epoch, and the
+  replay starts again from 0;
 - what cannot be recovered is counted (`lost` batches), as are messages that
   are not KV event batches (`bad_messages`); nothing raises on bad input.
 
@@ -70,6 +74,7 @@ class _Seq:
     last_live: int = -1  # last seq seen on the live stream (per epoch)
     started: bool = False  # the initial replay was tried
     pending_restart: bool = field(default=False)
+    last_ts: float | None = None  # timestamp of the batch handed out last (seq next - 1)
 
 
 class Subscriber:
@@ -151,10 +156,7 @@ class Subscriber:
         s = batch.seq
         out: list[Received] = []
         if s <= sq.last_live or (s < sq.next and self._replayed.get(s) != batch.ts):
-            # A new publisher epoch: its seq counts from 0 again. Everything held is stale.
-            st.restarts += 1
-            sq.next, sq.pending_restart = 0, True
-            self._replayed.clear()
+            self._new_epoch()
         sq.last_live = s
         if s < sq.next:  # the replay delivered this very batch (same seq, same ts)
             st.duplicates += 1
@@ -171,10 +173,17 @@ class Subscriber:
         out.append(self._hand_out(batch, replayed=False))
         return out
 
+    def _new_epoch(self) -> None:
+        """A new publisher epoch: its seq counts from 0 again. Everything held is stale."""
+        self.stats.restarts += 1
+        sq = self._seq
+        sq.next, sq.pending_restart, sq.last_ts = 0, True, None
+        self._replayed.clear()
+
     def _hand_out(self, batch: WireBatch, replayed: bool) -> Received:
         sq = self._seq
         restarted, sq.pending_restart = sq.pending_restart, False
-        sq.next = batch.seq + 1
+        sq.next, sq.last_ts = batch.seq + 1, batch.ts
         self.stats.applied += 1
         self.stats.last_seq = batch.seq
         self.stats.replayed += replayed
@@ -184,33 +193,52 @@ class Subscriber:
 
     # ------------------------------------------------------------ replay
     def _replay_from(self, start: int) -> list[Received]:
-        """Buffered batches from `start` on; [] (and counted) when there is no answer."""
+        """Buffered batches from `start` on; [] (and counted) when there is no answer.
+
+        Asks from the anchor (`start - 1`, the batch handed out last) when there is one: if the
+        publisher's batch at that seq has another timestamp, it restarted, and the replay is
+        asked again from 0."""
         if not self.replay_endpoint:
             return []
+        sq = self._seq
+        anchor = start - 1 if start == sq.next and start > 0 and sq.last_ts is not None else None
+        out, new_epoch = self._replay_reply(start if anchor is None else anchor, anchor)
+        if not new_epoch:
+            return out
+        self._new_epoch()
+        return self._replay_from(0)
+
+    def _replay_reply(self, ask: int, anchor: int | None) -> tuple[list[Received], bool]:
+        """The batches of one replay request from `ask`, and whether the anchor showed a new epoch
+        (then nothing is handed out: the whole reply is read and dropped)."""
         dealer = self._replay_socket()
-        dealer.send_multipart((b"", encode_seq(start)))
+        dealer.send_multipart((b"", encode_seq(ask)))
         deadline = time.monotonic() + self.replay_timeout_s
         out: list[Received] = []
+        new_epoch = False
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0 or not dealer.poll(left_ms):
                 self.stats.replay_failures += 1
                 self.stats.last_error = f"no replay answer from {self.replay_endpoint} in {self.replay_timeout_s:g} s"
                 self._drop_replay_socket()  # late answers must not mix with the next request's
-                return out
-            frames = dealer.recv_multipart()
-            # vLLM >= 0.1x: [b"", topic, seq, payload]; earlier: [b"", seq, payload]
-            if len(frames) not in (3, 4) or frames[0]:
-                self.stats.bad_messages += 1
+                return out, new_epoch
+            parsed = self._parse_reply(dealer.recv_multipart())
+            if parsed is None:
                 continue
-            topic, seq_bytes, payload = (b"", *frames[1:]) if len(frames) == 3 else frames[1:]
-            try:
-                seq = decode_seq(seq_bytes)
-            except WireFormatError:
-                self.stats.bad_messages += 1
-                continue
+            topic, seq, payload = parsed
             if seq == END_SEQ:
-                return out
+                return out, new_epoch
+            if new_epoch:
+                continue
+            if anchor is not None:
+                first, anchor = seq, None
+                if first == ask:  # the batch handed out last, as the publisher holds it now
+                    try:
+                        new_epoch = decode_payload(payload)[0] != self._seq.last_ts
+                    except WireFormatError:
+                        new_epoch = True
+                    continue
             if seq < self._seq.next:
                 continue
             if seq > self._seq.next:  # the engine's buffer no longer holds these
@@ -224,6 +252,19 @@ class Subscriber:
                 continue
             name = topic.decode("utf-8", "replace") or self.topic
             out.append(self._hand_out(WireBatch(seq, name, ts, rank, events), replayed=True))
+
+    def _parse_reply(self, frames: list[bytes]) -> tuple[bytes, int, bytes] | None:
+        """(topic, seq, payload) of one replay message; None (counted) when it is not one."""
+        # vLLM >= 0.1x: [b"", topic, seq, payload]; earlier: [b"", seq, payload]
+        if len(frames) not in (3, 4) or frames[0]:
+            self.stats.bad_messages += 1
+            return None
+        topic, seq_bytes, payload = (b"", *frames[1:]) if len(frames) == 3 else frames[1:]
+        try:
+            return topic, decode_seq(seq_bytes), payload
+        except WireFormatError:
+            self.stats.bad_messages += 1
+            return None
 
     def _replay_socket(self) -> zmq.Socket[bytes]:
         if self._dealer is None:

@@ -171,6 +171,51 @@ def test_a_restarted_publisher_starts_a_new_epoch_and_clears() -> None:
         pub2.close()
 
 
+def _rebind(ep: str, rep: str) -> ZmqPublisher:
+    for _ in range(100):  # ZMQ releases a closed socket's port on its I/O thread: retry the bind (bounded)
+        try:
+            return ZmqPublisher(ep, rep, topic="kv", bind=True)
+        except InvalidRequestError:
+            time.sleep(0.05)
+    raise AssertionError(f"could not bind {ep} and {rep} again")
+
+
+def test_a_restarted_publisher_already_past_the_last_seq_is_a_new_epoch_not_a_gap() -> None:
+    """The new process counts from 0, but the first live batch seen is seq 4 > 2, the last one seen:
+    a gap by its number. The replay's batch at seq 2 has another timestamp: a restart, replayed from 0."""
+    pub = ZmqPublisher(LOOP, LOOP, topic="kv")
+    out, ep = relay()
+    rep = pub.replay_endpoint
+    publish_n(pub, [stored(1), stored(2, 1), stored(3, 2)])
+    sub = Subscriber(ep, rep, topic="kv", idle_replay_s=3600)
+    pub2 = None
+    try:
+        assert [r.batch.seq for r in drain(sub, 3)] == [0, 1, 2]
+        pub.close()
+        pub2 = _rebind(LOOP, rep)
+        publish_n(pub2, [stored(10 + i) for i in range(5)])  # seq 0-4 of the new epoch
+        frames = dict(buffered(pub2))
+        for _ in range(200):  # the relay's subscription settles
+            out.send_multipart((b"kv", b"settle"))
+            sub.poll(20)
+            if sub.stats.received:
+                break
+        out.send_multipart((b"kv", encode_seq(4), frames[4]))
+        got = drain(sub, 8)
+        assert sub.stats.restarts == 1 and sub.stats.lost == 0
+        assert got[0].restarted and [r.batch.seq for r in got] == [0, 1, 2, 3, 4]
+        cache = RemoteCache()
+        for r in got:
+            if r.restarted:
+                cache.clear()
+            cache.apply_all(r.batch.events)
+        assert sorted(b.block_hash for b in cache.blocks()) == [f"{10 + i:016x}" for i in range(5)]
+    finally:
+        sub.close()
+        out.close(0)
+        (pub2 or pub).close()
+
+
 def test_bad_messages_are_counted_never_raised() -> None:
     out, ep = relay()
     sub = Subscriber(ep, None, topic="kv")
