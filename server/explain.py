@@ -9,13 +9,16 @@ diverge, the text on both sides, and a cause when one is recognisable:
              cause: timestamp, in the system prompt; 480 tokens recomputed (~95 ms)
 
 Causes, checked in this order: nothing earlier (`first`), nothing in
-common with any earlier request (`unrelated`), no break
-(`none`), blocks that were cached but got evicted (`evicted`), then the
+common with any earlier request (`unrelated`), no break (`none`); then the
 content at the divergence: `timestamp`, `date`, `counter`, `random_id`,
-`whitespace`, `reordered` (tools or JSON keys in another order); then where
+`whitespace`, `reordered` (tools or JSON keys in another order); then
+blocks before it that were cached but got evicted (`evicted`); then where
 it is: `system_prompt` (edited), `answer_rewritten` (the client's copy of an
 earlier answer differs from what was generated), `history_rewritten` (an
 earlier message edited, dropped or truncated), else `different_prompt`.
+Evicted blocks are counted apart (`evicted_tokens`) whatever the cause: a
+clock in the system prompt whose preceding blocks were also evicted is a
+`timestamp` with its evicted tokens beside it.
 
 Pure Python over token ids, messages and a `decode` function: knows
 nothing about mx, the prefix store or HTTP.
@@ -89,6 +92,7 @@ class PrefixBreak:
     theirs_text: str
     lost_tokens: int  # tokens recomputed because of the break
     lost_ms: float  # at the request's measured prefill speed
+    evicted_tokens: int = 0  # of the prefix shared with the closest request: cached once, evicted since
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,18 +139,16 @@ def explain(
     could = reusable - reusable % block_size
     expected = min(d, len(prompt) - 1)
     expected -= expected % block_size
+    evicted = max(0, expected - cached_tokens)
     if d >= len(theirs) or d >= len(prompt):
-        cause = "evicted" if cached_tokens < expected else "none"
-        lost = max(0, expected - cached_tokens)
-        return _result(cause, cached_tokens, prior, d, None, "", ("", "", ""), lost, ms_per_token)
+        cause = "evicted" if evicted else "none"
+        return _result(cause, cached_tokens, prior, d, None, "", ("", "", ""), evicted, ms_per_token, evicted)
     texts = (decode(prompt[max(0, d - 16) : d]), decode(prompt[d : d + 16]), decode(theirs[d : d + 16]))
     lost = max(0, could - cached_tokens)
     where, cause = _locate(messages, tools, prior)
-    if cached_tokens < expected:
-        cause = "evicted"
-    else:
-        cause = _content_cause(texts, decode(prompt[d : d + 64]), decode(theirs[d : d + 64]), tools, prior) or cause
-    return _result(cause, cached_tokens, prior, d, d, where, texts, lost, ms_per_token)
+    content = _content_cause(texts, decode(prompt[d : d + 64]), decode(theirs[d : d + 64]), tools, prior)
+    cause = content or ("evicted" if evicted else cause)
+    return _result(cause, cached_tokens, prior, d, d, where, texts, lost, ms_per_token, evicted)
 
 
 def _locate(
@@ -261,6 +263,7 @@ def _result(
     texts: tuple[str, str, str],
     lost: int,
     ms_per_token: float,
+    evicted: int = 0,
 ) -> PrefixBreak:
     rid = prior.request_id if prior else None
     lost_ms = lost * ms_per_token
@@ -270,6 +273,8 @@ def _result(
         msg += f" ({texts[1][:24]!r} here, {texts[2][:24]!r} in request {rid})"
     elif rid is not None:
         msg += f" (request {rid}, {common} tokens in common)"
+    if evicted and cause != "evicted":
+        msg += f"; the {evicted} tokens before it were cached but evicted"
     if lost:
         msg += f"; {lost} tokens recomputed, ~{lost_ms:.0f} ms"
-    return PrefixBreak(cause, msg, cached, rid, common, diverged, where, *texts, lost, lost_ms)
+    return PrefixBreak(cause, msg, cached, rid, common, diverged, where, *texts, lost, lost_ms, evicted)

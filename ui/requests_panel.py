@@ -298,14 +298,20 @@ def _store_policy(eng: Any) -> str | None:
     return eng.store.policy.name if eng.store is not None else eng.config.prefix_policy  # type: ignore[no-any-return]
 
 
+_SHORT = {"system_prompt": "edited", "different_prompt": "new content", "random_id": "random id"}
+
+
 def _break_summary(why: dict[str, Any]) -> str:
+    """One table cell: "token 31: timestamp in the system prompt (+32 evicted)"."""
     if not why:
         return ""
     if why.get("diverged_at") is None:
         return why["message"]
-    return f"token {why['diverged_at']}: {why['cause'].replace('_', ' ')}" + (
-        f" in {why['where']}" if why.get("where") else ""
-    )
+    cause = _SHORT.get(why["cause"], why["cause"].replace("_", " "))
+    where = f" in {why['where']}" if why.get("where") else ""
+    evicted = why.get("evicted_tokens", 0)
+    more = f" (+{evicted} evicted)" if evicted and why["cause"] != "evicted" else ""
+    return f"token {why['diverged_at']}: {cause}{where}{more}"
 
 
 def _esc(s: str) -> str:

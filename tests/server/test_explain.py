@@ -88,3 +88,20 @@ def test_no_break_evicted_first_and_unrelated() -> None:
     assert explain(a, new, None, 0, 16, [], decode, 1.0).cause == "first"
     other = EarlierPrompt(2, tuple(ord(c) for c in "zzz unrelated"), (), None, "")
     assert explain(a, new, None, 0, 16, [other], decode, 1.0).cause == "unrelated"
+
+
+def test_a_clock_behind_evicted_blocks_is_a_timestamp_with_its_evicted_tokens_beside_it() -> None:
+    """The clock breaks the prefix; the blocks before it were also evicted: both are reported."""
+    old = [{"role": "system", "content": f"{SYS} It is 09:59 now."}, {"role": "user", "content": "hi"}]
+    new = [{"role": "system", "content": f"{SYS} It is 10:03 now."}, {"role": "user", "content": "hi"}]
+    kept, common = run(old, new)
+    assert kept.cause == "timestamp" and kept.evicted_tokens == 0 and "evicted" not in kept.message
+    expected = common - common % 16
+    why, _ = run(old, new, cached=0)
+    assert why.cause == "timestamp" and why.diverged_at == common and why.where == "the system prompt"
+    assert (
+        why.evicted_tokens == expected > 0 and f"the {expected} tokens before it were cached but evicted" in why.message
+    )
+    new_text = [{"role": "system", "content": f"{SYS} Then more text."}, {"role": "user", "content": "hi"}]
+    plain, _ = run(old, new_text, cached=0)  # no recognisable content: the eviction is the cause
+    assert plain.cause == "evicted" and plain.evicted_tokens > 0

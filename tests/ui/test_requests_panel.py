@@ -80,3 +80,18 @@ def test_prefix_policy_selector_drives_the_engine_and_shows_its_evictions(qtbot,
     assert engine_call(window, fill_and_evict) > 0
     qtbot.waitUntil(lambda: "hot: reused 0 times" in panel.eviction.text(), timeout=WAIT_MS)
     assert panel.eviction.text().startswith("evicted ") and "hot:" in panel.eviction.toolTip()
+
+
+def test_the_table_cell_names_the_cause_where_it_is_and_what_was_evicted() -> None:
+    from kvscope.ui.requests_panel import _break_summary
+
+    why = {"diverged_at": 31, "cause": "timestamp", "where": "the system prompt", "evicted_tokens": 32}
+    assert _break_summary(why) == "token 31: timestamp in the system prompt (+32 evicted)"
+    assert (
+        _break_summary({**why, "cause": "system_prompt", "evicted_tokens": 0})
+        == "token 31: edited in the system prompt"
+    )
+    assert _break_summary({**why, "cause": "evicted"}) == "token 31: evicted in the system prompt"
+    assert _break_summary({"diverged_at": None, "message": "no break: the prompt extends an earlier one"}).startswith(
+        "no break"
+    )
