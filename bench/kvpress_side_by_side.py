@@ -12,8 +12,11 @@ the repository, in --work, default ~/.cache/kvscope/side_by_side):
 `kvpress` makes (or reuses) the venv with `tools/kvpress_env.sh install` and
 runs `tools/kvpress_runner.py` in it under `nice -n 10`; `kvscope` runs
 `kvscope.lab.side_by_side`. Both append JSON lines (one per episode, mode,
-press and keep ratio) and skip what is already there; `--shard i/n` splits
-the episodes between processes. `report` reads every `kvpress-*.jsonl` and
+press and keep ratio) and skip what is already there (in any result file of
+--work); `--shard i/n` splits the episodes between processes. Every kvscope
+record carries the full cache's decode timed in the same run, so the
+report's decode ratio never pairs timings from different runs; `kvscope
+--timing` runs cells again (on a quiet machine) just for those timings. `report` reads every `kvpress-*.jsonl` and
 `kvscope-*.jsonl` in --work and prints (or writes into the docs, between
 markers) the accuracy table with Wilson intervals and the kept-row Jaccard.
 """
@@ -83,9 +86,9 @@ def cmd_kvscope(a: argparse.Namespace) -> None:
     i, n = (int(x) for x in a.shard.split("/"))
     tag = "-".join(a.modes) + ("" if a.shard == "0/1" else "-" + a.shard.replace("/", "of"))
     data = json.loads((a.work / a.episodes).read_text())
-    out = a.work / f"kvscope-{tag}.jsonl"
+    out = a.work / f"kvscope-{tag}{'-timing' if a.timing else ''}.jsonl"
     others = _other_runs(a.work, "kvscope", out)
-    run_kvscope(lm, data, out, a.presses, a.ratios, a.modes, a.max_episodes, 10, (i, n), print, others)
+    run_kvscope(lm, data, out, a.presses, a.ratios, a.modes, a.max_episodes, 10, (i, n), print, others, a.timing)
 
 
 def cmd_report(a: argparse.Namespace) -> None:
@@ -162,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
             s.add_argument("--max-episodes", type=int, default=None, help="episodes per (context, depth)")
             s.add_argument("--shard", default="0/1", help="i/n: the episodes whose index %% n == i")
+            if name == "kvscope":
+                s.add_argument(
+                    "--timing",
+                    action="store_true",
+                    help="run everything again into kvscope-*-timing.jsonl (decode speeds on a quiet machine)",
+                )
         if name == "report":
             s.add_argument("--write", default=None, help="a markdown file to put the section in")
             s.add_argument("--note", default="", help="a paragraph on how the run was made")

@@ -213,8 +213,12 @@ def run_episode(
     base = [ScopeKVCache() for _ in range(lm.n_layers)]
     prefill(lm.model, base, prompt[:n_ctx], PREFILL_CHUNK)
     out = []
+    full = _answer_record(lm, ep, mode, "full", 1.0, [c.copy() for c in base], None, t0)
     if ("full", 1.0) not in skip:
-        out.append(_answer_record(lm, ep, mode, "full", 1.0, [c.copy() for c in base], None, t0))
+        out.append(full)
+    # Every record carries the full cache's decode timed in this very run: the report's
+    # "decode tok/s ÷ full" never pairs timings taken on another day or another load.
+    baseline = {"baseline_steps": full["decode_steps"], "baseline_s": full["decode_s"]}
     n_heads = base[0].n_kv_heads
     for pair in pairs:
         todo = [k for k in ratios if (pair.press, k) not in skip]
@@ -231,7 +235,7 @@ def run_episode(
                 caches, prompt[:n_ctx], lm.model, pair.policy, None, n_kept(n_ctx, keep), scores, lm.tokenizer, **params
             )
             masks = kept_masks(d, n_ctx, n_heads)
-            out.append(_answer_record(lm, ep, mode, pair.press, keep, caches, masks, t0))
+            out.append({**_answer_record(lm, ep, mode, pair.press, keep, caches, masks, t0), **baseline})
             t0 = time.perf_counter()
     return out
 
@@ -248,10 +252,12 @@ def run_kvscope(
     shard: tuple[int, int] = (0, 1),
     progress: Callable[[str], None] = lambda s: None,
     also_done: Iterable[Path] = (),
+    redo: bool = False,
 ) -> None:
-    """Every (episode, mode, press, ratio) not yet in `out` (nor in `also_done`), appended as JSON lines."""
+    """Every (episode, mode, press, ratio) not yet in `out` (nor in `also_done`), appended as JSON lines.
+    `redo`: run them all again (a timing pass: the report takes decode speeds from every record)."""
     pairs = [PAIRS[p] for p in presses]
-    done = _done(out).union(*(_done(p) for p in also_done))
+    done = set() if redo else _done(out).union(*(_done(p) for p in also_done))
     ratios = [float(k) for k in ratios]
     with out.open("a") as f:
         for ep in episodes["episodes"]:

@@ -41,6 +41,8 @@ class Runs:
 
     correct: dict[str, dict[Key, dict[str, bool]]] = field(default_factory=dict)
     records: dict[str, dict[Key, dict[str, dict[str, Any]]]] = field(default_factory=dict)
+    # kvscope records timed beside the full cache in their own run (every file, repeats included)
+    timed: dict[Key, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
 
 
 def load_runs(work: Path, tokenizer: Any, episodes_path: Path) -> Runs:
@@ -58,6 +60,9 @@ def load_runs(work: Path, tokenizer: Any, episodes_path: Path) -> Runs:
                 if r["episode"] not in answers:
                     continue
                 key = (r["mode"], r["press"], float(r["keep"]))
+                r["_file"] = path.name
+                if "baseline_s" in r:
+                    runs.timed[key].append(r)
                 if r["episode"] in runs.records[side][key]:
                     continue
                 runs.records[side][key][r["episode"]] = r
@@ -87,8 +92,16 @@ def _vs_full(correct: dict[str, bool], full: dict[str, bool]) -> Estimate:
     return bootstrap_ratio([float(correct[e]) for e in ids], [float(full[e]) for e in ids])
 
 
-def _decode_ratio(recs: dict[str, dict[str, Any]], full: dict[str, dict[str, Any]]) -> float:
-    ids = [e for e in recs if e in full]
+def _decode_ratio(
+    timed: list[dict[str, Any]], recs: dict[str, dict[str, Any]], full: dict[str, dict[str, Any]]
+) -> float:
+    """Decode tok/s on the compressed cache ÷ the full cache's, timed in the same run: from each
+    record's own baseline where records have one; else (older records) only pairs from one file."""
+    if timed:
+        steps, secs = sum(r["decode_steps"] for r in timed), sum(r["decode_s"] for r in timed)
+        f_steps, f_secs = sum(r["baseline_steps"] for r in timed), sum(r["baseline_s"] for r in timed)
+        return (steps / secs) / (f_steps / f_secs) if secs and f_secs and f_steps else math.nan
+    ids = [e for e in recs if e in full and recs[e]["_file"] == full[e]["_file"]]
     steps = sum(recs[e].get("decode_steps", 0) for e in ids)
     secs = sum(recs[e].get("decode_s", 0.0) for e in ids)
     f_steps = sum(full[e].get("decode_steps", 0) for e in ids)
@@ -166,7 +179,7 @@ def mode_table(runs: Runs, mode: str) -> str:
                 f"| {label} | {100 * keep:g}% | {_fmt(_acc(kp) if kp else None)} | {_fmt(_acc(ks) if ks else None)} | "
                 f"{vs.fmt() if vs and vs.n else '—'} | {_agreement(runs, key)} | "
                 f"{layers + (f' ({lo})' if lo != '—' else '')} | {_pct(_freed(ks_recs, full_r))} | "
-                f"{_ratio(_decode_ratio(ks_recs, full_r))} |"
+                f"{_ratio(_decode_ratio(runs.timed.get(key, []), ks_recs, full_r))} |"
             )
     return "\n".join(lines)
 
