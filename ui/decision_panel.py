@@ -35,6 +35,7 @@ from PySide6.QtWidgets import (
 from kvscope.engine.blocks import N_STATES, TokenState
 from kvscope.engine.events import DecisionApplied, Event
 from kvscope.engine.snapshot import SessionSnapshot
+from kvscope.ui.block_map import IndexAxis
 from kvscope.ui.dialogs import format_value, policy_names
 from kvscope.ui.head_panel import HeadPanel
 from kvscope.ui.palette import state_lut
@@ -163,7 +164,7 @@ class DecisionPanel(QWidget):
 
 
 def _image_plot(title: str) -> tuple[pg.PlotWidget, pg.ImageItem]:
-    plot = pg.PlotWidget(title=title)
+    plot = pg.PlotWidget(title=title, axisItems={"left": IndexAxis("left", 14)})  # layer i labelled at its row's centre
     plot.setBackground((24, 24, 28))
     img = pg.ImageItem(axisOrder="col-major")
     plot.addItem(img)

@@ -145,6 +145,11 @@ def test_apply_policy_from_decision_panel(qtbot, window):
     for plot in (panel.mask_plot, panel.score_plot):
         (x0, x1), (y0, y1) = plot.getViewBox().viewRange()
         assert x0 <= 0 and x1 >= n_tokens and y0 <= 0 and y1 >= n_layers
+        # layer i is labelled at its row's centre, and only existing layers are labelled
+        left = plot.getAxis("left")
+        ((_, ticks),) = left.tickValues(y0, y1, 200)
+        assert ticks == [i + 0.5 for i in range(n_layers)]
+        assert left.tickStrings(ticks, 1, 1) == [str(i) for i in range(n_layers)]
 
 
 def test_export_trace(qtbot, window, tmp_path):
