@@ -52,22 +52,24 @@ def per_head_rows(block_state: np.ndarray, head_state: np.ndarray) -> np.ndarray
 
 
 class IndexAxis(pg.AxisItem):
-    """Whole-number ticks at cell centres (cell i spans [i, i + 1))."""
+    """Whole-number ticks at cell centres (cell i spans [i, i + 1)), or at the integers
+    themselves (`centre=False`: points at x = i, as a per-token line plot has)."""
 
     STEPS = (1, 2, 5)
 
-    def __init__(self, orientation: str, px_per_label: int) -> None:
+    def __init__(self, orientation: str, px_per_label: int, centre: bool = True) -> None:
         super().__init__(orientation)
         self.px_per_label = px_per_label
+        self.offset = 0.5 if centre else 0.0
 
     def tickValues(self, minVal: float, maxVal: float, size: float) -> list[tuple[float, list[float]]]:  # noqa: N802, N803
         lo_val, hi_val = sorted((minVal, maxVal))  # an inverted axis (layers) passes them reversed
-        lo, hi = math.ceil(lo_val - 0.5), math.floor(hi_val - 0.5)
+        lo, hi = math.ceil(lo_val - self.offset), math.floor(hi_val - self.offset)
         if hi < lo or size <= 0:
             return []
         step = self.step_for(hi - lo + 1, size)
         first = lo + (-lo) % step
-        return [(step, [i + 0.5 for i in range(first, hi + 1, step)])]
+        return [(step, [i + self.offset for i in range(first, hi + 1, step)])]
 
     def step_for(self, n_cells: int, size: float) -> int:
         """Smallest 1-2-5 step that leaves `px_per_label` pixels per label."""
@@ -80,7 +82,7 @@ class IndexAxis(pg.AxisItem):
             scale *= 10
 
     def tickStrings(self, values: list, scale: float, spacing: float) -> list[str]:  # noqa: N802
-        return [str(int(round(v - 0.5))) for v in values]
+        return [str(int(round(v - self.offset))) for v in values]
 
 
 class BlockMap(pg.PlotWidget):

@@ -20,6 +20,7 @@ from PySide6.QtWidgets import QHBoxLayout, QSplitter, QTableWidget, QTableWidget
 
 from kvscope.engine.events import Event, GenerationFinished, SessionClosed, SessionCreated, TokenSampled
 from kvscope.engine.snapshot import SessionSnapshot
+from kvscope.ui.block_map import IndexAxis
 
 SESSION_COLOURS = [(90, 170, 255), (255, 150, 60), (120, 220, 120), (240, 90, 200), (240, 230, 90), (160, 140, 255)]
 
@@ -53,7 +54,8 @@ class LatencyPanel(QWidget):
         self._names: dict[str, str] = {}
         self.colours: dict[str, tuple[int, int, int]] = {}
         self._dirty: set[tuple[str, str]] = set()
-        self.token_plot = _plot("decode ms per token", "token", "ms")
+        # token indices: whole numbers, spaced so two-digit labels never run together
+        self.token_plot = _plot("decode ms per token", "token", "ms", IndexAxis("bottom", 30, centre=False))
         self.bytes_plot = _plot("cache memory", "time (s)", "KiB")
         self.table = QTableWidget(0, len(self.COLUMNS))
         self.table.setHorizontalHeaderLabels(list(self.COLUMNS))
@@ -175,8 +177,8 @@ def _extra_colour(i: int) -> tuple[int, int, int]:
     return (c.red(), c.green(), c.blue())
 
 
-def _plot(title: str, x: str, y: str) -> pg.PlotWidget:
-    plot = pg.PlotWidget(title=title)
+def _plot(title: str, x: str, y: str, x_axis: pg.AxisItem | None = None) -> pg.PlotWidget:
+    plot = pg.PlotWidget(title=title, axisItems={"bottom": x_axis} if x_axis is not None else None)
     plot.setLabel("bottom", x)
     plot.setLabel("left", y)
     plot.addLegend(offset=(-10, 10), colCount=2, labelTextSize="8pt")  # many sessions: two columns

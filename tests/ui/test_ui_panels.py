@@ -48,6 +48,21 @@ def test_block_map_follows_the_cache_until_the_person_zooms(qtbot):
     assert bm.visible_blocks()[1] >= 1200
 
 
+def test_decode_plot_labels_tokens_at_whole_numbers_that_never_run_together(qtbot):
+    from kvscope.ui.latency_panel import LatencyPanel
+
+    panel = LatencyPanel()
+    qtbot.addWidget(panel)
+    axis = panel.token_plot.getPlotItem().getAxis("bottom")
+    for lo, hi, px in ((0, 14, 230), (-0.4, 14.4, 230), (0, 200, 230), (0, 5, 600)):
+        ((step, values),) = axis.tickValues(lo, hi, px)
+        assert all(float(v).is_integer() and lo <= v <= hi for v in values)  # at the tokens, not between
+        assert axis.tickStrings(values, 1, step) == [str(int(v)) for v in values]
+        assert len(values) <= px // 30 + 1  # room for two- and three-digit labels
+    ((_, values),) = axis.tickValues(0, 14, 230)
+    assert values == [0, 5, 10]  # was 0..14 one apart, "11121314" at this width
+
+
 def test_block_map_ticks_are_whole_numbers_that_never_overlap(qtbot):
     bm = BlockMap()
     qtbot.addWidget(bm)
