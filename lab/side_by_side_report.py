@@ -97,18 +97,17 @@ def _decode_ratio(
 ) -> float:
     """Decode tok/s on the compressed cache ÷ the full cache's, timed in the same run: from each
     record's own baseline where records have one; else (older records) only pairs from one file."""
-    if timed:
-        steps, secs = sum(r["decode_steps"] for r in timed), sum(r["decode_s"] for r in timed)
-        f_steps, f_secs = sum(r["baseline_steps"] for r in timed), sum(r["baseline_s"] for r in timed)
-        return (steps / secs) / (f_steps / f_secs) if secs and f_secs and f_steps else math.nan
-    ids = [e for e in recs if e in full and recs[e]["_file"] == full[e]["_file"]]
-    steps = sum(recs[e].get("decode_steps", 0) for e in ids)
-    secs = sum(recs[e].get("decode_s", 0.0) for e in ids)
-    f_steps = sum(full[e].get("decode_steps", 0) for e in ids)
-    f_secs = sum(full[e].get("decode_s", 0.0) for e in ids)
-    if not (secs and f_secs and f_steps):
-        return math.nan
-    return (steps / secs) / (f_steps / f_secs)
+    if timed:  # (steps, seconds) on the compressed cache and on the full cache, per record
+        runs = [(r["decode_steps"], r["decode_s"], r["baseline_steps"], r["baseline_s"]) for r in timed]
+    else:
+        ids = [e for e in recs if e in full and recs[e]["_file"] == full[e]["_file"]]
+        runs = [
+            (recs[e].get("decode_steps", 0), recs[e].get("decode_s", 0.0), full[e].get("decode_steps", 0),
+             full[e].get("decode_s", 0.0))
+            for e in ids
+        ]  # fmt: skip
+    steps, secs, f_steps, f_secs = (sum(col) for col in zip(*runs)) if runs else (0, 0.0, 0, 0.0)
+    return (steps / secs) / (f_steps / f_secs) if secs and f_secs and f_steps else math.nan
 
 
 def _freed(recs: dict[str, dict[str, Any]], full: dict[str, dict[str, Any]]) -> float:
