@@ -51,7 +51,7 @@ from kvscope.attach.client import AttachClient, Progress
 from kvscope.attach.gc_pauses import freeze_startup_heap
 from kvscope.attach.metrics import MetricsPoller
 from kvscope.attach.remote_cache import RemoteCache
-from kvscope.attach.subscriber import StreamStats
+from kvscope.attach.subscriber import StreamStats, attach_socket
 
 T = TypeVar("T")
 # The attach process starts with this instead of `-m`: kvscope.engine's __init__ preloads BLAS and
@@ -81,12 +81,7 @@ def check_endpoint(endpoint: str, bind: bool) -> None:
     """ValueError when `endpoint` cannot be bound or connected by a SUB socket (tried, then released)."""
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
     try:
-        if bind:
-            sock.bind(endpoint)
-        else:
-            sock.connect(endpoint)
-    except zmq.ZMQError as exc:
-        raise ValueError(f"cannot {'bind' if bind else 'connect'} {endpoint!r}: {exc}") from None
+        attach_socket(sock, endpoint, bind)
     finally:
         sock.close(linger=0)
 

@@ -77,6 +77,17 @@ class _Seq:
     last_ts: float | None = None  # timestamp of the batch handed out last (seq next - 1)
 
 
+def attach_socket(sock: zmq.Socket[bytes], endpoint: str, bind: bool) -> None:
+    """Bind or connect `sock` to `endpoint`; ValueError naming the endpoint when it cannot."""
+    try:
+        if bind:
+            sock.bind(endpoint)
+        else:
+            sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        raise ValueError(f"cannot {'bind' if bind else 'connect'} {endpoint!r}: {exc}") from None
+
+
 class Subscriber:
     def __init__(
         self,
@@ -102,13 +113,10 @@ class Subscriber:
         self._sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self._sub.setsockopt(zmq.RCVHWM, 100_000)
         try:
-            if bind:
-                self._sub.bind(endpoint)
-            else:
-                self._sub.connect(endpoint)
-        except zmq.ZMQError as exc:
+            attach_socket(self._sub, endpoint, bind)
+        except ValueError:
             self._sub.close(linger=0)
-            raise ValueError(f"cannot {'bind' if bind else 'connect'} {endpoint!r}: {exc}") from None
+            raise
         self._dealer: zmq.Socket[bytes] | None = None
         self._seq = _Seq()
         self._replayed: dict[int, float] = {}  # seq -> ts of batches the replay delivered ahead of the live stream
