@@ -31,6 +31,7 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 from _common import med, model_arg, resolve_model
 from kvscope.engine import SamplingParams, chat
@@ -62,13 +63,20 @@ def thread_cpu_s(pid: int, tid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def http_decode_cpu(client, model: str, messages: list, max_tokens: int, pid: int) -> tuple[float, float, float, float]:  # type: ignore[no-untyped-def]
-    """(decode tok/s, server event-loop CPU ms per token, client CPU ms per token, the server engine's own
-    decode tok/s) of one streamed request."""
+class HttpRun(NamedTuple):
+    """One streamed request through a server."""
+
+    tps: float  # decode tok/s on the client's clock
+    loop_ms: float  # the server's event-loop CPU per token
+    client_ms: float  # this process's (the client's) CPU per token
+    engine_tps: float  # decode tok/s on the server engine's own clock
+
+
+def http_decode_cpu(client, model: str, messages: list, max_tokens: int, pid: int) -> HttpRun:  # type: ignore[no-untyped-def]
     loop0, me0 = thread_cpu_s(pid, pid), time.process_time()
     tps, n, _, inside = http_decode(client, model, messages, max_tokens)
     loop1, me1 = thread_cpu_s(pid, pid), time.process_time()
-    return tps, (loop1 - loop0) * 1000 / max(n, 1), (me1 - me0) * 1000 / max(n, 1), inside
+    return HttpRun(tps, (loop1 - loop0) * 1000 / max(n, 1), (me1 - me0) * 1000 / max(n, 1), inside)
 
 
 def http_decode(client, model: str, messages: list, max_tokens: int) -> tuple[float, int, float, float]:  # type: ignore[no-untyped-def]
@@ -177,7 +185,7 @@ def decode_side_by_side(
 ) -> None:  # type: ignore[type-arg]
     """Each prompt on the engine directly and through each server, back to back; ratios pair by pair."""
     direct: list[float] = []
-    http: dict[str, list[tuple[float, float, float, float]]] = {k: [] for k in servers}
+    http: dict[str, list[HttpRun]] = {k: [] for k in servers}
     engine_decode(worker, LOOPY[0], 20)  # warm-up: first calls compile and allocate
     for side in servers:
         http_decode(clients[side], model, LOOPY[0], 20)
@@ -193,15 +201,15 @@ def decode_side_by_side(
                     http[side].append(http_decode_cpu(clients[side], model, messages, max_tokens, pid))
     print(f"decode tok/s, the engine directly: median {med(direct):.1f} (range {min(direct):.1f}-{max(direct):.1f})")
     for side, runs in http.items():
-        pairs = sorted(t / d for (t, _, _, _), d in zip(runs, direct) if d > 0)
-        engine_pairs = sorted(e / d for (_, _, _, e), d in zip(runs, direct) if d > 0)
-        both = bootstrap_ratio([t for t, _, _, _ in runs], direct)
+        pairs = sorted(r.tps / d for r, d in zip(runs, direct) if d > 0)
+        engine_pairs = sorted(r.engine_tps / d for r, d in zip(runs, direct) if d > 0)
+        both = bootstrap_ratio([r.tps for r in runs], direct)
         print(
-            f"  HTTP, {side:>14}: {med([t for t, _, _, _ in runs]):6.1f} tok/s; HTTP/direct {both.value:.3f} "
+            f"  HTTP, {side:>14}: {med([r.tps for r in runs]):6.1f} tok/s; HTTP/direct {both.value:.3f} "
             f"[{both.lo:.3f}-{both.hi:.3f}] (mean ratio, bootstrap 95% over {both.n} pairs); median of pairs "
             f"{med(pairs):.3f} (range {pairs[0]:.2f}-{pairs[-1]:.2f}); the server engine's "
             f"own clock / direct {med(engine_pairs):.3f}; CPU per token: server event loop "
-            f"{med([c for _, c, _, _ in runs]):.2f} ms, client {med([c for _, _, c, _ in runs]):.2f} ms"
+            f"{med([r.loop_ms for r in runs]):.2f} ms, client {med([r.client_ms for r in runs]):.2f} ms"
         )
 
 
